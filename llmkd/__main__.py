@@ -1,0 +1,5 @@
+import sys
+
+from llmkd.cli import main
+
+sys.exit(main())

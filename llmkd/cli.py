@@ -1,0 +1,158 @@
+"""`llmkd` command line: one sub-command per stage, plain argparse.
+
+Every command takes an optional RECIPE (YAML) followed by dotted overrides, e.g.
+
+    llmkd eval recipes/smollm2-cpu.yaml eval.batch_size=8 --shots 8 --limit 50
+
+A user mistake (bad recipe key, missing file, unreachable model) prints one line and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Callable
+
+from llmkd.errors import LlmkdError
+
+EPILOG = "Overrides: dotted recipe keys after the recipe, e.g. train.lr=1e-4 eval.limit=50. " \
+         "`llmkd recipe --keys` lists every key with its default and meaning."
+
+
+def _split_recipe_and_overrides(items: list[str]) -> tuple[str | None, list[str]]:
+    if items and "=" not in items[0]:
+        return items[0], items[1:]
+    bad = [x for x in items if "=" not in x]
+    if bad:
+        raise LlmkdError(f"expected key=value overrides after the recipe, got {bad[0]!r}")
+    return None, items
+
+
+def _add_recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", nargs="*", metavar="RECIPE [key=value ...]",
+                   help="recipe YAML (default: built-in defaults = the embedded model) and dotted overrides")
+
+
+def _recipe(args, *extra_overrides: str):
+    from llmkd.config import load_recipe
+
+    path, overrides = _split_recipe_and_overrides(args.recipe)
+    return load_recipe(path, [*overrides, *extra_overrides])
+
+
+# ---- llmkd eval ------------------------------------------------------------------------------
+
+def add_eval_args(p: argparse.ArgumentParser) -> None:
+    _add_recipe_args(p)
+    p.add_argument("--shots", type=int, action="append",
+                   help="exemplars per prompt; repeat for several (default: the recipe's eval.shots)")
+    p.add_argument("--model", help="model reference, overriding model.name (hub id, folder or alias)")
+    p.add_argument("--teacher", action="store_true", help="score the 16-bit teacher")
+    p.add_argument("--student", action="store_true", help="score the NF4 student (with --adapter: the distilled one)")
+    p.add_argument("--adapter", help="LoRA adapter folder to put on the NF4 student")
+    p.add_argument("--limit", type=int, help="score only the first N questions (overrides eval.limit)")
+    p.add_argument("--fidelity", action="store_true",
+                   help="also report KL(teacher||student) and top-1 agreement on held-out gold solutions")
+    p.add_argument("--backend", choices=["llmkd", "lm-eval"], help="generation backend (default: eval.backend)")
+    p.add_argument("--out", help="output folder (default: runs/<recipe name>/eval)")
+
+
+def cmd_eval(args) -> int:
+    from llmkd.evaluate import format_table, run_eval
+
+    recipe = _recipe(args, *([f"model.name={args.model}"] if args.model else []))
+    if args.limit is not None and args.limit <= 0:
+        raise LlmkdError(f"--limit must be > 0, got {args.limit}")
+    if any(s < 0 for s in args.shots or []):
+        raise LlmkdError(f"--shots must be >= 0, got {args.shots}")
+    if args.teacher or args.student:
+        tags = (["teacher"] if args.teacher else []) + (["distilled" if args.adapter else "student"] if args.student else [])
+    else:
+        tags = ["teacher", "distilled" if args.adapter else "student"]
+    if args.fidelity and tags == ["teacher"]:
+        raise LlmkdError("--fidelity compares a student to the teacher: add --student")
+    run = run_eval(recipe, shots=args.shots or recipe.eval.shots, tags=tags, adapter=args.adapter,
+                   limit=args.limit, with_fidelity=args.fidelity, backend=args.backend, out_dir=args.out)
+    print(format_table(run))
+    print(f"\nwritten: {args.out or recipe.run_dir / 'eval'}")
+    return 0
+
+
+# ---- llmkd recipe ----------------------------------------------------------------------------
+
+def add_recipe_cmd_args(p: argparse.ArgumentParser) -> None:
+    _add_recipe_args(p)
+    p.add_argument("--keys", action="store_true", help="list every recipe key with its default and meaning")
+
+
+def cmd_recipe(args) -> int:
+    import yaml
+
+    from llmkd.config import field_docs
+
+    if args.keys:
+        for key, doc, default in field_docs():
+            print(f"{key} = {default!r}\n    {doc}")
+        return 0
+    print(yaml.safe_dump(_recipe(args).model_dump(), sort_keys=False), end="")
+    return 0
+
+
+COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
+    "eval": ("GSM8K accuracy (both filters) and teacher fidelity of teacher and students", add_eval_args, cmd_eval),
+    "recipe": ("validate a recipe and print it resolved, or list every key (--keys)", add_recipe_cmd_args, cmd_recipe),
+}
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llmkd", description="Distil a 16-bit LLM into its own 4-bit (NF4) copy.", epilog=EPILOG)
+    parser.add_argument("-v", "--verbose", action="store_true", help="show library logs and warnings")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, add_args, _) in COMMANDS.items():
+        add_args(sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOG))
+    return parser
+
+
+def quiet_libraries(verbose: bool) -> None:
+    """Our own progress bars and tables, without the libraries' per-shard bars and advisories."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
+    if verbose:
+        return
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
+    # Overrides may follow options too (`--limit 5 eval.batch_size=8`): collect stray key=value items.
+    args, extra = parser.parse_known_args(argv)
+    unknown = [x for x in extra if x.startswith("-") or "=" not in x]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if hasattr(args, "recipe"):
+        args.recipe = [*args.recipe, *extra]
+    try:
+        quiet_libraries(args.verbose)
+        return COMMANDS[args.command][2](args)
+    except LlmkdError as e:
+        print(f"llmkd {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"llmkd {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,261 @@
+"""Recipe schema: every setting llmkd reads, its type, its default and what it means, in one place.
+
+A recipe is a YAML file of these sections (all optional; omitted keys take the defaults below):
+
+    name: smollm2-cpu
+    model:        {name, revision, trust_remote_code, teacher_dtype, quant_type, double_quant, compute_dtype}
+    data:         {source, exemplar_seed}
+    transfer_set: {out, split, start, count, response, shots, top_k, max_new_tokens, ...}
+    lora:         {r, alpha, dropout, target_modules}
+    train:        {epochs, batch_size, grad_accum, optimizer, lr, ..., loss: {alpha, temperature, ...}}
+    eval:         {split, start, limit, shots, batch_size, max_new_tokens, fidelity_*, backend}
+
+Validation is strict and up front: an unknown key, a wrong type or an out-of-range value is a
+one-line `LlmkdError` naming the file and the dotted key. Command-line overrides use the same dotted
+keys (`train.lr=1e-4`) and are parsed as YAML scalars, then coerced to the field's type. Numbers
+such as `5e-8`, which YAML 1.1 reads as strings, are accepted for float fields.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional, Sequence
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from llmkd.errors import LlmkdError
+
+DType = Literal["bfloat16", "float16", "float32"]
+
+
+class Section(BaseModel):
+    # extra="forbid": a typo is an error, never a silently ignored key.
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class ModelConfig(Section):
+    name: str = "smollm2-135m-instruct"
+    """Teacher and student base: a Hugging Face id, a local folder, or `smollm2-135m-instruct` (the embedded default)."""
+    revision: Optional[str] = None
+    """Hub revision (branch, tag or commit) for a Hugging Face id."""
+    trust_remote_code: bool = False
+    """Run model code shipped with the checkpoint. Off unless you trust the checkpoint."""
+    teacher_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """Teacher weights' dtype. auto: bfloat16 on a GPU, float32 on CPU (CPU bf16 kernels are slower here)."""
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    """bitsandbytes 4-bit data type of the student."""
+    double_quant: bool = True
+    """Quantise the quantisation constants too (QLoRA's double quantisation)."""
+    compute_dtype: DType = "bfloat16"
+    """dtype the 4-bit student computes in."""
+
+
+class DataConfig(Section):
+    source: Literal["local", "hub"] = "local"
+    """GSM8K from the copy shipped inside llmkd (local) or openai/gsm8k from the hub."""
+    exemplar_seed: int = 1234
+    """Seed that picks the k-shot exemplars from the train split (the same for every question)."""
+
+
+class TransferSetConfig(Section):
+    out: str = "transfer_sets/default"
+    """Folder the transfer set is written to (shards + manifest.json)."""
+    split: Literal["train", "test"] = "train"
+    """GSM8K split the prompts come from. The test split is refused unless --allow-eval-split is given."""
+    start: int = Field(0, ge=0)
+    """Index of the first question."""
+    count: Optional[int] = Field(1000, gt=0)
+    """Number of questions (null: to the end of the split)."""
+    response: Literal["teacher", "gold"] = "teacher"
+    """teacher: the teacher's own generation; gold: the dataset's solution, teacher-forced."""
+    shots: int = Field(0, ge=0)
+    """Exemplars in each transfer-set prompt."""
+    top_k: int = Field(64, gt=0)
+    """Teacher logprobs kept per token; the rest of the mass is one tail bucket."""
+    max_new_tokens: int = Field(256, gt=0)
+    """Longest teacher generation (response: teacher)."""
+    do_sample: bool = False
+    """Sample the teacher's responses instead of greedy decoding."""
+    sampling_temperature: float = Field(1.0, gt=0)
+    """Temperature of the teacher's sampling when do_sample is true (not the loss temperature)."""
+    seed: int = 0
+    """Seed for sampled responses."""
+    batch_size: int = Field(16, gt=0)
+    """Questions generated together."""
+    shard_size: int = Field(256, gt=0)
+    """Examples per shard; a shard is the unit of resume."""
+
+
+class LoraConfig(Section):
+    r: int = Field(16, gt=0)
+    """LoRA rank."""
+    alpha: float = Field(32, gt=0)
+    """LoRA scaling numerator (the update is scaled by alpha / r)."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the LoRA input path (peft's lora_dropout); kept as set, never disabled behind your back."""
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    """Linear layers that get adapters."""
+
+
+class LossConfig(Section):
+    alpha: float = Field(0.0, ge=0, le=1)
+    """Weight of the hard-label cross-entropy: loss = alpha*CE + (1-alpha)*T^2*divergence."""
+    temperature: float = Field(1.0, gt=0)
+    """Distillation temperature T applied to teacher and student (not the sampling temperature)."""
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    """forward_kl = KL(teacher||student); reverse_kl = KL(student||teacher); jsd = generalized JSD."""
+    jsd_beta: float = Field(0.5, gt=0, lt=1)
+    """Teacher weight in the JSD mixture (divergence: jsd)."""
+
+
+class TrainConfig(Section):
+    out: str = "runs/default/train"
+    """Folder for checkpoints, logs and the final adapter."""
+    epochs: int = Field(1, gt=0)
+    """Passes over the transfer set."""
+    max_steps: Optional[int] = Field(None, gt=0)
+    """Stop after this many optimizer steps (null: epochs decide)."""
+    batch_size: int = Field(4, gt=0)
+    """Examples per micro-batch, per process."""
+    grad_accum: int = Field(1, gt=0)
+    """Micro-batches per optimizer step. Effective batch = batch_size * grad_accum * processes."""
+    optimizer: Literal["sgd", "adamw"] = "adamw"
+    """sgd (with momentum, the reference study) or adamw."""
+    lr: float = Field(1e-3, gt=0)
+    """Peak learning rate."""
+    momentum: float = Field(0.9, ge=0, lt=1)
+    """SGD momentum (optimizer: sgd)."""
+    weight_decay: float = Field(0.0, ge=0)
+    """Decoupled weight decay on the LoRA weights."""
+    schedule: Literal["cosine", "constant"] = "cosine"
+    """Learning-rate schedule after warmup."""
+    warmup_steps: int = Field(5, ge=0)
+    """Optimizer steps of linear warmup from 0 to lr."""
+    max_grad_norm: Optional[float] = Field(1.0, gt=0)
+    """Clip the gradient norm to this (null: no clipping)."""
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    """accelerate's mixed precision; bf16 on GPUs that support it."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory (large models)."""
+    checkpoint_every: int = Field(20, gt=0)
+    """Optimizer steps between checkpoints."""
+    seed: int = 0
+    """Seeds LoRA initialisation, dropout and data order."""
+    loss: LossConfig = LossConfig()
+    """The distillation objective."""
+
+
+class EvalConfig(Section):
+    split: Literal["train", "test"] = "test"
+    """GSM8K split scored for accuracy."""
+    start: int = Field(0, ge=0)
+    """Index of the first question scored."""
+    limit: Optional[int] = Field(None, gt=0)
+    """Questions scored (null: the whole split from start)."""
+    shots: list[int] = [0, 8]
+    """Exemplar counts `llmkd run` evaluates; `llmkd eval --shots` picks one."""
+    batch_size: int = Field(16, gt=0)
+    """Questions generated together."""
+    max_new_tokens: int = Field(256, gt=0)
+    """Longest answer generated."""
+    fidelity_start: int = Field(1000, ge=0)
+    """First test question of the held-out fidelity set (teacher-forced gold solutions)."""
+    fidelity_count: int = Field(100, gt=0)
+    """Questions in the held-out fidelity set."""
+    backend: Literal["llmkd", "lm-eval"] = "llmkd"
+    """llmkd's own batched generation, or lm-eval's gsm8k harness with the same prompts."""
+
+    @model_validator(mode="after")
+    def _shots_non_negative(self):
+        if any(s < 0 for s in self.shots):
+            raise ValueError(f"shots must be >= 0, got {self.shots}")
+        return self
+
+
+class Recipe(Section):
+    name: str = "default"
+    """Names the run folder (runs/<name>)."""
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    transfer_set: TransferSetConfig = TransferSetConfig()
+    lora: LoraConfig = LoraConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @property
+    def run_dir(self) -> Path:
+        return Path("runs") / self.name
+
+
+def load_recipe(path: str | Path | None, overrides: Sequence[str] = ()) -> Recipe:
+    """Read, override and validate a recipe; `path=None` gives the defaults (plus overrides)."""
+    source = str(path) if path is not None else "<defaults>"
+    raw: Any = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise LlmkdError(f"recipe not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise LlmkdError(f"{path}:{where} malformed YAML: {getattr(e, 'problem', e)}") from None
+        if not isinstance(raw, dict):
+            raise LlmkdError(f"{path}: a recipe is a mapping of sections, got {type(raw).__name__}")
+    for item in overrides:
+        _apply_override(raw, item, Recipe)
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise LlmkdError(f"{source}: {_describe(e)}") from None
+
+
+def _apply_override(raw: dict, item: str, schema: type[BaseModel]) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise LlmkdError(f"override {item!r} is not key=value (e.g. train.lr=1e-4)")
+    parts = key.split(".")
+    node, model = raw, schema
+    for i, part in enumerate(parts):
+        field = model.model_fields.get(part) if model else None
+        if field is None:
+            raise LlmkdError(f"override {key}: unknown key {'.'.join(parts[: i + 1])!r}")
+        if i == len(parts) - 1:
+            try:
+                node[part] = yaml.safe_load(text) if text != "" else None
+            except yaml.YAMLError:
+                node[part] = text
+            return
+        sub = field.annotation if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel) else None
+        if sub is None:
+            raise LlmkdError(f"override {key}: {'.'.join(parts[: i + 1])!r} is a value, not a section")
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise LlmkdError(f"override {key}: {'.'.join(parts[: i + 1])!r} is not a mapping in the recipe")
+        model = sub
+
+
+def _describe(error: ValidationError) -> str:
+    """All problems of a validation, one line: `train.lr: Input should be a valid number (got 'x')`."""
+    problems = []
+    for err in error.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+        if err["type"] == "extra_forbidden":
+            problems.append(f"{loc}: unknown key")
+        else:
+            problems.append(f"{loc}: {err['msg']} (got {err['input']!r})")
+    return "; ".join(problems)
+
+
+def field_docs(schema: type[BaseModel] = Recipe, prefix: str = "") -> list[tuple[str, str, Any]]:
+    """(dotted key, description, default) for every leaf field: the reference `llmkd recipe-keys` prints."""
+    rows = []
+    for name, field in schema.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows += field_docs(ann, f"{prefix}{name}.")
+        else:
+            rows.append((f"{prefix}{name}", field.description or "", field.default))
+    return rows

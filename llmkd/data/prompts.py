@@ -1,0 +1,112 @@
+"""The one prompt format of llmkd: what the builder, the trainer and both evaluator backends show a model.
+
+A prompt is a list of chat turns. k-shot prompts are multi-turn: each exemplar is a user turn (its
+question) followed by an assistant turn (its worked solution); the question being asked is the last
+user turn. Every user turn carries the instruction, so 0-shot and k-shot ask the same thing.
+
+    user:      <INSTRUCTION>\n\nQuestion: <exemplar question>
+    assistant: <exemplar solution, calculator notes removed>\n#### <answer>
+    ... (k exemplars)
+    user:      <INSTRUCTION>\n\nQuestion: <question>
+
+Chat models get these turns through their own chat template (`tokenizer.apply_chat_template`).
+Base models (no template) get the same text joined plainly: turns separated by a blank line, each
+assistant turn prefixed with "Answer:" (see `render_plain`).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from typing import Sequence
+
+INSTRUCTION = (
+    "Solve the math problem step by step. "
+    "Write the final answer on the last line, as '#### <number>'."
+)
+
+# Generation stops at any of these (besides the tokenizer's end-of-sequence token): the start of
+# a new user turn (instruction or "Question:") means the model began inventing the next exemplar.
+STOP_STRINGS = (INSTRUCTION.split(".")[0], "Question:", "</s>", "<|im_end|>", "<|eot_id|>")
+
+_CALCULATOR_NOTE = re.compile(r"<<[^<>]*>>")
+
+
+def user_turn(question: str) -> str:
+    return f"{INSTRUCTION}\n\nQuestion: {question.strip()}"
+
+
+def assistant_turn(solution: str) -> str:
+    """A GSM8K `answer` field as the model should write it: calculator notes (`<<48/2=24>>`) removed."""
+    return _CALCULATOR_NOTE.sub("", solution).strip()
+
+
+def select_exemplars(train: Sequence[dict], shots: int, seed: int) -> list[dict]:
+    """`shots` train examples, the same for every question and every run with this seed."""
+    if shots < 0:
+        raise ValueError(f"shots must be >= 0, got {shots}")
+    if shots > len(train):
+        raise ValueError(f"shots={shots} but the exemplar pool has only {len(train)} examples")
+    indices = random.Random(seed).sample(range(len(train)), shots)
+    return [train[i] for i in indices]
+
+
+def build_messages(question: str, exemplars: Sequence[dict] = ()) -> list[dict]:
+    messages = []
+    for ex in exemplars:
+        messages.append({"role": "user", "content": user_turn(ex["question"])})
+        messages.append({"role": "assistant", "content": assistant_turn(ex["answer"])})
+    messages.append({"role": "user", "content": user_turn(question)})
+    return messages
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def render_plain(messages: Sequence[dict]) -> str:
+    parts = []
+    for m in messages:
+        parts.append(m["content"] if m["role"] == "user" else f"Answer: {m['content']}")
+    return "\n\n".join(parts) + ("\n\nAnswer:" if messages[-1]["role"] == "user" else "")
+
+
+def render_prompt(tokenizer, question: str, exemplars: Sequence[dict] = ()) -> str:
+    """The prompt text, ending where the model's answer begins.
+
+    Chat-rendered text already holds the template's special tokens (BOS included): tokenize it with
+    `add_special_tokens=False`, as `tokenize_example` and `llmkd.generation` do.
+    """
+    messages = build_messages(question, exemplars)
+    if has_chat_template(tokenizer):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return render_plain(messages)
+
+
+def render_response(tokenizer, question: str, response: str, exemplars: Sequence[dict] = ()) -> str:
+    """The text that follows `render_prompt(...)` when the assistant answers `response`.
+
+    For chat models this includes the template's end-of-turn marker, so a model trained on it
+    learns to stop. Derived from the template itself, not hard-coded per model family.
+    """
+    if not has_chat_template(tokenizer):
+        return " " + response.strip() + "\n\n"
+    messages = build_messages(question, exemplars)
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(
+        messages + [{"role": "assistant", "content": response.strip()}], tokenize=False
+    )
+    if not full.startswith(prompt):
+        raise ValueError("the chat template renders an assistant turn that does not extend the prompt")
+    return full[len(prompt):]
+
+
+def tokenize_example(tokenizer, prompt: str, response: str) -> tuple[list[int], list[int]]:
+    """Token ids of prompt + response and a 0/1 mask marking the response tokens.
+
+    The two parts are tokenized separately so the mask boundary is exact; rendered chat text carries
+    its own special tokens, so none are added.
+    """
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    return prompt_ids + response_ids, [0] * len(prompt_ids) + [1] * len(response_ids)

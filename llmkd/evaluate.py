@@ -1,0 +1,256 @@
+"""GSM8K accuracy and teacher fidelity of the teacher, the NF4 student and a distilled student.
+
+Accuracy: greedy generation on the shared prompt format (`llmkd.data.prompts`), both answer filters
+(strict `#### N` and flexible last-number, `llmkd.data.answer`) with Wilson 95% intervals. Backends:
+llmkd's own batched generation, or lm-eval's gsm8k harness fed exactly the same prompts.
+
+Fidelity: on held-out test questions, the gold solution is teacher-forced through teacher and
+student (0-shot prompt, response tokens only); per-token KL(teacher || student) over the full
+vocabulary and top-1 agreement (`llmkd.losses.dense_kd_metrics`).
+
+Each evaluation writes `<out>/<tag>-<shots>shot/samples.jsonl` (prompt, output, extracted, gold,
+correct) and `summary.json` (metrics, recipe, prompt format, versions, git commit).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from llmkd import atomic, models
+from llmkd.config import Recipe
+from llmkd.data import answer, prompts
+from llmkd.data.gsm8k import load_gsm8k, select_range
+from llmkd.generation import generate
+from llmkd.losses import dense_kd_metrics
+from llmkd.provenance import provenance
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Accuracy:
+    tag: str
+    shots: int
+    backend: str
+    questions: int
+    strict: float
+    flexible: float
+    strict_ci95: tuple[float, float]
+    flexible_ci95: tuple[float, float]
+    generated_tokens: int
+    seconds: float
+    tokens_per_s: float
+
+
+@dataclass
+class Fidelity:
+    tag: str
+    questions: int
+    tokens: int
+    kl: float  # mean per response token, nats, KL(teacher || model)
+    top1_agreement: float
+
+
+@dataclass
+class EvalRun:
+    accuracy: list[Accuracy] = field(default_factory=list)
+    fidelity: list[Fidelity] = field(default_factory=list)
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion: sane at 0% and 100%, unlike mean +- 1.96 SE."""
+    if n == 0:
+        return (0.0, 0.0)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def eval_questions(recipe: Recipe, limit: int | None = None):
+    ev = recipe.eval
+    return select_range(load_gsm8k(ev.split, recipe.data.source), ev.start, limit or ev.limit)
+
+
+def exemplars(recipe: Recipe, shots: int) -> list[dict]:
+    return prompts.select_exemplars(load_gsm8k("train", recipe.data.source), shots, recipe.data.exemplar_seed)
+
+
+def score_accuracy(
+    model, tokenizer, questions, shots_exemplars: Sequence[dict], *, tag: str, recipe: Recipe, out_dir: Path,
+    backend: str = "llmkd", progress: bool = True,
+) -> Accuracy:
+    ev = recipe.eval
+    rows = list(questions)
+    if backend == "lm-eval":
+        from llmkd.lm_eval_backend import run_lm_eval
+
+        t0 = time.perf_counter()
+        lm = run_lm_eval(
+            model, tokenizer, rows, list(shots_exemplars), batch_size=ev.batch_size,
+            max_new_tokens=ev.max_new_tokens, workdir=out_dir / "lm-eval-task",
+        )
+        seconds = time.perf_counter() - t0
+        outputs = [s["output"] for s in lm.samples]
+        prompt_texts = [s["prompt"] for s in lm.samples]
+        generated = sum(len(tokenizer(o, add_special_tokens=False)["input_ids"]) for o in outputs)
+    else:
+        prompt_texts = [prompts.render_prompt(tokenizer, r["question"], shots_exemplars) for r in rows]
+        completions, stats = generate(
+            model, tokenizer, prompt_texts, batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens,
+            stop_strings=prompts.STOP_STRINGS, desc=f"{tag} {len(shots_exemplars)}-shot", progress=progress,
+        )
+        outputs = [c.text for c in completions]
+        seconds, generated = stats.seconds, stats.generated_tokens
+
+    samples = []
+    for r, prompt, output in zip(rows, prompt_texts, outputs):
+        scored = answer.score(output, r["gold"])
+        samples.append({"id": r["id"], "question_hash": r["question_hash"], "prompt": prompt, "output": output, "gold": r["gold"], **scored})
+    n = len(samples)
+    k_strict = sum(s["strict_correct"] for s in samples)
+    k_flex = sum(s["flexible_correct"] for s in samples)
+    result = Accuracy(
+        tag=tag, shots=len(shots_exemplars), backend=backend, questions=n,
+        strict=k_strict / n, flexible=k_flex / n,
+        strict_ci95=wilson_interval(k_strict, n), flexible_ci95=wilson_interval(k_flex, n),
+        generated_tokens=generated, seconds=round(seconds, 2),
+        tokens_per_s=round(generated / seconds, 1) if seconds else 0.0,
+    )
+    folder = out_dir / f"{tag}-{result.shots}shot"
+    atomic.write_jsonl(folder / "samples.jsonl", samples)
+    atomic.write_json(folder / "summary.json", {
+        "metrics": asdict(result),
+        "prompt_format": prompt_format(tokenizer, shots_exemplars),
+        "recipe": recipe.model_dump(),
+        **provenance(),
+    })
+    return result
+
+
+def prompt_format(tokenizer, shots_exemplars: Sequence[dict]) -> dict:
+    """Exactly what the model was shown, so a number can be reproduced or compared."""
+    return {
+        "style": "chat template" if prompts.has_chat_template(tokenizer) else "plain",
+        "instruction": prompts.INSTRUCTION,
+        "exemplar_ids": [e.get("id") for e in shots_exemplars],
+        "stop_strings": list(prompts.STOP_STRINGS),
+        "decoding": "greedy",
+        "example": prompts.render_prompt(tokenizer, "<question>", shots_exemplars),
+    }
+
+
+def fidelity_batches(tokenizer, questions, batch_size: int):
+    """Right-padded (input_ids, attention_mask, response_mask) batches of 0-shot prompt + gold solution."""
+    rows = list(questions)
+    for b in range(0, len(rows), batch_size):
+        pairs = []
+        for r in rows[b : b + batch_size]:
+            prompt = prompts.render_prompt(tokenizer, r["question"])
+            response = prompts.render_response(tokenizer, r["question"], prompts.assistant_turn(r["answer"]))
+            pairs.append(prompts.tokenize_example(tokenizer, prompt, response))
+        width = max(len(ids) for ids, _ in pairs)
+        pad = tokenizer.pad_token_id
+        input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in pairs])
+        attention = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in pairs])
+        response = torch.tensor([m + [0] * (width - len(m)) for _, m in pairs])
+        yield input_ids, attention, response
+
+
+@torch.no_grad()
+def score_fidelity(teacher, student, tokenizer, questions, *, tag: str, batch_size: int = 8, progress: bool = True) -> Fidelity:
+    kl_sum, agree, tokens = 0.0, 0, 0
+    device = next(student.parameters()).device
+    batches = list(fidelity_batches(tokenizer, questions, batch_size))
+    for input_ids, attention, response in tqdm(batches, desc=f"fidelity {tag}", disable=not progress):
+        input_ids, attention = input_ids.to(device), attention.to(device)
+        t_logits = teacher(input_ids=input_ids, attention_mask=attention).logits[:, :-1]
+        s_logits = student(input_ids=input_ids, attention_mask=attention).logits[:, :-1]
+        # Position t predicts token t+1: score the positions whose next token is a response token.
+        mask = response[:, 1:].to(device).bool()
+        k, a, n = dense_kd_metrics(t_logits.flatten(0, 1), s_logits.flatten(0, 1), mask.flatten())
+        kl_sum, agree, tokens = kl_sum + float(k), agree + int(a), tokens + int(n)
+    return Fidelity(tag=tag, questions=len(questions), tokens=tokens, kl=kl_sum / max(tokens, 1),
+                    top1_agreement=agree / max(tokens, 1))
+
+
+def fidelity_questions(recipe: Recipe):
+    ev = recipe.eval
+    return select_range(load_gsm8k("test", recipe.data.source), ev.fidelity_start, ev.fidelity_count)
+
+
+def run_eval(
+    recipe: Recipe, *, shots: Sequence[int], tags: Sequence[str], adapter: str | Path | None = None,
+    limit: int | None = None, with_fidelity: bool = False, backend: str | None = None,
+    out_dir: Path | None = None, progress: bool = True,
+) -> EvalRun:
+    """Score each model in `tags` ("teacher", "student", "distilled" = student + `adapter`) at each shot count.
+
+    Models are loaded one at a time, except that the teacher stays loaded while students are scored
+    when fidelity is asked for.
+    """
+    out_dir = Path(out_dir or recipe.run_dir / "eval")
+    backend = backend or recipe.eval.backend
+    questions = eval_questions(recipe, limit)
+    tokenizer = models.load_tokenizer(recipe.model)
+    shot_sets = {k: exemplars(recipe, k) for k in shots}
+    held_out = fidelity_questions(recipe) if with_fidelity else None
+    run = EvalRun()
+    teacher = None
+    for tag in tags:
+        if tag == "teacher":
+            model = teacher = models.load_teacher(recipe.model)
+        else:
+            model = models.load_student(recipe.model, adapter=adapter if tag == "distilled" else None)
+        for k, ex in shot_sets.items():
+            run.accuracy.append(score_accuracy(model, tokenizer, questions, ex, tag=tag, recipe=recipe,
+                                               out_dir=out_dir, backend=backend, progress=progress))
+        if held_out is not None and tag != "teacher":
+            if teacher is None:
+                teacher = models.load_teacher(recipe.model)
+            run.fidelity.append(score_fidelity(teacher, model, tokenizer, held_out, tag=tag,
+                                               batch_size=recipe.eval.batch_size, progress=progress))
+        if model is not teacher or held_out is None:
+            if model is teacher:
+                teacher = None
+            del model
+            gc.collect()
+    atomic.write_json(out_dir / "eval-summary.json", {
+        "accuracy": [asdict(a) for a in run.accuracy],
+        "fidelity": [asdict(f) for f in run.fidelity],
+        "questions": {"split": recipe.eval.split, "start": recipe.eval.start, "count": len(questions)},
+        **provenance(),
+    })
+    return run
+
+
+def format_table(run: EvalRun) -> str:
+    """Side by side: one row per model and shot count, both filters, CIs, speed; then fidelity."""
+    lines = [
+        "| model | shots | n | strict | flexible | tokens/s |",
+        "|---|---:|---:|---|---|---:|",
+    ]
+    for a in run.accuracy:
+        lines.append(
+            f"| {a.tag} | {a.shots} | {a.questions} | {_pct(a.strict, a.strict_ci95)} | "
+            f"{_pct(a.flexible, a.flexible_ci95)} | {a.tokens_per_s:.0f} |"
+        )
+    if run.fidelity:
+        lines += ["", "| model | held-out tokens | KL(teacher‖model) | top-1 agreement |", "|---|---:|---:|---:|"]
+        for f in run.fidelity:
+            lines.append(f"| {f.tag} | {f.tokens} | {f.kl:.4f} | {100 * f.top1_agreement:.1f}% |")
+    return "\n".join(lines)
+
+
+def _pct(p: float, ci: tuple[float, float]) -> str:
+    return f"{100 * p:.1f}% [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"

@@ -1,0 +1,85 @@
+from pathlib import Path
+
+import pytest
+
+from llmkd.config import Recipe, field_docs, load_recipe
+from llmkd.errors import LlmkdError
+
+RECIPES = sorted(Path("recipes").glob("*.yaml"))
+
+
+def write(tmp_path, text):
+    p = tmp_path / "r.yaml"
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_shipped_recipe_validates(path):
+    assert isinstance(load_recipe(path), Recipe)
+
+
+def test_reference_recipe_has_the_study_settings():
+    r = load_recipe("recipes/gsm8k.yaml")
+    assert r.model.name == "meta-llama/Llama-3.1-8B-Instruct"
+    assert (r.model.quant_type, r.model.double_quant, r.model.compute_dtype) == ("nf4", True, "bfloat16")
+    assert (r.lora.r, r.lora.alpha, r.lora.dropout) == (4, 8, 0.2)
+    assert (r.train.epochs, r.train.batch_size, r.train.optimizer) == (2, 8, "sgd")
+    assert r.train.lr == pytest.approx(5e-8) and r.train.momentum == 0.9
+    assert (r.transfer_set.start, r.transfer_set.count) == (0, 1000)
+    assert r.eval.shots == [0, 8]
+
+
+def test_unknown_key_names_file_and_dotted_path(tmp_path):
+    p = write(tmp_path, "train:\n  loss:\n    temprature: 2\n")
+    with pytest.raises(LlmkdError, match=r"r\.yaml: train\.loss\.temprature: unknown key"):
+        load_recipe(p)
+
+
+def test_wrong_type_and_range_reported_together(tmp_path):
+    p = write(tmp_path, "train:\n  lr: fast\neval:\n  batch_size: 0\n")
+    with pytest.raises(LlmkdError) as e:
+        load_recipe(p)
+    msg = str(e.value)
+    assert "train.lr" in msg and "eval.batch_size" in msg and "\n" not in msg
+
+
+def test_yaml_exponent_without_dot_is_a_float(tmp_path):
+    # YAML 1.1 reads 5e-8 as the string "5e-8"; the schema must still take it as a number.
+    assert load_recipe(write(tmp_path, "train:\n  lr: 5e-8\n")).train.lr == pytest.approx(5e-8)
+
+
+def test_malformed_yaml_names_the_line(tmp_path):
+    with pytest.raises(LlmkdError, match=r"line \d+ malformed YAML"):
+        load_recipe(write(tmp_path, "train:\n  lr: [1,\n  epochs: 2\n"))
+
+
+def test_missing_recipe_file():
+    with pytest.raises(LlmkdError, match="recipe not found: nowhere.yaml"):
+        load_recipe("nowhere.yaml")
+
+
+def test_recipe_must_be_a_mapping(tmp_path):
+    with pytest.raises(LlmkdError, match="mapping"):
+        load_recipe(write(tmp_path, "- a\n- b\n"))
+
+
+def test_overrides_are_coerced_and_checked():
+    r = load_recipe(None, ["train.lr=1e-4", "eval.shots=[0, 4]", "lora.target_modules=[q_proj]", "eval.limit=null"])
+    assert r.train.lr == pytest.approx(1e-4) and r.eval.shots == [0, 4]
+    assert r.lora.target_modules == ["q_proj"] and r.eval.limit is None
+    for bad, match in [("train.lrr=1", "unknown key 'train.lrr'"), ("train.lr.x=1", "is a value, not a section"),
+                       ("lr", "not key=value"), ("eval.batch_size=-2", "eval.batch_size")]:
+        with pytest.raises(LlmkdError, match=match):
+            load_recipe(None, [bad])
+
+
+def test_zero_or_negative_sizes_are_refused():
+    for key in ["transfer_set.top_k=0", "train.batch_size=0", "transfer_set.count=-1", "eval.shots=[-1]",
+                "lora.dropout=1.5", "train.loss.alpha=2"]:
+        with pytest.raises(LlmkdError):
+            load_recipe(None, [key])
+
+
+def test_every_field_is_documented():
+    assert [key for key, doc, _ in field_docs() if not doc] == []

@@ -1,0 +1,201 @@
+import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from llmkd.data.answer import extract_strict
+from llmkd.data.gsm8k import load_gsm8k
+from llmkd.data.prompts import (
+    INSTRUCTION,
+    STOP_STRINGS,
+    assistant_turn,
+    build_messages,
+    has_chat_template,
+    render_plain,
+    render_prompt,
+    render_response,
+    select_exemplars,
+    user_turn,
+)
+
+# SmolLM2-Instruct's chat template, verbatim.
+SMOLLM2_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    "<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SMOLLM2_SYSTEM = (
+    "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    "<|im_end|>\n"
+)
+
+
+def _tiny_tokenizer(chat_template=None):
+    """A word-level tokenizer: rendering text through a chat template needs no real vocabulary."""
+    tok = Tokenizer(models.WordLevel({"<unk>": 0, "<|im_start|>": 1, "<|im_end|>": 2}, "<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", eos_token="<|im_end|>"
+    )
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+@pytest.fixture
+def chat_tokenizer():
+    return _tiny_tokenizer(SMOLLM2_TEMPLATE)
+
+
+@pytest.fixture
+def plain_tokenizer():
+    return _tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def train():
+    return load_gsm8k("train")
+
+
+@pytest.fixture(scope="module")
+def test_split():
+    return load_gsm8k("test")
+
+
+# select_exemplars
+
+
+def test_select_exemplars_deterministic_per_seed(train):
+    first = select_exemplars(train, 8, seed=1234)
+    assert first == select_exemplars(train, 8, seed=1234)
+    # Pinned: a change here silently changes every k-shot prompt (and every stored transfer set).
+    assert [ex["index"] for ex in first] == [6374, 3610, 957, 61, 742, 7462, 6610, 4769]
+
+
+def test_select_exemplars_differs_across_seeds(train):
+    picks = {tuple(ex["index"] for ex in select_exemplars(train, 8, seed)) for seed in range(5)}
+    assert len(picks) == 5
+
+
+def test_select_exemplars_shapes():
+    pool = [{"question": f"q{i}", "answer": f"#### {i}"} for i in range(3)]
+    assert select_exemplars(pool, 0, seed=0) == []
+    everything = select_exemplars(pool, 3, seed=0)
+    assert sorted(ex["question"] for ex in everything) == ["q0", "q1", "q2"]  # no repeats
+
+
+def test_select_exemplars_errors():
+    pool = [{"question": "q", "answer": "#### 1"}] * 3
+    with pytest.raises(ValueError, match="only 3"):
+        select_exemplars(pool, 4, seed=0)
+    with pytest.raises(ValueError, match=">= 0"):
+        select_exemplars(pool, -1, seed=0)
+
+
+# turns and messages
+
+
+def test_assistant_turn_strips_calculator_notes(train):
+    assert assistant_turn(train[0]["answer"]) == (
+        "Natalia sold 48/2 = 24 clips in May.\n"
+        "Natalia sold 48+24 = 72 clips altogether in April and May.\n"
+        "#### 72"
+    )
+    for answer in train["answer"]:
+        turn = assistant_turn(answer)
+        assert "<<" not in turn and ">>" not in turn
+        assert turn.splitlines()[-1] == answer.splitlines()[-1]  # the "#### N" line is kept
+
+
+def test_user_turn():
+    assert user_turn("  How many?\n") == f"{INSTRUCTION}\n\nQuestion: How many?"
+
+
+def test_build_messages_zero_shot():
+    assert build_messages("How many?") == [{"role": "user", "content": user_turn("How many?")}]
+
+
+def test_build_messages_eight_shots(train, test_split):
+    exemplars = select_exemplars(train, 8, seed=0)
+    question = test_split[0]["question"]
+    messages = build_messages(question, exemplars)
+    assert len(messages) == 17
+    assert [m["role"] for m in messages] == ["user", "assistant"] * 8 + ["user"]
+    assert messages[-1]["content"] == user_turn(question)
+    for ex, user, assistant in zip(exemplars, messages[0::2], messages[1::2]):
+        assert user["content"] == user_turn(ex["question"])
+        assert user["content"].startswith(INSTRUCTION)  # every user turn asks the same thing
+        assert assistant["content"] == assistant_turn(ex["answer"])
+        assert extract_strict(assistant["content"]) == ex["gold"]
+
+
+# rendering
+
+
+def test_render_prompt_chat_zero_shot(chat_tokenizer):
+    assert has_chat_template(chat_tokenizer)
+    prompt = render_prompt(chat_tokenizer, "How many?")
+    assert prompt == (
+        SMOLLM2_SYSTEM
+        + f"<|im_start|>user\n{INSTRUCTION}\n\nQuestion: How many?<|im_end|>\n"
+        + "<|im_start|>assistant\n"
+    )
+
+
+def test_render_prompt_chat_eight_shots(chat_tokenizer, train, test_split):
+    exemplars = select_exemplars(train, 8, seed=0)
+    prompt = render_prompt(chat_tokenizer, test_split[0]["question"], exemplars)
+    assert prompt.startswith(SMOLLM2_SYSTEM)
+    assert prompt.count("<|im_start|>user\n") == 9
+    assert prompt.count("<|im_start|>assistant\n") == 9  # 8 exemplar answers + the open turn
+    question = test_split[0]["question"].strip()
+    assert prompt.endswith(f"Question: {question}<|im_end|>\n<|im_start|>assistant\n")
+    assert "<<" not in prompt
+
+
+@pytest.mark.parametrize("shots", [0, 8])
+def test_render_response_chat(chat_tokenizer, train, test_split, shots):
+    exemplars = select_exemplars(train, shots, seed=0)
+    question, response = test_split[3]["question"], assistant_turn(test_split[3]["answer"])
+    prompt = render_prompt(chat_tokenizer, question, exemplars)
+    completion = render_response(chat_tokenizer, question, response, exemplars)
+    full = chat_tokenizer.apply_chat_template(
+        build_messages(question, exemplars) + [{"role": "assistant", "content": response}],
+        tokenize=False,
+    )
+    assert prompt + completion == full
+    assert completion == response + "<|im_end|>\n"
+    assert completion.rstrip("\n").endswith("<|im_end|>")  # the model learns to stop
+    assert "<|im_end|>" in STOP_STRINGS
+
+
+def test_render_response_rejects_template_that_does_not_extend_prompt():
+    # The generation prompt opens a thinking block that the rendered assistant turn lacks.
+    template = SMOLLM2_TEMPLATE.replace(
+        "'<|im_start|>assistant\n' }}", "'<|im_start|>assistant\n<think>\n' }}"
+    )
+    with pytest.raises(ValueError, match="does not extend the prompt"):
+        render_response(_tiny_tokenizer(template), "How many?", "#### 3")
+
+
+def test_render_plain(plain_tokenizer):
+    assert not has_chat_template(plain_tokenizer)
+    exemplar = {"question": "How many legs?", "answer": "2 * 2 = <<2*2=4>>4\n#### 4"}
+    prompt = render_prompt(plain_tokenizer, " How many? ", [exemplar])
+    assert prompt == (
+        f"{INSTRUCTION}\n\nQuestion: How many legs?\n\n"
+        "Answer: 2 * 2 = 4\n#### 4\n\n"
+        f"{INSTRUCTION}\n\nQuestion: How many?\n\n"
+        "Answer:"
+    )
+    assert prompt == render_plain(build_messages(" How many? ", [exemplar]))
+    zero_shot = render_prompt(plain_tokenizer, "How many?")
+    assert zero_shot == f"{INSTRUCTION}\n\nQuestion: How many?\n\nAnswer:"
+
+
+def test_render_response_plain(plain_tokenizer):
+    completion = render_response(plain_tokenizer, "How many?", " 3 + 4 = 7\n#### 7\n")
+    assert completion == " 3 + 4 = 7\n#### 7\n\n"
+    messages = build_messages("How many?") + [{"role": "assistant", "content": "3 + 4 = 7\n#### 7"}]
+    prompt = render_prompt(plain_tokenizer, "How many?")
+    assert prompt + completion == render_plain(messages) + "\n\n"
