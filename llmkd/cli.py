@@ -13,39 +13,25 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Callable
 
+from llmkd.config import recipe_from_cli
 from llmkd.errors import LlmkdError
 
 EPILOG = "Overrides: dotted recipe keys after the recipe, e.g. train.lr=1e-4 eval.limit=50. " \
          "`llmkd recipe --keys` lists every key with its default and meaning."
 
 
-def _split_recipe_and_overrides(items: list[str]) -> tuple[str | None, list[str]]:
-    if items and "=" not in items[0]:
-        return items[0], items[1:]
-    bad = [x for x in items if "=" not in x]
-    if bad:
-        raise LlmkdError(f"expected key=value overrides after the recipe, got {bad[0]!r}")
-    return None, items
-
-
-def _add_recipe_args(p: argparse.ArgumentParser) -> None:
+def add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", nargs="*", metavar="RECIPE [key=value ...]",
                    help="recipe YAML (default: built-in defaults = the embedded model) and dotted overrides")
-
-
-def _recipe(args, *extra_overrides: str):
-    from llmkd.config import load_recipe
-
-    path, overrides = _split_recipe_and_overrides(args.recipe)
-    return load_recipe(path, [*overrides, *extra_overrides])
 
 
 # ---- llmkd eval ------------------------------------------------------------------------------
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
-    _add_recipe_args(p)
+    add_recipe_args(p)
     p.add_argument("--shots", type=int, action="append",
                    help="exemplars per prompt; repeat for several (default: the recipe's eval.shots)")
     p.add_argument("--model", help="model reference, overriding model.name (hub id, folder or alias)")
@@ -62,7 +48,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
 def cmd_eval(args) -> int:
     from llmkd.evaluate import format_table, run_eval
 
-    recipe = _recipe(args, *([f"model.name={args.model}"] if args.model else []))
+    recipe = recipe_from_cli(args.recipe, [f"model.name={args.model}"] if args.model else [])
     if args.limit is not None and args.limit <= 0:
         raise LlmkdError(f"--limit must be > 0, got {args.limit}")
     if any(s < 0 for s in args.shots or []):
@@ -80,10 +66,77 @@ def cmd_eval(args) -> int:
     return 0
 
 
+# ---- llmkd build-transfer-set ----------------------------------------------------------------
+
+def add_build_args(p: argparse.ArgumentParser) -> None:
+    add_recipe_args(p)
+    p.add_argument("--limit", type=int, help="at most N questions (caps transfer_set.count)")
+    p.add_argument("--out", help="output folder (default: transfer_set.out)")
+    p.add_argument("--allow-eval-split", action="store_true",
+                   help="permit transfer_set.split=test (contaminates any evaluation on those questions)")
+
+
+def cmd_build(args) -> int:
+    from llmkd import transfer_set
+
+    recipe = recipe_from_cli(args.recipe)
+    if args.limit is not None and args.limit <= 0:
+        raise LlmkdError(f"--limit must be > 0, got {args.limit}")
+    manifest = transfer_set.build(recipe, out=args.out, limit=args.limit, allow_eval_split=args.allow_eval_split)
+    print("\n".join(transfer_set.summary_lines(manifest)))
+    return 0
+
+
+# ---- llmkd run --------------------------------------------------------------------------------
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    add_recipe_args(p)
+    p.add_argument("--fresh", action="store_true",
+                   help="retrain from scratch even if train.out holds checkpoints of the same settings")
+
+
+def cmd_run(args) -> int:
+    """Build (or reuse) the transfer set, train (or resume), evaluate three models, write the report."""
+    from llmkd import report, train, transfer_set
+    from llmkd.evaluate import format_table, run_eval
+
+    recipe = recipe_from_cli(args.recipe)
+    print(f"[1/4] transfer set -> {recipe.transfer_set.out}")
+    manifest = transfer_set.build(recipe)
+    print("\n".join(transfer_set.summary_lines(manifest)))
+    print(f"[2/4] training -> {recipe.train.out}")
+    result = train.train(recipe, resume=not args.fresh and train.latest_checkpoint(Path(recipe.train.out)) is not None)
+    print(train.summary_line(result))
+    print("[3/4] evaluating teacher, NF4 base student and distilled student")
+    eval_dir = recipe.run_dir / "eval"
+    run = run_eval(recipe, shots=recipe.eval.shots, tags=["teacher", "student", "distilled"],
+                   adapter=result.adapter, with_fidelity=True, out_dir=eval_dir)
+    print(format_table(run))
+    print("[4/4] report")
+    path = report.write_report(run, eval_dir, recipe.run_dir / "report",
+                               train_metrics=Path(recipe.train.out) / "metrics.jsonl",
+                               extra={"Training": train.summary_line(result),
+                                      "Transfer set": "\n".join(transfer_set.summary_lines(manifest))})
+    print(f"written: {path}")
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from llmkd.train import cmd_train
+
+    return cmd_train(args)
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    from llmkd.train import add_train_args
+
+    add_train_args(p)
+
+
 # ---- llmkd recipe ----------------------------------------------------------------------------
 
 def add_recipe_cmd_args(p: argparse.ArgumentParser) -> None:
-    _add_recipe_args(p)
+    add_recipe_args(p)
     p.add_argument("--keys", action="store_true", help="list every recipe key with its default and meaning")
 
 
@@ -96,12 +149,16 @@ def cmd_recipe(args) -> int:
         for key, doc, default in field_docs():
             print(f"{key} = {default!r}\n    {doc}")
         return 0
-    print(yaml.safe_dump(_recipe(args).model_dump(), sort_keys=False), end="")
+    print(yaml.safe_dump(recipe_from_cli(args.recipe).model_dump(), sort_keys=False), end="")
     return 0
 
 
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
+    "build-transfer-set": ("stage 1: cache the teacher's top-k distributions on GSM8K prompts", add_build_args, cmd_build),
+    "train": ("stage 2: LoRA on the NF4 student against the transfer set (also: accelerate launch llmkd/train.py)",
+              _add_train_args, _cmd_train),
     "eval": ("GSM8K accuracy (both filters) and teacher fidelity of teacher and students", add_eval_args, cmd_eval),
+    "run": ("the main job: build -> train -> eval (teacher, NF4, distilled) -> report", add_run_args, cmd_run),
     "recipe": ("validate a recipe and print it resolved, or list every key (--keys)", add_recipe_cmd_args, cmd_recipe),
 }
 
@@ -134,24 +191,33 @@ def quiet_libraries(verbose: bool) -> None:
     datasets.logging.set_verbosity_error()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = make_parser()
-    # Overrides may follow options too (`--limit 5 eval.batch_size=8`): collect stray key=value items.
+def parse_with_overrides(parser: argparse.ArgumentParser, argv: list[str] | None):
+    """Parse, letting `key=value` overrides stand anywhere (`--limit 5 eval.batch_size=8` too)."""
     args, extra = parser.parse_known_args(argv)
     unknown = [x for x in extra if x.startswith("-") or "=" not in x]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if hasattr(args, "recipe"):
         args.recipe = [*args.recipe, *extra]
+    return args
+
+
+def run_command(name: str, command: Callable, args) -> int:
+    """Run a command; a user mistake prints one line and exits 2, a diverged training run exits 1."""
     try:
         quiet_libraries(args.verbose)
-        return COMMANDS[args.command][2](args)
+        return command(args)
     except LlmkdError as e:
-        print(f"llmkd {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        print(f"llmkd {name}: error: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
-        print(f"llmkd {args.command}: interrupted", file=sys.stderr)
+        print(f"llmkd {name}: interrupted", file=sys.stderr)
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_with_overrides(make_parser(), argv)
+    return run_command(args.command, COMMANDS[args.command][2], args)
 
 
 if __name__ == "__main__":

@@ -212,6 +212,16 @@ def load_recipe(path: str | Path | None, overrides: Sequence[str] = ()) -> Recip
         raise LlmkdError(f"{source}: {_describe(e)}") from None
 
 
+def recipe_from_cli(items: Sequence[str], extra_overrides: Sequence[str] = ()) -> Recipe:
+    """`RECIPE [key=value ...]` or only `key=value` items (the built-in defaults), as commands take them."""
+    items = list(items)
+    path = items.pop(0) if items and "=" not in items[0] else None
+    bad = [x for x in items if "=" not in x]
+    if bad:
+        raise LlmkdError(f"expected key=value overrides after the recipe, got {bad[0]!r}")
+    return load_recipe(path, [*items, *extra_overrides])
+
+
 def _apply_override(raw: dict, item: str, schema: type[BaseModel]) -> None:
     key, sep, text = item.partition("=")
     if not sep or not key:

@@ -6,4 +6,4 @@ The CLI prints it as a single line and exits with status 2: no traceback for a u
 
 
 class LlmkdError(Exception):
-    pass
+    exit_code = 2

@@ -114,12 +114,20 @@ def score_accuracy(
         seconds, generated = stats.seconds, stats.generated_tokens
 
     samples = []
-    for r, prompt, output in zip(rows, prompt_texts, outputs):
+    for i, (r, prompt, output) in enumerate(zip(rows, prompt_texts, outputs)):
         scored = answer.score(output, r["gold"])
-        samples.append({"id": r["id"], "question_hash": r["question_hash"], "prompt": prompt, "output": output, "gold": r["gold"], **scored})
+        row = {"id": r["id"], "question_hash": r["question_hash"], "prompt": prompt, "output": output,
+               "gold": r["gold"], **scored}
+        if backend == "lm-eval":  # the harness's own filters, next to ours
+            row.update(lm_eval_strict=lm.samples[i]["strict"], lm_eval_flexible=lm.samples[i]["flexible"])
+        samples.append(row)
     n = len(samples)
-    k_strict = sum(s["strict_correct"] for s in samples)
-    k_flex = sum(s["flexible_correct"] for s in samples)
+    if backend == "lm-eval":  # report the harness's own numbers: that is what this backend is for
+        k_strict = round(lm.metrics["strict_match"] * n)
+        k_flex = round(lm.metrics["flexible_extract"] * n)
+    else:
+        k_strict = sum(s["strict_correct"] for s in samples)
+        k_flex = sum(s["flexible_correct"] for s in samples)
     result = Accuracy(
         tag=tag, shots=len(shots_exemplars), backend=backend, questions=n,
         strict=k_strict / n, flexible=k_flex / n,

@@ -287,7 +287,9 @@ def run_lm_eval(model, tokenizer, questions: Sequence[dict], exemplars: Sequence
     if len(set(ids)) != len(ids):
         raise LlmkdError("run_lm_eval: question ids are not unique")
     if batch_size < 1 or max_new_tokens < 1:
-        raise LlmkdError(f"run_lm_eval: batch_size ({batch_size}) and max_new_tokens ({max_new_tokens}) must be >= 1")
+        raise LlmkdError(
+            f"run_lm_eval: batch_size ({batch_size}) and max_new_tokens ({max_new_tokens}) must be >= 1"
+        )
 
     import lm_eval
     from lm_eval.models.huggingface import HFLM

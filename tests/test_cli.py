@@ -12,7 +12,7 @@ def run_cli(*args):
 
 def test_help_lists_every_command():
     help_text = make_parser().format_help()
-    for command in ["eval", "recipe"]:
+    for command in ["build-transfer-set", "train", "eval", "run", "recipe"]:
         assert command in help_text
 
 
