@@ -86,6 +86,23 @@ def exemplars(recipe: Recipe, shots: int) -> list[dict]:
     return prompts.select_exemplars(load_gsm8k("train", recipe.data.source), shots, recipe.data.exemplar_seed)
 
 
+def contamination(recipe: Recipe, questions) -> int:
+    """How many evaluation questions the recipe's transfer set holds (by question hash); warns if any.
+
+    A student distilled on a question has seen the teacher answer it: its score there is not a test.
+    """
+    from llmkd.transfer_set import MANIFEST, TransferSet
+
+    path = Path(recipe.transfer_set.out)
+    if not (path / MANIFEST).is_file():
+        return 0
+    overlap = len(set(questions["question_hash"]) & TransferSet.open(path).question_hashes)
+    if overlap:
+        log.warning("warning: %d of %d evaluation questions are in the transfer set %s: the distilled "
+                    "student's score on them is contaminated", overlap, len(questions), path)
+    return overlap
+
+
 def score_accuracy(
     model, tokenizer, questions, shots_exemplars: Sequence[dict], *, tag: str, recipe: Recipe, out_dir: Path,
     backend: str = "llmkd", progress: bool = True,
@@ -210,6 +227,7 @@ def run_eval(
     out_dir = Path(out_dir or recipe.run_dir / "eval")
     backend = backend or recipe.eval.backend
     questions = eval_questions(recipe, limit)
+    overlap = contamination(recipe, questions)
     tokenizer = models.load_tokenizer(recipe.model)
     shot_sets = {k: exemplars(recipe, k) for k in shots}
     held_out = fidelity_questions(recipe) if with_fidelity else None
@@ -236,7 +254,8 @@ def run_eval(
     atomic.write_json(out_dir / "eval-summary.json", {
         "accuracy": [asdict(a) for a in run.accuracy],
         "fidelity": [asdict(f) for f in run.fidelity],
-        "questions": {"split": recipe.eval.split, "start": recipe.eval.start, "count": len(questions)},
+        "questions": {"split": recipe.eval.split, "start": recipe.eval.start, "count": len(questions),
+                      "in_transfer_set": overlap},
         **provenance(),
     })
     return run

@@ -38,7 +38,10 @@ def cache_root() -> Path:
 
 
 def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """This process's device: under a multi-GPU launch each rank takes the GPU of its LOCAL_RANK."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
 
 
 def resolve(ref: str) -> str:

@@ -163,9 +163,9 @@ def test_render_response_chat(chat_tokenizer, train, test_split, shots):
         build_messages(question, exemplars) + [{"role": "assistant", "content": response}],
         tokenize=False,
     )
-    assert prompt + completion == full
-    assert completion == response + "<|im_end|>\n"
-    assert completion.rstrip("\n").endswith("<|im_end|>")  # the model learns to stop
+    # The full rendering, minus the whitespace the template puts after the final end-of-turn.
+    assert prompt + completion == full.rstrip() and full.endswith("<|im_end|>\n")
+    assert completion == response + "<|im_end|>"  # ends at the marker: the model learns to stop
     assert "<|im_end|>" in STOP_STRINGS
 
 

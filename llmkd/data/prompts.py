@@ -86,8 +86,10 @@ def render_prompt(tokenizer, question: str, exemplars: Sequence[dict] = ()) -> s
 def render_response(tokenizer, question: str, response: str, exemplars: Sequence[dict] = ()) -> str:
     """The text that follows `render_prompt(...)` when the assistant answers `response`.
 
-    For chat models this includes the template's end-of-turn marker, so a model trained on it
-    learns to stop. Derived from the template itself, not hard-coded per model family.
+    For chat models this ends with the template's end-of-turn marker, so a model trained on it
+    learns to stop; whitespace the template puts after the marker is dropped (generation ends at
+    the marker, so nothing after it is ever predicted). Derived from the template itself, not
+    hard-coded per model family.
     """
     if not has_chat_template(tokenizer):
         return " " + response.strip() + "\n\n"
@@ -98,7 +100,7 @@ def render_response(tokenizer, question: str, response: str, exemplars: Sequence
     )
     if not full.startswith(prompt):
         raise ValueError("the chat template renders an assistant turn that does not extend the prompt")
-    return full[len(prompt):]
+    return full[len(prompt):].rstrip()
 
 
 def tokenize_example(tokenizer, prompt: str, response: str) -> tuple[list[int], list[int]]:

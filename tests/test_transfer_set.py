@@ -1,0 +1,369 @@
+"""Transfer set: a real build on the embedded model (a few questions, short responses, small k).
+
+The stored targets are checked against a fresh teacher forward (one example, no padding); the
+responses against the teacher's own generation and the gold solution; resume against a build
+killed with SIGKILL; the reader against corrupted shards, other tokenizers, foreign folders and
+changed settings.
+"""
+
+import copy
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from llmkd import transfer_set as T
+from llmkd.config import load_recipe
+from llmkd.data import prompts
+from llmkd.data.gsm8k import load_gsm8k
+from llmkd.errors import LlmkdError
+from llmkd.generation import generate
+from llmkd.losses import topk_with_tail
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = "recipes/smollm2-cpu.yaml"
+
+# Train questions 4-7: question 6 is answered in 42 tokens, so one response ends with the eos.
+TEACHER_OVERRIDES = [
+    "transfer_set.response=teacher", "transfer_set.start=4", "transfer_set.count=4", "transfer_set.top_k=16",
+    "transfer_set.max_new_tokens=48", "transfer_set.batch_size=2", "transfer_set.shard_size=2",
+]
+GOLD_OVERRIDES = [
+    "transfer_set.response=gold", "transfer_set.start=0", "transfer_set.count=3", "transfer_set.top_k=8",
+    "transfer_set.batch_size=2", "transfer_set.shard_size=2",
+]
+# Killed mid-way: 3 shards of 2 short teacher responses each.
+KILL_OVERRIDES = [
+    "transfer_set.response=teacher", "transfer_set.start=10", "transfer_set.count=6", "transfer_set.top_k=8",
+    "transfer_set.max_new_tokens=16", "transfer_set.batch_size=2", "transfer_set.shard_size=2",
+]
+
+
+def recipe(overrides):
+    return load_recipe(REPO / RECIPE, overrides)
+
+
+@pytest.fixture(scope="module")
+def teacher_set(tmp_path_factory, smol_teacher, smol_tokenizer):
+    out = tmp_path_factory.mktemp("ts") / "teacher"
+    T.build(recipe(TEACHER_OVERRIDES), out=out, progress=False, teacher=smol_teacher, tokenizer=smol_tokenizer)
+    return T.TransferSet.open(out)
+
+
+@pytest.fixture(scope="module")
+def gold_set(tmp_path_factory, smol_teacher, smol_tokenizer):
+    out = tmp_path_factory.mktemp("ts") / "gold"
+    T.build(recipe(GOLD_OVERRIDES), out=out, progress=False, teacher=smol_teacher, tokenizer=smol_tokenizer)
+    return T.TransferSet.open(out)
+
+
+def folder_files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def content(manifest: T.Manifest) -> dict:
+    """The manifest without what legitimately differs between two builds of the same content."""
+    d = manifest.to_dict()
+    del d["build"], d["provenance"]
+    d["shards"] = [{k: v for k, v in s.items() if k != "seconds"} for s in d["shards"]]
+    return d
+
+
+# --- Targets and responses --------------------------------------------------------------------------
+
+
+def assert_targets_match_fresh_forward(ts: T.TransferSet, teacher):
+    """Stored top-k ids, logprobs and tail = a fresh unpadded forward's, within fp16 rounding."""
+    k = ts.manifest.settings.top_k
+    for row in ts.dataset():
+        ids, start = row["input_ids"], row["response_start"]
+        with torch.no_grad():
+            logits = teacher(torch.tensor([ids])).logits[0, start - 1 : len(ids) - 1]  # (R, V)
+        stored_ids = torch.tensor(row["topk_ids"], dtype=torch.long)  # (R, K)
+        stored_lp = torch.tensor(row["topk_logprobs"], dtype=torch.float32)  # (R, K)
+        stored_tail = torch.tensor(row["tail_logmass"], dtype=torch.float32)  # (R,)
+        assert stored_ids.shape == stored_lp.shape == (len(ids) - start, k)
+
+        fresh_ids, fresh_lp, fresh_tail = topk_with_tail(logits, k)
+        fp16 = dict(rtol=2e-3, atol=2e-3)  # fp16 keeps 11 significant bits (rel. 4.9e-4), plus batching noise
+        # Values: the stored ids' fresh logprobs are the stored logprobs, and the top-k's, in order.
+        full_lp = torch.log_softmax(logits.float(), -1)
+        torch.testing.assert_close(full_lp.gather(1, stored_ids), stored_lp, **fp16)
+        torch.testing.assert_close(fresh_lp, stored_lp, **fp16)
+        torch.testing.assert_close(fresh_tail, stored_tail, **fp16)
+        # Ids: equal, except where two candidates are tied within rounding (then either order is right).
+        same = fresh_ids == stored_ids
+        tied = (fresh_lp - full_lp.gather(1, stored_ids)).abs() < 1e-4
+        assert (same | tied).all()
+        assert (same.float().mean() > 0.99), "ids differ beyond near-ties"
+
+
+def test_teacher_mode_targets_match_a_fresh_forward(teacher_set, smol_teacher):
+    assert_targets_match_fresh_forward(teacher_set, smol_teacher)
+
+
+def test_teacher_mode_response_is_the_teachers_generation(teacher_set, smol_teacher, smol_tokenizer):
+    tok, r = smol_tokenizer, recipe(TEACHER_OVERRIDES)
+    questions = list(load_gsm8k("train"))[4:8]
+    texts = [prompts.render_prompt(tok, q["question"]) for q in questions]
+    completions, _ = generate(smol_teacher, tok, texts, batch_size=2, max_new_tokens=48,
+                              stop_strings=prompts.STOP_STRINGS, progress=False)
+    rows = list(teacher_set.dataset())
+    assert [row["id"] for row in rows] == [q["id"] for q in questions] == teacher_set.manifest.question_ids
+    finishes = []
+    for row, text, c in zip(rows, texts, completions):
+        prompt_ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert row["input_ids"][: row["response_start"]] == prompt_ids
+        response = row["input_ids"][row["response_start"] :]
+        assert response == c.token_ids  # the exact tokens generated, eos included
+        assert tok.decode(response, skip_special_tokens=True).strip() == c.text
+        finishes.append(row["finish"])
+        if row["finish"] == "eos":
+            assert response[-1] == tok.eos_token_id and tok.decode(response[-1:]) == "<|im_end|>"
+        elif row["finish"] == "length":
+            assert len(response) == r.transfer_set.max_new_tokens
+    assert "eos" in finishes  # question 6 ends within 48 tokens
+
+    m = teacher_set.manifest
+    assert m.totals.examples == 4 and len(m.shards) == 2
+    assert m.totals.response_tokens == sum(len(row["input_ids"]) - row["response_start"] for row in rows)
+    assert 0.5 < m.totals.mean_topk_mass < 1
+    assert m.settings.max_new_tokens == 48 and m.settings.stop_strings == list(prompts.STOP_STRINGS)
+    assert m.settings.seed is None  # greedy: the seed does not matter, so it is not a setting
+
+
+def test_gold_mode_response_is_the_solution(gold_set, smol_teacher, smol_tokenizer):
+    tok = smol_tokenizer
+    rows = list(gold_set.dataset())
+    for row, q in zip(rows, list(load_gsm8k("train"))[:3]):
+        response = tok.decode(row["input_ids"][row["response_start"] :])
+        assert response == prompts.render_response(tok, q["question"], prompts.assistant_turn(q["answer"]))
+        assert response.startswith(prompts.assistant_turn(q["answer"])) and "<|im_end|>" in response
+        assert row["finish"] == "gold" and row["question_hash"] == q["question_hash"]
+    assert_targets_match_fresh_forward(gold_set, smol_teacher)
+    gold_set.verify()
+    gold_set.check_tokenizer(tok)
+    assert gold_set.question_hashes == {q["question_hash"] for q in list(load_gsm8k("train"))[:3]}
+
+
+def test_complete_set_is_returned_not_rebuilt(gold_set, smol_tokenizer):
+    before = {p: p.stat().st_mtime_ns for p in gold_set.shard_paths}
+    again = T.build(recipe(GOLD_OVERRIDES), out=gold_set.path, progress=False, teacher="not needed",
+                    tokenizer=smol_tokenizer)
+    assert again == gold_set.manifest
+    assert {p: p.stat().st_mtime_ns for p in gold_set.shard_paths} == before
+
+
+def test_summary_lines(gold_set):
+    text = "\n".join(T.summary_lines(gold_set.manifest))
+    assert "B/token at top-8" in text and "98,304 B/token at V=49,152" in text and "256,512" in text
+
+
+# --- Questions --------------------------------------------------------------------------------------
+
+
+def test_test_split_refused_without_allow_eval_split():
+    r = recipe(["transfer_set.split=test", "transfer_set.count=2"])
+    with pytest.raises(LlmkdError, match="contaminat"):
+        T.build(r, out="/nonexistent/never-written")
+    rows, _, _ = T.select_questions(r, allow_eval_split=True)
+    assert [q["id"] for q in rows] == ["gsm8k-test-00000", "gsm8k-test-00001"]
+
+
+def test_exemplars_excluded_from_the_questions():
+    exemplars = prompts.select_exemplars(load_gsm8k("train"), 2, 1234)
+    first = min(e["index"] for e in exemplars)
+    r = recipe(["transfer_set.shots=2", "data.exemplar_seed=1234", f"transfer_set.start={first - 1}", "transfer_set.count=3"])
+    rows, chosen, excluded = T.select_questions(r)
+    assert [e["id"] for e in chosen] == [e["id"] for e in exemplars]
+    assert excluded == [f"gsm8k-train-{first:05d}"]
+    assert [q["index"] for q in rows] == [first - 1, first + 1]
+
+
+def test_limit_caps_count():
+    rows, _, _ = T.select_questions(recipe(["transfer_set.count=10"]), limit=3)
+    assert len(rows) == 3
+
+
+# --- Resume -----------------------------------------------------------------------------------------
+
+
+def test_killed_build_resumes_to_the_uninterrupted_result(tmp_path, smol_teacher, smol_tokenizer):
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    code = (
+        "from llmkd.config import load_recipe\n"
+        "from llmkd.transfer_set import build\n"
+        f"build(load_recipe({RECIPE!r}, {KILL_OVERRIDES!r}), out={str(killed)!r}, progress=False)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, stderr=subprocess.PIPE)
+    first_record = killed / "progress" / "shard-00000.json"
+    deadline = time.monotonic() + 600
+    while not first_record.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    _, stderr = proc.communicate()
+    assert first_record.exists(), f"the build ended before its first shard: {stderr.decode()[-2000:]}"
+    assert not (killed / "manifest.json").exists(), "the build finished before it could be killed"
+    first_shard = killed / "shards" / "shard-00000.parquet"
+    inode = first_shard.stat().st_ino
+
+    with pytest.raises(LlmkdError, match="unfinished build"):
+        T.TransferSet.open(killed)
+    resumed = T.build(recipe(KILL_OVERRIDES), out=killed, progress=False, teacher=smol_teacher, tokenizer=smol_tokenizer)
+    uninterrupted = T.build(recipe(KILL_OVERRIDES), out=clean, progress=False, teacher=smol_teacher, tokenizer=smol_tokenizer)
+
+    assert first_shard.stat().st_ino == inode  # the finished shard was kept, not rebuilt
+    killed_files, clean_files = folder_files(killed), folder_files(clean)
+    assert sorted(killed_files) == sorted(clean_files) == [
+        "manifest.json", "shards/shard-00000.parquet", "shards/shard-00001.parquet", "shards/shard-00002.parquet"
+    ]  # no temporary files, no progress records, no build.json
+    for name in killed_files:
+        if name.endswith(".parquet"):
+            assert killed_files[name] == clean_files[name], name  # byte-identical shards
+    assert content(resumed) == content(uninterrupted)
+    assert resumed.totals.examples == 6 and len(resumed.shards) == 3
+    assert resumed.totals.response_tokens == sum(s.response_tokens for s in resumed.shards) > 0
+    T.TransferSet.open(killed).verify()
+
+
+# --- Refusals -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def gold_copy(gold_set, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(gold_set.path, out)
+    return T.TransferSet.open(out)
+
+
+def test_verify_detects_a_flipped_byte(gold_copy):
+    shard = gold_copy.shard_paths[1]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    with pytest.raises(LlmkdError, match=r"shard-00001\.parquet: sha256"):
+        gold_copy.verify()
+
+
+def test_verify_detects_a_truncated_shard(gold_copy):
+    shard = gold_copy.shard_paths[0]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(LlmkdError, match=r"shard-00000\.parquet: .* bytes, the manifest says"):
+        gold_copy.verify()
+    with pytest.raises(LlmkdError, match=r"shard-00000\.parquet"):
+        gold_copy.dataset()
+
+
+def test_verify_detects_non_finite_logprobs(gold_copy):
+    shard = gold_copy.shard_paths[0]
+    columns = pq.read_table(shard).to_pydict()
+    columns["topk_logprobs"][1][3][0] = float("nan")
+    T._write_parquet_atomic(shard, columns, gold_copy.manifest.settings.top_k)
+    manifest = json.loads((gold_copy.path / "manifest.json").read_text())
+    manifest["shards"][0].update(bytes=shard.stat().st_size, sha256=T._sha256_file(shard))
+    (gold_copy.path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(LlmkdError, match=r"shard-00000\.parquet: non-finite"):
+        T.TransferSet.open(gold_copy.path).verify()
+
+
+def test_tokenizer_mismatch_refused(gold_set, smol_tokenizer):
+    other = copy.deepcopy(smol_tokenizer)
+    other.add_tokens(["<llmkd-new-token>"])
+    with pytest.raises(LlmkdError, match="another tokenizer"):
+        gold_set.check_tokenizer(other)
+    templated = copy.deepcopy(smol_tokenizer)
+    templated.chat_template = "{{ messages }}"
+    with pytest.raises(LlmkdError, match="another chat template"):
+        gold_set.check_tokenizer(templated)
+    # A batched, padded call changes the backend's padding state, not the tokenizer's identity.
+    smol_tokenizer(["a", "a b c"], padding=True)
+    gold_set.check_tokenizer(smol_tokenizer)
+
+
+def test_foreign_folder_refused_and_left_alone(tmp_path, smol_tokenizer):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(LlmkdError, match=f"{tmp_path}: exists and is not a transfer set"):
+        T.build(recipe(GOLD_OVERRIDES), out=tmp_path, progress=False, tokenizer=smol_tokenizer)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_changed_settings_refused(gold_copy, smol_tokenizer):
+    before = folder_files(gold_copy.path)
+    with pytest.raises(LlmkdError, match=r"copy: a transfer set built with other settings \(top_k: 8 there, 4 now"):
+        T.build(recipe([*GOLD_OVERRIDES, "transfer_set.top_k=4"]), out=gold_copy.path, progress=False,
+                tokenizer=smol_tokenizer)
+    # An unfinished build with other settings is refused too.
+    settings = asdict(gold_copy.manifest.settings) | {"shard_size": 1}
+    (gold_copy.path / "manifest.json").unlink()
+    (gold_copy.path / "build.json").write_text(json.dumps({"settings": settings}))
+    with pytest.raises(LlmkdError, match=r"an unfinished build with other settings \(shard_size: 1 there, 2 now"):
+        T.build(recipe(GOLD_OVERRIDES), out=gold_copy.path, progress=False, tokenizer=smol_tokenizer)
+    assert {k: v for k, v in folder_files(gold_copy.path).items() if k.startswith("shards")} == \
+        {k: v for k, v in before.items() if k.startswith("shards")}
+
+
+def test_open_validates_the_manifest(gold_copy):
+    path = gold_copy.path / "manifest.json"
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps(data | {"format_version": 99}))
+    with pytest.raises(LlmkdError, match=r"manifest.json: invalid transfer-set manifest: format_version 99"):
+        T.TransferSet.open(gold_copy.path)
+    del data["totals"]["bytes"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(LlmkdError, match=r"manifest.json: .*missing key\(s\) totals.bytes"):
+        T.TransferSet.open(gold_copy.path)
+    path.write_text("{not json")
+    with pytest.raises(LlmkdError, match=r"manifest.json: invalid"):
+        T.TransferSet.open(gold_copy.path)
+    path.unlink()
+    with pytest.raises(LlmkdError, match="not a transfer set, no manifest.json"):
+        T.TransferSet.open(gold_copy.path)
+
+
+# --- Two processes --------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_build_equals_one_process(tmp_path, gold_set):
+    """accelerate launch --multi_gpu --num_processes 2: two gloo ranks on CPU, shard i on rank i % 2.
+
+    Slow-ish (two processes each import torch and load the model): ~30-60 s on an idle 2-core machine.
+    """
+    accelerate = Path(sys.executable).parent / "accelerate"
+    if not accelerate.exists():
+        pytest.skip("accelerate's launcher is not installed next to this python")
+    out = tmp_path / "two"
+    script = tmp_path / "build.py"
+    script.write_text(
+        "from llmkd.config import load_recipe\n"
+        "from llmkd.transfer_set import build\n"
+        f"m = build(load_recipe({str(REPO / RECIPE)!r}, {GOLD_OVERRIDES!r}), out={str(out)!r}, progress=False)\n"
+        "assert m.build.processes == 2, m.build\n"
+    )
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), str(script)]
+    done = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = T.TransferSet.open(out)
+    two.verify()
+    assert two.manifest.build.processes == 2
+    assert content(two.manifest) == content(gold_set.manifest)
+    for a, b in zip(two.shard_paths, gold_set.shard_paths):
+        assert a.read_bytes() == b.read_bytes(), a.name
