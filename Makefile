@@ -29,7 +29,7 @@ run: setup
 	$(BIN)/llmkd eval $(RECIPE) --shots 8 --fidelity
 
 test: setup
-	$(BIN)/python -m pytest
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest
 
 clean:
 	rm -rf $(VENV) runs

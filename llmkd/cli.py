@@ -91,12 +91,11 @@ def cmd_build(args) -> int:
 
 def add_run_args(p: argparse.ArgumentParser) -> None:
     add_recipe_args(p)
-    p.add_argument("--fresh", action="store_true",
-                   help="retrain from scratch even if train.out holds checkpoints of the same settings")
 
 
 def cmd_run(args) -> int:
-    """Build (or reuse) the transfer set, train (or resume), evaluate three models, write the report."""
+    """Build (or reuse) the transfer set, train (resuming checkpoints of the same settings), evaluate
+    three models, write the report."""
     from llmkd import report, train, transfer_set
     from llmkd.evaluate import format_table, run_eval
 
@@ -105,7 +104,7 @@ def cmd_run(args) -> int:
     manifest = transfer_set.build(recipe)
     print("\n".join(transfer_set.summary_lines(manifest)))
     print(f"[2/4] training -> {recipe.train.out}")
-    result = train.train(recipe, resume=not args.fresh and train.latest_checkpoint(Path(recipe.train.out)) is not None)
+    result = train.train(recipe, resume=train.latest_checkpoint(Path(recipe.train.out)) is not None)
     print(train.summary_line(result))
     print("[3/4] evaluating teacher, NF4 base student and distilled student")
     eval_dir = recipe.run_dir / "eval"

@@ -140,7 +140,7 @@ class TrainConfig(Section):
     """Recompute activations in backward to save memory (large models)."""
     checkpoint_every: int = Field(20, gt=0)
     """Optimizer steps between checkpoints."""
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     """Seeds LoRA initialisation, dropout and data order."""
     loss: LossConfig = LossConfig()
     """The distillation objective."""

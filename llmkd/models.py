@@ -51,7 +51,7 @@ def resolve(ref: str) -> str:
     path = Path(ref).expanduser()
     if path.is_dir():
         return str(path)
-    if ref.startswith((".", "/", "~")) or path.suffix or ref.count("/") > 1:
+    if ref.startswith((".", "/", "~")) or ref.count("/") > 1:  # a hub id is "name" or "owner/name"
         raise LlmkdError(f"model folder not found: {ref}")
     return ref  # a hub id
 

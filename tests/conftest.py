@@ -6,6 +6,8 @@ fast instead of retrying.
 
 import os
 
+# Busy-waiting OpenMP threads stall 20-30x when anything else shares the 2 cores; must precede torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -42,14 +42,14 @@ def test_teacher_is_full_precision_on_cpu(smol_teacher):
     assert smol_teacher.dtype == torch.float32 and not smol_teacher.training
 
 
-def test_student_is_nf4_with_the_recipe_settings(smol_student):
+def test_student_is_nf4_with_the_recipe_settings(smol_student, smol_recipe):
     import bitsandbytes as bnb
 
     q_proj = smol_student.model.layers[0].self_attn.q_proj
     assert isinstance(q_proj, bnb.nn.Linear4bit)
     assert q_proj.weight.quant_state.quant_type == "nf4"
     assert q_proj.weight.quant_state.nested  # double quantisation
-    assert q_proj.compute_dtype == torch.bfloat16
+    assert q_proj.compute_dtype == getattr(torch, smol_recipe.model.compute_dtype)
 
 
 def test_adapter_folder_must_hold_an_adapter(tmp_path, smol_student):
@@ -61,3 +61,9 @@ def test_teacher_dtype_auto_and_explicit():
     assert models.teacher_dtype(ModelConfig(teacher_dtype="bfloat16")) == torch.bfloat16
     expected = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     assert models.teacher_dtype(ModelConfig()) == expected
+
+
+def test_hub_ids_with_dots_are_hub_ids_not_folders():
+    assert models.resolve("meta-llama/Llama-3.1-8B-Instruct") == "meta-llama/Llama-3.1-8B-Instruct"
+    with pytest.raises(LlmkdError, match="model folder not found"):
+        models.resolve("a/b/c")

@@ -1,0 +1,284 @@
+"""Stage 2 trainer: the real SmolLM2 NF4 student on a 4-example transfer set built by the real builder.
+
+The transfer set holds 4 short GSM8K train questions (136-150 tokens, prompt + gold solution: the
+shortest window of 4 in the split) so that a training step takes about a second on 2 CPU cores.
+The student computes in fp32 here (model.compute_dtype=float32): CPUs without AVX512-BF16 run bf16
+matmuls tens of times slower than fp32, and nothing these tests check depends on the dtype.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llmkd import train as T
+from llmkd.config import load_recipe
+from llmkd.errors import LlmkdError
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = [
+    "transfer_set.start=746", "transfer_set.count=4", "transfer_set.batch_size=4",
+    "model.compute_dtype=float32",
+    "train.batch_size=2", "train.max_steps=4", "train.checkpoint_every=1",
+    "train.optimizer=adamw", "train.lr=1e-3", "train.warmup_steps=1", "train.schedule=cosine",
+]
+CURVE_KEYS = ("step", "epoch", "loss", "ce", "kl", "lr", "grad_norm", "tokens", "input_tokens")
+
+
+@pytest.fixture(scope="module")
+def transfer_set(tmp_path_factory, smol_tokenizer):
+    from llmkd.transfer_set import build
+
+    out = tmp_path_factory.mktemp("transfer-set") / "set"
+    build(load_recipe("recipes/smollm2-cpu.yaml", SMALL), out=out, progress=False, tokenizer=smol_tokenizer)
+    return out
+
+
+def small_overrides(transfer_set, out, *extra) -> list[str]:
+    return [*SMALL, f"transfer_set.out={transfer_set}", f"train.out={out}", *extra]
+
+
+def small_recipe(transfer_set, out, *extra):
+    return load_recipe("recipes/smollm2-cpu.yaml", small_overrides(transfer_set, out, *extra))
+
+
+def curve(out: Path) -> list[tuple]:
+    rows = [json.loads(line) for line in (out / T.METRICS_FILE).read_text().splitlines()]
+    return [tuple(r[k] for k in CURVE_KEYS) for r in rows]
+
+
+def adapter_tensors(folder: Path) -> dict:
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def session(transfer_set, tmp_path_factory):
+    """A set-up (not yet trained) student with LoRA dropout 0.1."""
+    s = T.setup(small_recipe(transfer_set, tmp_path_factory.mktemp("session") / "run", "lora.dropout=0.1"),
+                progress=False)
+    yield s
+    s.accelerator.end_training()
+
+
+# --- Set-up -------------------------------------------------------------------------------------
+
+
+def test_lora_dropout_is_active_in_training(session):
+    dropouts = [m for n, m in session.model.named_modules() if n.endswith("lora_dropout.default")]
+    assert len(dropouts) == 30 * 7  # every targeted module of every layer
+    assert all(isinstance(m, torch.nn.Dropout) and m.p == 0.1 and m.training for m in dropouts)
+    batch = T.collate(session.data.rows([0]), session.tokenizer.pad_token_id)
+    with torch.no_grad():
+        # LoRA B starts at zero, so dropout cannot show in the logits yet: give B a value first.
+        lora_b = [p for n, p in session.model.named_parameters() if "lora_B" in n]
+        saved = [p.clone() for p in lora_b]
+        for p in lora_b:
+            p.normal_(0, 0.02, generator=torch.Generator().manual_seed(0))
+        try:
+            losses = [T.loss_step(session.model, batch, session.recipe.train.loss, 1).loss for _ in range(2)]
+            session.model.eval()
+            frozen = [T.loss_step(session.model, batch, session.recipe.train.loss, 1).loss for _ in range(2)]
+        finally:
+            session.model.train()
+            for p, v in zip(lora_b, saved):
+                p.copy_(v)
+    assert losses[0] != losses[1]  # different dropout masks
+    assert frozen[0] == frozen[1]
+
+
+def test_dry_run_lora_count_matches_peft(session):
+    plan = T.plan_model(session.recipe)
+    assert plan.lora_params == sum(p.numel() for p in session.params) == 4_884_480
+
+
+def test_gradient_accumulation_matches_one_big_batch(session):
+    """batch_size 2 x grad_accum 1 and batch_size 1 x grad_accum 2 give the same gradient and loss."""
+    s, pad = session, session.tokenizer.pad_token_id
+    a, b = s.data.rows([0]), s.data.rows([3])
+    tokens = int(s.data.response_lengths[[0, 3]].sum())
+    assert s.data.response_lengths[0] != s.data.response_lengths[3]  # a per-micro-batch mean would differ
+
+    def gradient(batches):
+        s.model.zero_grad(set_to_none=True)
+        totals = T.accumulate_gradients(s.model, batches, s.recipe.train.loss, tokens, accelerator=s.accelerator)
+        return totals, torch.cat([p.grad.flatten() for p in s.params])
+
+    s.model.eval()  # dropout off: both paths must see the same function
+    try:
+        big_loss, big = gradient([T.collate(a + b, pad)])
+        acc_loss, acc = gradient([T.collate(a, pad), T.collate(b, pad)])
+    finally:
+        s.model.zero_grad(set_to_none=True)
+        s.model.train()
+    assert big.norm() > 0
+    torch.testing.assert_close(acc_loss, big_loss, rtol=1e-4, atol=1e-6)
+    assert (acc - big).norm() / big.norm() < 1e-4
+
+
+# --- Training runs --------------------------------------------------------------------------------
+
+
+def test_training_reduces_the_loss_and_the_adapter_loads_with_plain_peft(transfer_set, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from llmkd import models
+
+    # batch_size 4 = the whole set: every step sees the same batch.
+    recipe = small_recipe(transfer_set, tmp_path / "run", "train.batch_size=4", "train.max_steps=3",
+                          "train.warmup_steps=0", "train.schedule=constant", "train.lr=1e-3")
+    s = T.setup(recipe, progress=False)
+    try:
+        result = T.fit(s)
+    finally:
+        s.accelerator.end_training()
+    losses = [row[2] for row in curve(tmp_path / "run")]
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert result.steps == 3 and result.final_loss == losses[-1]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-000002", "step-000003"]
+
+    # The adapter, on a freshly quantised base, with transformers + peft only.
+    base = AutoModelForCausalLM.from_pretrained(
+        models.resolve(recipe.model.name), dtype=torch.float32, device_map={"": "cpu"},
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32),
+    )
+    reloaded = PeftModel.from_pretrained(base, str(result.adapter)).eval()
+    batch = T.collate(s.data.rows([0, 1]), s.tokenizer.pad_token_id)
+    inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=batch.predict)
+    with torch.no_grad():
+        trained = s.model.eval()(**inputs).logits
+        again = reloaded(**inputs).logits
+        with reloaded.disable_adapter():
+            untrained = reloaded(**inputs).logits
+    change = (trained - untrained).abs().max()
+    assert change > 0.1  # the adapter matters...
+    torch.testing.assert_close(again, trained, rtol=0, atol=1e-4)  # ...and is reproduced
+
+
+def test_resume_after_sigkill_equals_an_uninterrupted_run(transfer_set, tmp_path):
+    # 3 steps of 2 examples: step 3 starts the second epoch. Dropout on: the RNG must be restored too.
+    extra = ["lora.dropout=0.1", "train.max_steps=3"]
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    T.train(small_recipe(transfer_set, whole, *extra), progress=False)
+
+    # The same run as a script, killed once its first checkpoint is complete (step 2 still running).
+    cmd = [sys.executable, "llmkd/train.py", "recipes/smollm2-cpu.yaml", *small_overrides(transfer_set, broken, *extra)]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the script path finds llmkd itself
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    marker = broken / "checkpoints" / "step-000001" / T.COMPLETE
+    deadline = time.monotonic() + 240
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (broken / T.ADAPTER_DIR).exists()
+
+    # A crash mid-save leaves folders without COMPLETE: they must not count.
+    ckpts = broken / "checkpoints"
+    fake = ckpts / "step-000003"
+    fake.mkdir()
+    (fake / "state.json").write_text("{}")
+    (ckpts / ".tmp-step-000004").mkdir()
+
+    with pytest.raises(LlmkdError, match="use --resume"):
+        T.setup(small_recipe(transfer_set, broken, *extra))
+    result = T.train(small_recipe(transfer_set, broken, *extra), resume=True, progress=False)
+    assert result.resumed_from is not None and result.resumed_from.name in ("step-000001", "step-000002")
+    assert result.steps == 3 and result.steps_this_run == 3 - int(result.resumed_from.name[-6:])
+
+    assert curve(broken) == curve(whole)  # bitwise: floats compared with ==
+    a, b = adapter_tensors(whole / T.ADAPTER_DIR), adapter_tensors(broken / T.ADAPTER_DIR)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-000002", "step-000003"]  # the last 2
+    assert (ckpts / "step-000003" / T.COMPLETE).is_file()  # the fake was replaced by a real one
+
+    # A training setting that differs from the checkpoint's is refused, naming the key.
+    with pytest.raises(LlmkdError, match=r"train\.lr was 0\.001, now 0\.002"):
+        T.setup(small_recipe(transfer_set, broken, *extra, "train.lr=2e-3"), resume=True)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(transfer_set, tmp_path, monkeypatch, capsys):
+    real, calls = T.sparse_kd_loss, []
+
+    def poisoned(*args, **kwargs):  # NaN from the second optimizer step on (one micro-batch per step)
+        terms = real(*args, **kwargs)
+        calls.append(1)
+        return terms if len(calls) < 2 else T.KDTerms(terms.loss * float("nan"), terms.ce, terms.kl)
+
+    monkeypatch.setattr(T, "sparse_kd_loss", poisoned)
+    out = tmp_path / "run"
+    code = T.main(["recipes/smollm2-cpu.yaml", *small_overrides(transfer_set, out, "train.batch_size=1", "train.max_steps=3")])
+    err = capsys.readouterr().err.strip()
+    assert code == 1
+    assert err.count("\n") == 0 and "non-finite loss nan at step 2" in err and "step-000001 (intact)" in err, err
+    kept = out / "checkpoints" / "step-000001"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000001"]
+    assert (kept / T.COMPLETE).is_file() and json.loads((kept / "state.json").read_text())["step"] == 1
+    assert all(torch.isfinite(t).all() for t in adapter_tensors(kept).values())
+    assert [row[0] for row in curve(out)] == [1]
+    assert not (out / T.ADAPTER_DIR).exists()
+
+
+# --- Command line ---------------------------------------------------------------------------------
+
+
+def test_dry_run_of_the_reference_recipe_works_offline(capsys):
+    assert T.main(["recipes/gsm8k.yaml", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "built-in table (hub unreachable" in out
+    assert "hidden 4096, 32 layers, intermediate 14336, 32 heads (8 KV, head dim 128), vocab 128,256" in out
+    assert "parameters 8,030,261,248" in out and "10,485,760 trainable parameters" in out
+    assert "memory estimate" in out and "| total |" in out
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["recipes/gsm8k.yaml", "train.lrr=1", "--dry-run"], "unknown key 'train.lrr'"),
+    (["recipes/smollm2-cpu.yaml", "transfer_set.out=/nonexistent/set"], "llmkd build-transfer-set"),
+])
+def test_user_mistakes_are_one_line_and_exit_2(args, needle, capsys):
+    assert T.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and needle in err, err
+
+
+def test_an_out_folder_with_checkpoints_needs_resume(tmp_path, capsys):
+    (tmp_path / "checkpoints" / "step-000020").mkdir(parents=True)
+    assert T.main(["recipes/smollm2-cpu.yaml", f"train.out={tmp_path}"]) == 2
+    assert "use --resume, or another train.out" in capsys.readouterr().err
+
+
+def test_two_ranks_equal_one_process_accumulating_their_batches(transfer_set, tmp_path):
+    """accelerate launch --multi_gpu --num_processes 2 (two gloo ranks on CPU), batch 1 each, against one
+    process with batch 1 x grad_accum 2: the same examples per step, the same token normalisation."""
+    import socket
+
+    with socket.socket() as sock:  # a free port: other jobs on the machine may use accelerate's default
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ranks, single = tmp_path / "ranks", tmp_path / "single"
+    extra = ["train.batch_size=1", "train.max_steps=2"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+           "llmkd/train.py", "recipes/smollm2-cpu.yaml", *small_overrides(transfer_set, ranks, *extra)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es) on cpu" in proc.stdout and "effective batch 1 x 1 x 2 = 2" in proc.stdout, proc.stdout
+    assert (ranks / "checkpoints" / "step-000002" / "rng-rank1.pt").is_file()
+
+    T.train(small_recipe(transfer_set, single, *extra, "train.grad_accum=2"), progress=False)
+    for a, b in zip(curve(ranks), curve(single), strict=True):
+        assert a[:2] == b[:2] and a[-2:] == b[-2:]  # step, epoch, tokens
+        assert a[2:-2] == pytest.approx(b[2:-2], rel=1e-6)  # loss, ce, kl, lr, grad_norm
+    x, y = adapter_tensors(ranks / T.ADAPTER_DIR), adapter_tensors(single / T.ADAPTER_DIR)
+    assert x.keys() == y.keys()
+    for k in x:
+        torch.testing.assert_close(x[k], y[k], rtol=1e-5, atol=1e-7)
