@@ -70,7 +70,7 @@ def _embedded_gguf() -> Path:
     raise LlmkdError(f"{_EMBEDDED_WHEEL} is installed but holds no {_EMBEDDED_GGUF}")
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -85,7 +85,8 @@ def embedded_model_dir() -> Path:
     so a crash mid-write never leaves a folder that looks usable, and concurrent ranks don't clash.
     """
     gguf = _embedded_gguf()
-    target = cache_root() / "models" / f"{EMBEDDED_ALIAS}-{_sha256(gguf)[:12]}"
+    digest = sha256_file(gguf)
+    target = cache_root() / "models" / f"{EMBEDDED_ALIAS}-{digest[:12]}"
     if (target / _COMPLETE_MARKER).exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -93,7 +94,7 @@ def embedded_model_dir() -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     log.info("converting the embedded GGUF %s to %s (once)", gguf.name, target)
     _convert_gguf(gguf, tmp)
-    (tmp / _COMPLETE_MARKER).write_text(json.dumps({"gguf": gguf.name, "sha256": _sha256(gguf)}))
+    (tmp / _COMPLETE_MARKER).write_text(json.dumps({"gguf": gguf.name, "sha256": digest}))
     try:
         os.rename(tmp, target)
     except OSError:  # another process finished first, or an incomplete leftover is in the way

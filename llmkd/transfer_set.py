@@ -364,7 +364,7 @@ def _check_file(path: Path, size: int, sha256: str) -> None:
     actual = path.stat().st_size
     if actual != size:
         raise LlmkdError(f"{path}: {actual} bytes, the manifest says {size} (truncated or replaced)")
-    if _sha256_file(path) != sha256:
+    if models.sha256_file(path) != sha256:
         raise LlmkdError(f"{path}: sha256 differs from the manifest (corrupted)")
 
 
@@ -389,14 +389,6 @@ def summary_lines(manifest: Manifest) -> list[str]:
 
 def _sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def tokenizer_sha256(tokenizer) -> str:
@@ -431,7 +423,7 @@ def _file_digest(path: Path) -> str:
     real = path.resolve()
     if path.is_symlink() and _HEX64.fullmatch(real.name):
         return real.name
-    return _sha256_file(real)
+    return models.sha256_file(real)
 
 
 def teacher_identity(cfg) -> dict:
@@ -792,7 +784,7 @@ def _build_shard(job: _Job, index: int, rows: Sequence[dict]) -> dict:
     _write_parquet_atomic(path, columns, k)
     record = asdict(ShardEntry(
         file=_shard_name(index), examples=len(rows), response_tokens=int(masses.numel()),
-        bytes=path.stat().st_size, sha256=_sha256_file(path),
+        bytes=path.stat().st_size, sha256=models.sha256_file(path),
         mean_topk_mass=float(masses.double().mean()), seconds=round(time.perf_counter() - t0, 3),
     ))
     atomic.write_json(_progress_path(job.out, index), record)

@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from llmkd import models
 from llmkd import transfer_set as T
 from llmkd.config import load_recipe
 from llmkd.data import prompts
@@ -271,7 +272,7 @@ def test_verify_detects_non_finite_logprobs(gold_copy):
     columns["topk_logprobs"][1][3][0] = float("nan")
     T._write_parquet_atomic(shard, columns, gold_copy.manifest.settings.top_k)
     manifest = json.loads((gold_copy.path / "manifest.json").read_text())
-    manifest["shards"][0].update(bytes=shard.stat().st_size, sha256=T._sha256_file(shard))
+    manifest["shards"][0].update(bytes=shard.stat().st_size, sha256=models.sha256_file(shard))
     (gold_copy.path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(LlmkdError, match=r"shard-00000\.parquet: non-finite"):
         T.TransferSet.open(gold_copy.path).verify()
