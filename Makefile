@@ -26,7 +26,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: setup
-	$(BIN)/llmkd eval $(RECIPE) --shots 8 --fidelity
+	$(BIN)/llmkd run $(RECIPE)
+
+bench: setup
+	$(BIN)/python benchmarks/run_all.py
 
 test: setup
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest

@@ -11,10 +11,27 @@ from pathlib import Path
 from typing import Any, Iterable
 
 
+def temporary_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def is_temporary(path: Path) -> bool:
+    """A write that never finished (its process was killed before the rename)."""
+    return path.name.startswith(".") and ".tmp-" in path.name
+
+
+def remove_temporaries(folder: Path, recursive: bool = False) -> None:
+    """Delete leftovers of killed writes under `folder` (never a complete file)."""
+    folder = Path(folder)
+    if folder.is_dir():
+        for tmp in (folder.rglob if recursive else folder.glob)(".*.tmp-*"):
+            tmp.unlink(missing_ok=True)
+
+
 def write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temporary_name(path)
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()

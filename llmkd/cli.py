@@ -215,6 +215,9 @@ def run_command(name: str, command: Callable, args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Idle OpenMP threads sleep instead of spinning: with any other load on the cores, spinning
+    # threads stall torch 20-30x here. Read when torch first runs a parallel region, i.e. later.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = parse_with_overrides(make_parser(), argv)
     return run_command(args.command, COMMANDS[args.command][2], args)
 

@@ -49,6 +49,8 @@ class ModelConfig(Section):
     """Quantise the quantisation constants too (QLoRA's double quantisation)."""
     compute_dtype: DType = "bfloat16"
     """dtype the 4-bit student computes in."""
+    quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = "uint8"
+    """dtype the packed 4-bit weights are stored in. FSDP shards only floating-point tensors: with FSDP use bfloat16."""
 
 
 class DataConfig(Section):
@@ -120,6 +122,8 @@ class TrainConfig(Section):
     """Examples per micro-batch, per process."""
     grad_accum: int = Field(1, gt=0)
     """Micro-batches per optimizer step. Effective batch = batch_size * grad_accum * processes."""
+    group_by_length: bool = True
+    """Batch examples of similar length (sorted within windows of 16 steps' examples, those batches then shuffled): less padding."""
     optimizer: Literal["sgd", "adamw"] = "adamw"
     """sgd (with momentum, the reference study) or adamw."""
     lr: float = Field(1e-3, gt=0)

@@ -175,20 +175,25 @@ def prompt_format(tokenizer, shots_exemplars: Sequence[dict]) -> dict:
     }
 
 
+FIDELITY_BATCH = 16  # teacher-forced batches: bigger ones only add padding and (N, V) logits memory
+
+
 def fidelity_batches(tokenizer, questions, batch_size: int):
-    """Right-padded (input_ids, attention_mask, response_mask) batches of 0-shot prompt + gold solution."""
-    rows = list(questions)
-    for b in range(0, len(rows), batch_size):
-        pairs = []
-        for r in rows[b : b + batch_size]:
-            prompt = prompts.render_prompt(tokenizer, r["question"])
-            response = prompts.render_response(tokenizer, r["question"], prompts.assistant_turn(r["answer"]))
-            pairs.append(prompts.tokenize_example(tokenizer, prompt, response))
-        width = max(len(ids) for ids, _ in pairs)
-        pad = tokenizer.pad_token_id
-        input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in pairs])
-        attention = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in pairs])
-        response = torch.tensor([m + [0] * (width - len(m)) for _, m in pairs])
+    """Right-padded (input_ids, attention_mask, response_mask) batches of 0-shot prompt + gold solution,
+    sorted by length so that little is padding (the metrics are sums: order does not matter)."""
+    pairs = []
+    for r in questions:
+        prompt = prompts.render_prompt(tokenizer, r["question"])
+        response = prompts.render_response(tokenizer, r["question"], prompts.assistant_turn(r["answer"]))
+        pairs.append(prompts.tokenize_example(tokenizer, prompt, response))
+    pairs.sort(key=lambda p: len(p[0]))
+    pad = tokenizer.pad_token_id
+    for b in range(0, len(pairs), batch_size):
+        chunk = pairs[b : b + batch_size]
+        width = max(len(ids) for ids, _ in chunk)
+        input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in chunk])
+        attention = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in chunk])
+        response = torch.tensor([m + [0] * (width - len(m)) for _, m in chunk])
         yield input_ids, attention, response
 
 
@@ -199,11 +204,14 @@ def score_fidelity(teacher, student, tokenizer, questions, *, tag: str, batch_si
     batches = list(fidelity_batches(tokenizer, questions, batch_size))
     for input_ids, attention, response in tqdm(batches, desc=f"fidelity {tag}", disable=not progress):
         input_ids, attention = input_ids.to(device), attention.to(device)
-        t_logits = teacher(input_ids=input_ids, attention_mask=attention).logits[:, :-1]
-        s_logits = student(input_ids=input_ids, attention_mask=attention).logits[:, :-1]
-        # Position t predicts token t+1: score the positions whose next token is a response token.
-        mask = response[:, 1:].to(device).bool()
-        k, a, n = dense_kd_metrics(t_logits.flatten(0, 1), s_logits.flatten(0, 1), mask.flatten())
+        # Position t predicts token t+1: only the positions whose next token is a response token go
+        # through the lm_head (boolean logits_to_keep), giving (N, V) logits in row-major order.
+        keep = torch.zeros_like(attention, dtype=torch.bool)
+        keep[:, :-1] = response[:, 1:].to(device).bool()
+        t_logits = teacher(input_ids=input_ids, attention_mask=attention, logits_to_keep=keep).logits
+        s_logits = student(input_ids=input_ids, attention_mask=attention, logits_to_keep=keep).logits
+        mask = torch.ones(t_logits.shape[0], dtype=torch.bool, device=device)
+        k, a, n = dense_kd_metrics(t_logits, s_logits, mask)
         kl_sum, agree, tokens = kl_sum + float(k), agree + int(a), tokens + int(n)
     return Fidelity(tag=tag, questions=len(questions), tokens=tokens, kl=kl_sum / max(tokens, 1),
                     top1_agreement=agree / max(tokens, 1))
@@ -225,6 +233,7 @@ def run_eval(
     when fidelity is asked for.
     """
     out_dir = Path(out_dir or recipe.run_dir / "eval")
+    atomic.remove_temporaries(out_dir, recursive=True)  # a killed earlier run's unfinished writes
     backend = backend or recipe.eval.backend
     questions = eval_questions(recipe, limit)
     overlap = contamination(recipe, questions)
@@ -245,7 +254,8 @@ def run_eval(
             if teacher is None:
                 teacher = models.load_teacher(recipe.model)
             run.fidelity.append(score_fidelity(teacher, model, tokenizer, held_out, tag=tag,
-                                               batch_size=recipe.eval.batch_size, progress=progress))
+                                               batch_size=min(recipe.eval.batch_size, FIDELITY_BATCH),
+                                               progress=progress))
         if model is not teacher or held_out is None:
             if model is teacher:
                 teacher = None

@@ -1,18 +1,22 @@
 """Batched greedy (or seeded sampled) generation with stop strings: the evaluator's and the builder's.
 
 Prompts are sorted by length so each batch pads little, left-padded (decoder-only models continue
-from the right edge), generated with the KV cache, and returned in the caller's order. A completion
-is cut at the first stop string; `tokens` counts the generated tokens that were kept.
+from the right edge), generated with the KV cache, and returned in the caller's order. A token prefix
+common to all prompts (k-shot exemplars) is computed once and shared (`llmkd.shared_prefix`). A
+completion is cut at the first stop string; `tokens` counts the generated tokens that were kept.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
+
+from llmkd import shared_prefix
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,7 @@ def generate(
     seed: int = 0,
     desc: str = "generating",
     progress: bool = True,
+    share_prefix: bool = True,
 ) -> tuple[list[Completion], GenerationStats]:
     from transformers import GenerationConfig
 
@@ -65,30 +70,38 @@ def generate(
         pad_token_id=tokenizer.pad_token_id,
         stop_strings=list(stop_strings) or None,
     )
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    # Chat templates already carry their special tokens; don't add a second BOS.
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    prefix_len = shared_prefix.common_prefix_length(ids) if share_prefix else 0
+    if prefix_len < shared_prefix.MIN_PREFIX_TOKENS or not shared_prefix.supported(model):
+        prefix_len = 0
+    order = sorted(range(len(prompts)), key=lambda i: -len(ids[i]))
     results: list[Completion | None] = [None] * len(prompts)
-    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     device = next(model.parameters()).device
     start, total = time.perf_counter(), 0
     bar = tqdm(total=len(prompts), desc=desc, unit="q", disable=not progress)
-    try:
-        for b in range(0, len(order), batch_size):
-            idx = order[b : b + batch_size]
-            # Chat templates already carry their special tokens; don't add a second BOS.
-            enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
-            enc = {k: v.to(device) for k, v in enc.items()}
-            if do_sample:  # one seed per batch position in the sorted order: reproducible whatever else runs
-                torch.manual_seed(seed + b)
-            out = model.generate(**enc, generation_config=config, tokenizer=tokenizer)
-            new = out[:, enc["input_ids"].shape[1] :].tolist()
-            for i, ids in zip(idx, new):
-                results[i] = _finish(ids, tokenizer, eos_ids, stop_strings)
-                total += results[i].tokens
-            bar.update(len(idx))
-            bar.set_postfix(tok_s=f"{total / (time.perf_counter() - start):.0f}")
-    finally:
-        tokenizer.padding_side = padding_side
-        bar.close()
+    with shared_prefix.shared_prefix(model, ids[0][:prefix_len]) if prefix_len else contextlib.nullcontext():
+        try:
+            for b in range(0, len(order), batch_size):
+                idx = order[b : b + batch_size]
+                rows = [ids[i][prefix_len:] for i in idx]
+                width = max(map(len, rows))
+                input_ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
+                mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+                extra = {"position_ids": shared_prefix.position_ids(mask, prefix_len)} if prefix_len else {}
+                if do_sample:  # one seed per batch position in the sorted order: reproducible whatever else runs
+                    torch.manual_seed(seed + b)
+                out = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config,
+                                     tokenizer=tokenizer, **extra)
+                new = out[:, width:].tolist()
+                for i, row in zip(idx, new):
+                    results[i] = _finish(row, tokenizer, eos_ids, stop_strings)
+                    total += results[i].tokens
+                bar.update(len(idx))
+                bar.set_postfix(tok_s=f"{total / (time.perf_counter() - start):.0f}")
+        finally:
+            bar.close()
     return results, GenerationStats(time.perf_counter() - start, total)
 
 

@@ -161,10 +161,20 @@ def quantization_config(cfg: ModelConfig):
         bnb_4bit_quant_type=cfg.quant_type,
         bnb_4bit_use_double_quant=cfg.double_quant,
         bnb_4bit_compute_dtype=getattr(torch, cfg.compute_dtype),
+        bnb_4bit_quant_storage=getattr(torch, cfg.quant_storage),
     )
 
 
-def _load(cfg: ModelConfig, **kwargs):
+def device_map(dev: torch.device) -> dict | None:
+    """The whole model on this process's device, unless FSDP or DeepSpeed ZeRO-3 shards it: they place
+    the weights themselves and refuse a model that is already placed."""
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+    zero3 = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
+    return None if fsdp or zero3 else {"": str(dev)}
+
+
+def load_pretrained(cfg: ModelConfig, **kwargs):
+    """`from_pretrained` on the resolved reference; an unreachable hub id is a one-line error."""
     from transformers import AutoModelForCausalLM
 
     path = resolve(cfg.name)
@@ -179,13 +189,13 @@ def _load(cfg: ModelConfig, **kwargs):
 
 def load_teacher(cfg: ModelConfig):
     """The 16-bit (or fp32 on CPU) teacher, in eval mode, on the default device."""
-    model = _load(cfg, dtype=teacher_dtype(cfg), device_map={"": str(device())})
+    model = load_pretrained(cfg, dtype=teacher_dtype(cfg), device_map={"": str(device())})
     return model.eval()
 
 
 def load_student(cfg: ModelConfig, adapter: str | Path | None = None):
     """The NF4 student for inference: quantised on load, with `adapter` (a saved LoRA) on top if given."""
-    model = _load(
+    model = load_pretrained(
         cfg,
         quantization_config=quantization_config(cfg),
         dtype=getattr(torch, cfg.compute_dtype),

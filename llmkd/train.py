@@ -19,7 +19,11 @@ token go through the lm_head (transformers' boolean `logits_to_keep`), giving st
 aligned row for row with labels (N,) and the teacher's top-k rows (N, K).
 
 Data order: epoch e visits the examples in `np.random.default_rng([train.seed, e]).permutation(n)`.
-An optimizer step takes the next `batch_size * grad_accum * processes` examples of that order (the
+With `train.group_by_length` that order is cut into windows of 16 effective batches, each window
+sorted by example length, cut into effective batches, and those batches shuffled (seeded by seed and
+epoch): similar lengths share a batch, so right padding wastes little (23% of the tokens of random
+batches of 4 on the CPU recipe's set; under 3% grouped). An optimizer step takes the next
+`batch_size * grad_accum * processes` examples of that order (the
 effective batch): rank r gets its own contiguous share, `grad_accum` micro-batches of `batch_size`.
 Examples left over at the end of an epoch (fewer than one effective batch) are skipped in that epoch
 (another permutation next epoch). Nothing of this is state: a step's batches are a function of
@@ -97,6 +101,9 @@ CHECKPOINT_DIR = "checkpoints"
 ADAPTER_DIR = "adapter"
 METRICS_FILE = "metrics.jsonl"
 TRACKER_NAME = "tensorboard"
+SUMMARY_FILE = "summary.json"
+GROUP_WINDOW_STEPS = 16  # train.group_by_length sorts within windows of this many effective batches
+RUN_ENTRIES = {CHECKPOINT_DIR, ADAPTER_DIR, METRICS_FILE, TRACKER_NAME, SUMMARY_FILE}  # what a run writes in train.out
 
 # Settings that may change between a checkpoint and its resume: where things go, how often
 # checkpoints are written, and gradient checkpointing (recomputes the same forward, same values).
@@ -176,6 +183,7 @@ class DataPlan:
     grad_accum: int
     processes: int
     seed: int
+    lengths: tuple[int, ...] | None = None  # per-example tokens: group batches by length
 
     @property
     def effective_batch(self) -> int:
@@ -186,7 +194,20 @@ class DataPlan:
         return self.examples // self.effective_batch
 
     def order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.examples)
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.examples)
+        if self.lengths is None:
+            return order
+        g = self.effective_batch
+        used = len(order) - len(order) % g  # the leftover is skipped this epoch either way
+        lengths = np.asarray(self.lengths)
+        shuffle = np.random.default_rng([self.seed, epoch, 1])
+        grouped = []
+        for w in range(0, used, GROUP_WINDOW_STEPS * g):
+            window = order[w : min(w + GROUP_WINDOW_STEPS * g, used)]
+            window = window[np.argsort(lengths[window], kind="stable")]
+            batches = window.reshape(-1, g)
+            grouped.append(batches[shuffle.permutation(len(batches))].reshape(-1))
+        return np.concatenate([*grouped, order[used:]])
 
     def step_examples(self, step: int) -> np.ndarray:
         """(processes, grad_accum, batch_size) example indices of optimizer step `step` (0-based)."""
@@ -247,20 +268,11 @@ def open_transfer_set(recipe: Recipe, tokenizer) -> TrainingData:
 def build_student(recipe: Recipe, device: torch.device):
     """NF4 base + prepare_model_for_kbit_training + LoRA, in train mode (LoRA dropout active)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM
-
     cfg, tr = recipe.model, recipe.train
-    try:
-        base = AutoModelForCausalLM.from_pretrained(
-            models.resolve(cfg.name), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
-            quantization_config=models.quantization_config(cfg), dtype=getattr(torch, cfg.compute_dtype),
-            device_map={"": str(device)},
-        )
-    except OSError as e:
-        raise LlmkdError(
-            f"cannot load {cfg.name!r}: not a local folder and the Hugging Face hub did not serve it "
-            f"({type(e).__name__}); download it where the hub is reachable and set model.name to that folder"
-        ) from None
+    base = models.load_pretrained(
+        cfg, quantization_config=models.quantization_config(cfg), dtype=getattr(torch, cfg.compute_dtype),
+        device_map=models.device_map(device),
+    )
     base.config.use_cache = False
     # prepare_model_for_kbit_training turns gradient checkpointing on by default: only if asked.
     base = prepare_model_for_kbit_training(
@@ -379,7 +391,8 @@ def setup(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> Ses
     world = accelerator.num_processes
     tokenizer = models.load_tokenizer(recipe.model)
     data = open_transfer_set(recipe, tokenizer)
-    plan = DataPlan(len(data.input_lengths), tr.batch_size, tr.grad_accum, world, tr.seed)
+    plan = DataPlan(len(data.input_lengths), tr.batch_size, tr.grad_accum, world, tr.seed,
+                    tuple(int(n) for n in data.input_lengths) if tr.group_by_length else None)
     if plan.steps_per_epoch == 0:
         raise LlmkdError(
             f"{data.path}: {plan.examples} examples, fewer than one effective batch (train.batch_size "
@@ -516,7 +529,7 @@ def fit(s: Session) -> TrainResult:
         processes=world,
     )
     if main:
-        atomic.write_json(s.out / "summary.json", {**_jsonable(asdict(result)), "recipe": s.recipe.model_dump(),
+        atomic.write_json(s.out / SUMMARY_FILE, {**_jsonable(asdict(result)), "recipe": s.recipe.model_dump(),
                                                     **_provenance()})
         print(summary_line(result), flush=True)
     return result
@@ -632,6 +645,13 @@ def latest_checkpoint(out: Path) -> Path | None:
 def _starting_checkpoint(out: Path, resume: bool) -> Path | None:
     """The checkpoint to resume from (None: from scratch). Without --resume, a folder with
     checkpoints is refused; with --resume and no complete checkpoint, training starts from scratch."""
+    if out.exists() and not out.is_dir():
+        raise LlmkdError(f"{out}: exists and is not a folder; choose another train.out")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in RUN_ENTRIES and not atomic.is_temporary(p)) \
+        if out.is_dir() else []
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise LlmkdError(f"{out}: holds files that are not a training run's ({shown}); choose another train.out")
     folder = out / CHECKPOINT_DIR
     existing = [p for p in folder.iterdir() if _checkpoint_step(p) is not None] if folder.is_dir() else []
     if not resume:

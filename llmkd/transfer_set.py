@@ -498,6 +498,9 @@ def make_settings(recipe: Recipe, tokenizer, teacher: dict, rows: Sequence[dict]
     ts = recipe.transfer_set
     teacher_mode = ts.response == "teacher"
     sampled = teacher_mode and ts.do_sample
+    if ts.top_k >= vocab_size:
+        raise LlmkdError(f"transfer_set.top_k={ts.top_k} is not below the teacher's vocabulary ({vocab_size:,} tokens): "
+                         "the tail bucket would be empty; keep top_k well below it (64 is plenty)")
     return Settings(
         teacher_sha256=teacher["sha256"],
         teacher_dtype=str(models.teacher_dtype(recipe.model)).removeprefix("torch."),
@@ -606,8 +609,7 @@ def _finished_shard(out: Path, index: int) -> dict | None:
 def _remove_temporaries(out: Path) -> None:
     """Leftovers of a killed build: `.<name>.tmp-<pid>` files (atomic writes that never finished)."""
     for folder in (out, out / SHARD_DIR, out / PROGRESS_DIR):
-        for tmp in folder.glob(".*.tmp-*") if folder.is_dir() else ():
-            tmp.unlink(missing_ok=True)
+        atomic.remove_temporaries(folder)
 
 
 def _write_parquet_atomic(path: Path, columns: dict, k: int) -> None:

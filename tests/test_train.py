@@ -67,6 +67,32 @@ def session(transfer_set, tmp_path_factory):
     s.accelerator.end_training()
 
 
+# --- Data order -----------------------------------------------------------------------------------
+
+
+def test_grouping_by_length_keeps_each_epoch_a_permutation_and_cuts_padding():
+    import numpy as np
+
+    lengths = tuple(int(n) for n in np.random.default_rng(0).integers(100, 500, size=203))
+    plain, grouped = (T.DataPlan(203, 4, 2, 2, 7, lens) for lens in (None, lengths))
+    assert grouped.steps_per_epoch == plain.steps_per_epoch == 12
+
+    def waste(plan, epoch):
+        steps = [plan.step_examples(epoch * plan.steps_per_epoch + s) for s in range(plan.steps_per_epoch)]
+        micro = [mb for step in steps for rank in step for mb in rank]
+        real = sum(lengths[i] for mb in micro for i in mb)
+        return 1 - real / sum(len(mb) * max(lengths[i] for i in mb) for mb in micro)
+
+    for epoch in (0, 1):
+        order = grouped.order(epoch)
+        assert sorted(order.tolist()) == list(range(203))  # every example once per epoch
+        used = 203 - 203 % 16
+        assert set(order[:used].tolist()) == set(plain.order(epoch)[:used].tolist())  # same examples used
+        assert waste(grouped, epoch) < waste(plain, epoch) / 3
+    assert not np.array_equal(grouped.order(0), grouped.order(1))
+    assert np.array_equal(grouped.order(1), T.DataPlan(203, 4, 2, 2, 7, lengths).order(1))  # a function of (seed, epoch)
+
+
 # --- Set-up -------------------------------------------------------------------------------------
 
 
