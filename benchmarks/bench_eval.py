@@ -56,6 +56,9 @@ def main(argv=None) -> int:
     print(f"## Evaluation: llmkd vs lm-eval HF backend ({recipe.model.name}, {name})\n")
     print(f"Greedy, batch {args.batch_size}, up to {args.max_new_tokens} new tokens, chat template, "
           "stop strings of `llmkd.data.prompts`; tokens/s counts the tokens kept up to the stop.\n")
+    # Warm-up (first-call allocations, thread start-up), so that the variant timed first is not penalised.
+    generate(model, tokenizer, [prompts.render_prompt(tokenizer, "What is 1 + 1?")], batch_size=1,
+             max_new_tokens=8, progress=False)
     print("| shots | questions | prompt tokens | llmkd tok/s | plain generate tok/s | lm-eval tok/s "
           "| llmkd / plain | llmkd / lm-eval | same answer as llmkd (plain, lm-eval) |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---|")
