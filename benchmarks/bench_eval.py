@@ -1,6 +1,6 @@
 """Evaluation speed: llmkd's evaluator vs lm-eval's HF backend on the same questions and prompts.
 
-    python benchmarks/bench_eval.py                       # teacher, 0-shot x16 and 8-shot x8 questions
+    python benchmarks/bench_eval.py                       # teacher, 0-shot x8 and 8-shot x8 questions, 96 new tokens
     python benchmarks/bench_eval.py --student             # the NF4 student instead
 
 Both generate greedily with the same model object, batch size, stop strings and token budget:
@@ -34,10 +34,10 @@ def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default="recipes/smollm2-cpu.yaml")
     parser.add_argument("--student", action="store_true", help="time the NF4 student instead of the teacher")
-    parser.add_argument("--questions", type=int, nargs=2, default=(16, 8), metavar=("ZERO_SHOT", "EIGHT_SHOT"),
-                        help="test questions for 0-shot and 8-shot (default 16 8)")
+    parser.add_argument("--questions", type=int, nargs=2, default=(8, 8), metavar=("ZERO_SHOT", "EIGHT_SHOT"),
+                        help="test questions for 0-shot and 8-shot (default 8 8)")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--max-new-tokens", type=int, default=96)
     return parser
 
 

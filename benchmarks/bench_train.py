@@ -1,6 +1,6 @@
 """Training throughput: offline KD from the cached transfer set vs online KD with a live teacher.
 
-    python benchmarks/bench_train.py                          # recipes/smollm2-cpu.yaml, batch 4, 4 timed steps
+    python benchmarks/bench_train.py                          # recipes/smollm2-cpu.yaml, batch 4, 3 timed steps
     python benchmarks/bench_train.py --compute-dtype float32  # NF4 matmuls in fp32 (CPUs without fast bf16)
 
 Both variants train the same NF4 + LoRA student (`llmkd.train.build_student`, AdamW, clipping) on the
@@ -52,7 +52,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--transfer-set", help="transfer set folder (default: the recipe's, else one built here)")
     parser.add_argument("--limit", type=int, default=32, help="questions to build if no transfer set exists (32)")
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=4, help="timed optimizer steps (after one warm-up step)")
+    parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps (after one warm-up step)")
     parser.add_argument("--compute-dtype", choices=["bfloat16", "float16", "float32"],
                         help="override model.compute_dtype of the student")
     parser.add_argument("--seed", type=int, default=0)

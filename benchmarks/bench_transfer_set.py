@@ -1,6 +1,6 @@
 """Transfer-set builder vs a naive one-question-at-a-time cache: speed, size, top-k mass.
 
-    python benchmarks/bench_transfer_set.py                  # 32 GSM8K train questions, top-64, 128 new tokens
+    python benchmarks/bench_transfer_set.py                  # 16 GSM8K train questions, top-64, 128 new tokens
     python benchmarks/bench_transfer_set.py --questions 8    # faster
 
 Both cache the teacher's (the recipe's model, default the embedded SmolLM2-135M-Instruct) next-token
@@ -38,7 +38,7 @@ from llmkd.losses import topk_with_tail  # noqa: E402
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--questions", type=int, default=32, help="GSM8K train questions (default 32)")
+    parser.add_argument("--questions", type=int, default=16, help="GSM8K train questions (default 16)")
     parser.add_argument("--k", type=int, default=64, help="teacher top-k of the builder (default 64)")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="longest answer (default 128)")
     parser.add_argument("--batch-size", type=int, default=16, help="builder batch (default 16)")
@@ -128,8 +128,8 @@ def main(argv=None) -> int:
     ours_tps, naive_tps = t.response_tokens / ours_seconds, naive["tokens"] / naive["seconds"]
     naive_bpt = naive["bytes"] / naive["tokens"]
 
-    print(f"| cache | response tokens | seconds | tokens/s | bytes/token | top-k mass |")
-    print(f"|---|---:|---:|---:|---:|---:|")
+    print("| cache | response tokens | seconds | tokens/s | bytes/token | top-k mass |")
+    print("|---|---:|---:|---:|---:|---:|")
     print(f"| naive: generate at batch 1, full-vocab fp16 | {naive['tokens']:,} | {naive['seconds']:.1f} | "
           f"{naive_tps:.1f} | {naive_bpt:,.0f} | 1.0000 |")
     print(f"| llmkd: batched build, top-{args.k} + tail, zstd parquet | {t.response_tokens:,} | {ours_seconds:.1f} | "

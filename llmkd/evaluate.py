@@ -6,7 +6,8 @@ llmkd's own batched generation, or lm-eval's gsm8k harness fed exactly the same 
 
 Fidelity: on held-out test questions, the gold solution is teacher-forced through teacher and
 student (0-shot prompt, response tokens only); per-token KL(teacher || student) over the full
-vocabulary and top-1 agreement (`llmkd.losses.dense_kd_metrics`).
+vocabulary and top-1 agreement (`llmkd.losses.dense_kd_metrics`). The teacher's logits of a batch
+serve every student; the prompt prefix all questions share runs once per batch (`shared_prefix`).
 
 Each evaluation writes `<out>/<tag>-<shots>shot/samples.jsonl` (prompt, output, extracted, gold,
 correct) and `summary.json` (metrics, recipe, prompt format, versions, git commit).
@@ -18,6 +19,7 @@ import gc
 import logging
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -25,7 +27,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from llmkd import atomic, models
+from llmkd import atomic, models, shared_prefix
 from llmkd.config import Recipe
 from llmkd.data import answer, prompts
 from llmkd.data.gsm8k import load_gsm8k, select_range
@@ -179,8 +181,9 @@ FIDELITY_BATCH = 16  # teacher-forced batches: bigger ones only add padding and 
 
 
 def fidelity_batches(tokenizer, questions, batch_size: int):
-    """Right-padded (input_ids, attention_mask, response_mask) batches of 0-shot prompt + gold solution,
-    sorted by length so that little is padding (the metrics are sums: order does not matter)."""
+    """Right-padded (input_ids, attention_mask, keep) batches of 0-shot prompt + gold solution, sorted
+    by length so that little is padding (the metrics are sums: order does not matter). `keep` marks
+    the positions whose next token is a response token."""
     pairs = []
     for r in questions:
         prompt = prompts.render_prompt(tokenizer, r["question"])
@@ -193,28 +196,45 @@ def fidelity_batches(tokenizer, questions, batch_size: int):
         width = max(len(ids) for ids, _ in chunk)
         input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in chunk])
         attention = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in chunk])
-        response = torch.tensor([m + [0] * (width - len(m)) for _, m in chunk])
-        yield input_ids, attention, response
+        keep = torch.tensor([m[1:] + [0] * (width - len(m) + 1) for _, m in chunk], dtype=torch.bool)
+        yield input_ids, attention, keep
+
+
+def adapter_off(model, tag: str):
+    """The NF4 base student is the distilled student with its adapter disabled: one model, two tags."""
+    return model.disable_adapter() if tag == "student" and hasattr(model, "disable_adapter") else nullcontext()
 
 
 @torch.no_grad()
-def score_fidelity(teacher, student, tokenizer, questions, *, tag: str, batch_size: int = 8, progress: bool = True) -> Fidelity:
-    kl_sum, agree, tokens = 0.0, 0, 0
+def score_fidelity(teacher, student, tokenizer, questions, *, tags: Sequence[str], batch_size: int = FIDELITY_BATCH,
+                   progress: bool = True) -> list[Fidelity]:
+    """KL(teacher || model) and top-1 agreement of `student` as each of `tags` ("student": adapter off,
+    "distilled"/other: as given); the teacher's forward runs once per batch for all of them."""
+    sums = {tag: [0.0, 0] for tag in tags}  # KL sum, agreements
+    tokens = 0
     device = next(student.parameters()).device
     batches = list(fidelity_batches(tokenizer, questions, batch_size))
-    for input_ids, attention, response in tqdm(batches, desc=f"fidelity {tag}", disable=not progress):
-        input_ids, attention = input_ids.to(device), attention.to(device)
-        # Position t predicts token t+1: only the positions whose next token is a response token go
-        # through the lm_head (boolean logits_to_keep), giving (N, V) logits in row-major order.
-        keep = torch.zeros_like(attention, dtype=torch.bool)
-        keep[:, :-1] = response[:, 1:].to(device).bool()
-        t_logits = teacher(input_ids=input_ids, attention_mask=attention, logits_to_keep=keep).logits
-        s_logits = student(input_ids=input_ids, attention_mask=attention, logits_to_keep=keep).logits
+    rows = [row for input_ids, _, _ in batches for row in input_ids.tolist()]
+    first_kept = min(int(keep.float().argmax(1).min()) for _, _, keep in batches)  # a prefix keeps no logits
+    prefix = shared_prefix.usable_prefix_length(rows, teacher, limit=first_kept)
+    for input_ids, attention, keep in tqdm(batches, desc=f"fidelity {'/'.join(tags)}", disable=not progress):
+        input_ids, attention, keep = input_ids.to(device), attention.to(device), keep.to(device)
+        t_logits = _forward(teacher, input_ids, attention, keep, prefix)  # (N, V) at the response positions
         mask = torch.ones(t_logits.shape[0], dtype=torch.bool, device=device)
-        k, a, n = dense_kd_metrics(t_logits, s_logits, mask)
-        kl_sum, agree, tokens = kl_sum + float(k), agree + int(a), tokens + int(n)
-    return Fidelity(tag=tag, questions=len(questions), tokens=tokens, kl=kl_sum / max(tokens, 1),
-                    top1_agreement=agree / max(tokens, 1))
+        for tag in tags:
+            with adapter_off(student, tag):
+                k, a, n = dense_kd_metrics(t_logits, _forward(student, input_ids, attention, keep, prefix), mask)
+            sums[tag][0] += float(k)
+            sums[tag][1] += int(a)
+        tokens += int(n)
+    return [Fidelity(tag=tag, questions=len(questions), tokens=tokens, kl=kl / max(tokens, 1),
+                     top1_agreement=agree / max(tokens, 1)) for tag, (kl, agree) in sums.items()]
+
+
+def _forward(model, input_ids, attention, keep, prefix: int) -> torch.Tensor:
+    if prefix:
+        return shared_prefix.forward(model, input_ids, attention, keep, prefix).logits
+    return model(input_ids=input_ids, attention_mask=attention, logits_to_keep=keep).logits
 
 
 def fidelity_questions(recipe: Recipe):
@@ -229,8 +249,8 @@ def run_eval(
 ) -> EvalRun:
     """Score each model in `tags` ("teacher", "student", "distilled" = student + `adapter`) at each shot count.
 
-    Models are loaded one at a time, except that the teacher stays loaded while students are scored
-    when fidelity is asked for.
+    At most two models are loaded: the teacher, then one NF4 student. With an adapter, the NF4 base
+    student is that model with its adapter disabled. The teacher is kept only for fidelity.
     """
     out_dir = Path(out_dir or recipe.run_dir / "eval")
     atomic.remove_temporaries(out_dir, recursive=True)  # a killed earlier run's unfinished writes
@@ -239,28 +259,31 @@ def run_eval(
     overlap = contamination(recipe, questions)
     tokenizer = models.load_tokenizer(recipe.model)
     shot_sets = {k: exemplars(recipe, k) for k in shots}
-    held_out = fidelity_questions(recipe) if with_fidelity else None
+    students = [t for t in tags if t != "teacher"]
+    held_out = fidelity_questions(recipe) if with_fidelity and students else None
     run = EvalRun()
-    teacher = None
-    for tag in tags:
-        if tag == "teacher":
-            model = teacher = models.load_teacher(recipe.model)
-        else:
-            model = models.load_student(recipe.model, adapter=adapter if tag == "distilled" else None)
-        for k, ex in shot_sets.items():
+
+    def accuracy(model, tag):
+        for ex in shot_sets.values():
             run.accuracy.append(score_accuracy(model, tokenizer, questions, ex, tag=tag, recipe=recipe,
                                                out_dir=out_dir, backend=backend, progress=progress))
-        if held_out is not None and tag != "teacher":
-            if teacher is None:
-                teacher = models.load_teacher(recipe.model)
-            run.fidelity.append(score_fidelity(teacher, model, tokenizer, held_out, tag=tag,
-                                               batch_size=min(recipe.eval.batch_size, FIDELITY_BATCH),
-                                               progress=progress))
-        if model is not teacher or held_out is None:
-            if model is teacher:
-                teacher = None
-            del model
-            gc.collect()
+
+    teacher = models.load_teacher(recipe.model) if "teacher" in tags or held_out is not None else None
+    if "teacher" in tags:
+        accuracy(teacher, "teacher")
+    if held_out is None:
+        teacher = None
+        gc.collect()
+    if students:
+        student = models.load_student(recipe.model, adapter=adapter if "distilled" in students else None)
+        with models.dequantized_once(student):  # CPU: the NF4 weights dequantized once, not per call
+            for tag in students:
+                with adapter_off(student, tag):
+                    accuracy(student, tag)
+            if held_out is not None:
+                run.fidelity = score_fidelity(teacher, student, tokenizer, held_out, tags=students,
+                                              batch_size=min(recipe.eval.batch_size, FIDELITY_BATCH),
+                                              progress=progress)
     atomic.write_json(out_dir / "eval-summary.json", {
         "accuracy": [asdict(a) for a in run.accuracy],
         "fidelity": [asdict(f) for f in run.fidelity],

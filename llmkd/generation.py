@@ -72,9 +72,8 @@ def generate(
     )
     # Chat templates already carry their special tokens; don't add a second BOS.
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    prefix_len = shared_prefix.common_prefix_length(ids) if share_prefix else 0
-    if prefix_len < shared_prefix.MIN_PREFIX_TOKENS or not shared_prefix.supported(model):
-        prefix_len = 0
+    prefix_len = shared_prefix.usable_prefix_length(
+        ids, model, minimum=shared_prefix.MIN_GENERATION_PREFIX_TOKENS) if share_prefix else 0
     order = sorted(range(len(prompts)), key=lambda i: -len(ids[i]))
     results: list[Completion | None] = [None] * len(prompts)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]

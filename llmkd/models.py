@@ -12,6 +12,7 @@ with a saved LoRA adapter on top. Teacher and student always come from the same 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import json
@@ -217,3 +218,43 @@ def attach_adapter(model, adapter: str | Path, trainable: bool = False):
     except (RuntimeError, ValueError, KeyError) as e:  # shape or module mismatch: another base model
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LlmkdError(f"adapter {adapter} does not fit model {model.name_or_path}: {first}") from None
+
+
+DEQUANTIZE_ONCE_MAX_BYTES = 4 << 30  # a CPU-sized model; beyond this the copy costs more memory than it saves time
+
+
+@contextlib.contextmanager
+def dequantized_once(model):
+    """Within the block, each 4-bit weight of `model` on the CPU is dequantized once, not per call.
+
+    bitsandbytes' CPU matmul (without AVX512-BF16) dequantizes the NF4 weight on every forward and
+    again in backward, then runs a plain matmul: the same numbers come from dequantizing once
+    (a test checks bitwise-equal logits). It saves ~0.13 s per forward of the 135M model on 2 cores.
+    Not applied on GPUs, on CPUs where bitsandbytes runs its fused bf16 kernel, or above
+    `DEQUANTIZE_ONCE_MAX_BYTES`.
+    """
+    from bitsandbytes.functional import dequantize_4bit
+    from bitsandbytes.nn import Linear4bit
+
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit) and m.weight.device.type == "cpu"
+              and not getattr(m, "support_avx512bf16_for_cpu", False) and m.compute_dtype is not None]
+    size = sum(m.weight.quant_state.shape.numel() * m.compute_dtype.itemsize for m in layers)
+    if not layers or size > DEQUANTIZE_ONCE_MAX_BYTES:
+        yield
+        return
+    for m in layers:
+        weight = dequantize_4bit(m.weight.data, m.weight.quant_state).to(m.compute_dtype)
+        m.forward = _dense_forward(m, weight)  # an instance attribute shadows the class's forward
+    try:
+        yield
+    finally:
+        for m in layers:
+            del m.forward
+
+
+def _dense_forward(layer, weight: torch.Tensor):
+    def forward(x: torch.Tensor) -> torch.Tensor:  # Linear4bit.forward with the weight already dequantized
+        bias = None if layer.bias is None else layer.bias.to(layer.compute_dtype)
+        return torch.nn.functional.linear(x.to(layer.compute_dtype), weight, bias).to(x.dtype)
+
+    return forward

@@ -11,7 +11,9 @@ transfer set at `transfer_set.out` (`llmkd build-transfer-set`).
 Student: the base model quantised to NF4 on load (`models.quantization_config`), then
 `peft.prepare_model_for_kbit_training` (which freezes the base and upcasts the non-quantised
 parameters, embeddings, lm_head and norms, to fp32; gradient checkpointing only if the recipe asks),
-then LoRA (r, alpha, dropout, target_modules) from peft. Dropout stays as set, in train mode.
+then LoRA (r, alpha, dropout, target_modules) from peft. Dropout stays as set, in train mode. On the
+CPU the NF4 weights are dequantized once for the run, not per forward and backward
+(`models.dequantized_once`: the same numbers).
 
 Data: transfer-set row i predicts token input_ids[response_start + i] from position
 response_start + i - 1. A micro-batch is right-padded; only the positions that predict a response
@@ -472,45 +474,47 @@ def fit(s: Session) -> TrainResult:
     final_loss = None
     step = s.start_step
     try:
-        while step < s.total_steps:
-            t0 = time.perf_counter()
-            examples = plan.step_examples(step)  # (W, A, B)
-            num_tokens = int(s.data.response_lengths[examples].sum())  # the whole effective batch
-            input_tokens = int(s.data.input_lengths[examples].sum())
-            batches = [collate(s.data.rows(mb), s.tokenizer.pad_token_id).to(acc.device) for mb in examples[rank]]
-            lr = s.scheduler.get_last_lr()[0]
-            local = accumulate_gradients(s.model, batches, tr.loss, num_tokens, accelerator=acc, world_size=world)
-            loss, ce, kl = acc.reduce(local.to(acc.device), reduction="sum").cpu().tolist()
-            grad_norm = _clip(acc, s.params, tr.max_grad_norm)
-            if not math.isfinite(loss) or (tr.mixed_precision != "fp16" and not math.isfinite(grad_norm)):
-                what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
-                last = latest_checkpoint(s.out)
-                where = f"last good checkpoint {last} (intact)" if last else "no checkpoint was written yet"
-                raise TrainingDiverged(
-                    f"non-finite {what} at step {step + 1}: training stopped before the update; {where}; "
-                    "lower train.lr or check the transfer set, then train into another train.out or --resume"
-                )
-            if tr.optimizer == "sgd" and tr.weight_decay > 0:
-                _decay_(s.params, lr * tr.weight_decay)
-            s.optimizer.step()
-            s.scheduler.step()
-            s.optimizer.zero_grad(set_to_none=True)
-            step += 1
-            seconds = time.perf_counter() - t0
-            input_total += input_tokens
-            response_total += num_tokens
-            final_loss = loss
-            if main:
-                line = _metrics_line(step, step / plan.steps_per_epoch, loss, ce, kl, lr, grad_norm, num_tokens,
-                                     input_tokens, seconds, acc.device)
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(line) + "\n")
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{line['tokens_per_s']:.0f}")
-                acc.log({f"train/{k}": line[k] for k in ("loss", "ce", "kl", "lr", "grad_norm", "tokens_per_s")},
-                        step=step)
-            if step % tr.checkpoint_every == 0 or step == s.total_steps:
-                save_checkpoint(s, step)
+        with models.dequantized_once(s.model):  # CPU: the NF4 weights dequantized once, not per call
+            while step < s.total_steps:
+                t0 = time.perf_counter()
+                examples = plan.step_examples(step)  # (W, A, B)
+                num_tokens = int(s.data.response_lengths[examples].sum())  # the whole effective batch
+                input_tokens = int(s.data.input_lengths[examples].sum())
+                batches = [collate(s.data.rows(mb), s.tokenizer.pad_token_id).to(acc.device) for mb in examples[rank]]
+                lr = s.scheduler.get_last_lr()[0]
+                local = accumulate_gradients(s.model, batches, tr.loss, num_tokens, accelerator=acc,
+                                             world_size=world)
+                loss, ce, kl = acc.reduce(local.to(acc.device), reduction="sum").cpu().tolist()
+                grad_norm = _clip(acc, s.params, tr.max_grad_norm)
+                if not math.isfinite(loss) or (tr.mixed_precision != "fp16" and not math.isfinite(grad_norm)):
+                    what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
+                    last = latest_checkpoint(s.out)
+                    where = f"last good checkpoint {last} (intact)" if last else "no checkpoint was written yet"
+                    raise TrainingDiverged(
+                        f"non-finite {what} at step {step + 1}: training stopped before the update; {where}; "
+                        "lower train.lr or check the transfer set, then train into another train.out or --resume"
+                    )
+                if tr.optimizer == "sgd" and tr.weight_decay > 0:
+                    _decay_(s.params, lr * tr.weight_decay)
+                s.optimizer.step()
+                s.scheduler.step()
+                s.optimizer.zero_grad(set_to_none=True)
+                step += 1
+                seconds = time.perf_counter() - t0
+                input_total += input_tokens
+                response_total += num_tokens
+                final_loss = loss
+                if main:
+                    line = _metrics_line(step, step / plan.steps_per_epoch, loss, ce, kl, lr, grad_norm, num_tokens,
+                                         input_tokens, seconds, acc.device)
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(line) + "\n")
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{line['tokens_per_s']:.0f}")
+                    acc.log({f"train/{k}": line[k] for k in ("loss", "ce", "kl", "lr", "grad_norm", "tokens_per_s")},
+                            step=step)
+                if step % tr.checkpoint_every == 0 or step == s.total_steps:
+                    save_checkpoint(s, step)
     finally:
         bar.close()
 

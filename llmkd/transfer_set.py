@@ -110,6 +110,7 @@ import re
 import time
 from dataclasses import asdict, dataclass, fields
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -117,7 +118,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from llmkd import __version__, atomic, models
+from llmkd import __version__, atomic, models, shared_prefix
 from llmkd.config import Recipe
 from llmkd.data import prompts
 from llmkd.data.gsm8k import load_gsm8k, select_range
@@ -665,13 +666,16 @@ def _finish(ids: list[int], tokenizer, eos: set[int]) -> str:
 
 @torch.no_grad()
 def teacher_targets(teacher, sequences: Sequence[list[int]], starts: Sequence[int], k: int, *, pad_id: int,
-                    batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+                    batch_size: int, on_batch: Callable[[int, int], None] | None = None,
+                    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """`topk_with_tail` of the teacher at the positions predicting each sequence's response tokens.
 
     Returns, per sequence, (ids int64 (R, K), logprobs fp32 (R, K), tail fp32 (R,)), R = len - start.
     Batches of `batch_size` sequences, longest first, right-padded; logits are computed only at the
     response positions (transformers' boolean `logits_to_keep`), and a batch is cut into
-    micro-batches so they stay under `_LOGITS_BUDGET_BYTES`.
+    micro-batches so they stay under `_LOGITS_BUDGET_BYTES`. The prompt prefix all sequences share
+    (system turn, instruction, exemplars) is run once per micro-batch (`shared_prefix.forward`).
+    `on_batch(sequences, response tokens)` is called after each micro-batch (progress).
     """
     device = next(teacher.parameters()).device
     elem = torch.finfo(next(teacher.parameters()).dtype).bits // 8
@@ -690,6 +694,7 @@ def teacher_targets(teacher, sequences: Sequence[list[int]], starts: Sequence[in
             tokens += r
         batches.append(micro)
 
+    prefix = shared_prefix.usable_prefix_length(sequences, teacher, limit=min(starts) - 1)
     out: list = [None] * len(sequences)
     for idx in batches:
         width = max(len(sequences[i]) for i in idx)
@@ -701,9 +706,12 @@ def teacher_targets(teacher, sequences: Sequence[list[int]], starts: Sequence[in
             input_ids[row, : len(seq)] = torch.tensor(seq)
             attention[row, : len(seq)] = 1
             keep[row, starts[i] - 1 : len(seq) - 1] = True
-        logits = teacher(
-            input_ids=input_ids.to(device), attention_mask=attention.to(device), logits_to_keep=keep.to(device)
-        ).logits  # (N, V): the kept positions, row by row
+        input_ids, attention, keep = input_ids.to(device), attention.to(device), keep.to(device)
+        if prefix:
+            logits = shared_prefix.forward(teacher, input_ids, attention, keep, prefix).logits
+        else:
+            logits = teacher(input_ids=input_ids, attention_mask=attention, logits_to_keep=keep).logits
+        # logits: (N, V), the kept positions, row by row
         if logits.shape != (int(keep.sum()), vocab):
             raise RuntimeError(f"teacher ignored the boolean logits_to_keep: logits {tuple(logits.shape)}")
         ids, logprobs, tail = topk_with_tail(logits, k)  # (N, K), (N, K), (N,)
@@ -712,6 +720,8 @@ def teacher_targets(teacher, sequences: Sequence[list[int]], starts: Sequence[in
             r = len(sequences[i]) - starts[i]
             out[i] = (ids[offset : offset + r].cpu(), logprobs[offset : offset + r].cpu(), tail[offset : offset + r].cpu())
             offset += r
+        if on_batch is not None:
+            on_batch(len(idx), offset)
     return out
 
 
@@ -736,6 +746,7 @@ def _build_shard(job: _Job, index: int, rows: Sequence[dict]) -> dict:
     texts = [prompts.render_prompt(tok, r["question"], job.exemplars) for r in rows]
     sequences, starts, finishes = [None] * len(rows), [0] * len(rows), [""] * len(rows)
     targets: list = [None] * len(rows)
+    progress = partial(_advance, job.bar)  # per teacher-forward batch
     if ts.response == "teacher":
         eos = _eos_ids(teacher, tok)
         # generate's own batches (prompts longest first), one call per batch so the bar moves; the
@@ -753,18 +764,17 @@ def _build_shard(job: _Job, index: int, rows: Sequence[dict]) -> dict:
                 sequences[i], starts[i], finishes[i] = prompt_ids + c.token_ids, len(prompt_ids), _finish(c.token_ids, tok, eos)
             batch_targets = teacher_targets(
                 teacher, [sequences[i] for i in idx], [starts[i] for i in idx], k,
-                pad_id=tok.pad_token_id, batch_size=ts.batch_size,
+                pad_id=tok.pad_token_id, batch_size=ts.batch_size, on_batch=progress,
             )
             for i, t in zip(idx, batch_targets):
                 targets[i] = t
-            _advance(job.bar, len(idx), sum(len(sequences[i]) - starts[i] for i in idx))
     else:
         for i, r in enumerate(rows):
             response = prompts.render_response(tok, r["question"], prompts.assistant_turn(r["answer"]), job.exemplars)
             ids, mask = prompts.tokenize_example(tok, texts[i], response)
             sequences[i], starts[i], finishes[i] = ids, mask.index(1), "gold"
-        targets = teacher_targets(teacher, sequences, starts, k, pad_id=tok.pad_token_id, batch_size=ts.batch_size)
-        _advance(job.bar, len(rows), sum(len(s) - st for s, st in zip(sequences, starts)))
+        targets = teacher_targets(teacher, sequences, starts, k, pad_id=tok.pad_token_id, batch_size=ts.batch_size,
+                                  on_batch=progress)
 
     targets = [(ids.to(torch.int32), logprobs.to(torch.float16), tail.to(torch.float16)) for ids, logprobs, tail in targets]
     for r, (_, logprobs, tail) in zip(rows, targets):

@@ -9,17 +9,15 @@ with one line.)
 
 import json
 import os
-import random
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
+from faults import fault_seed, kill_at_random_moment, timed_run
 from llmkd import atomic, models
 from llmkd import transfer_set as TS
 from llmkd.cli import main
@@ -150,31 +148,26 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, argv, needle, bu
 
 def test_evaluation_killed_at_a_random_moment_reruns_to_the_same_result(tmp_path):
     # A fresh seed per run (printed on failure): every moment of an evaluation must be safe to die in.
-    seed = int(os.environ.get("LLMKD_FAULT_SEED", time.time_ns() % 2**32))
-    delay = random.Random(seed).uniform(4.0, 14.0)
     cmd = [sys.executable, "-m", "llmkd", "eval", RECIPE, "--teacher", "--shots", "0", "--limit", "2"]
     settings = ["eval.max_new_tokens=24", "eval.batch_size=2"]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    run = dict(cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     killed, clean = tmp_path / "killed", tmp_path / "clean"
-    proc = subprocess.Popen([*cmd, "--out", str(killed), *settings], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(delay)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    span = timed_run([*cmd, "--out", str(clean), *settings], out=clean, **run)
+    what = kill_at_random_moment([*cmd, "--out", str(killed), *settings], out=killed, span=span,
+                                 seed=fault_seed(), **run)
     # Whatever exists under its own name after the kill is complete: every JSON file parses.
     left = [p for p in killed.rglob("*") if p.is_file() and not atomic.is_temporary(p)] if killed.exists() else []
     for p in left:
         text = p.read_text()
         [json.loads(line) for line in text.splitlines()] if p.suffix == ".jsonl" else json.loads(text)
-    for out in (killed, clean):
-        done = subprocess.run([*cmd, "--out", str(out), *settings], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-2000:]
+    done = subprocess.run([*cmd, "--out", str(killed), *settings], capture_output=True, text=True, timeout=600, **run)
+    assert done.returncode == 0, f"{what}: {done.stderr[-2000:]}"
 
     def results(out: Path):
         rows = [json.loads(line) for line in (out / "teacher-0shot" / "samples.jsonl").read_text().splitlines()]
         return [(r["id"], r["output"], r["flexible"]) for r in rows]
 
-    assert results(killed) == results(clean), f"seed {seed}, killed after {delay:.1f} s"
+    assert results(killed) == results(clean), what
     # ...and the re-run cleared any unfinished write: the same files as the uninterrupted run.
     assert sorted(p.relative_to(killed) for p in killed.rglob("*")) == \
-        sorted(p.relative_to(clean) for p in clean.rglob("*")), f"seed {seed}"
+        sorted(p.relative_to(clean) for p in clean.rglob("*")), what

@@ -222,14 +222,14 @@ def test_both_backends_show_the_same_prompt_and_extract_the_same_answers(smol_re
     from llmkd.evaluate import exemplars as pick_exemplars, score_accuracy
     from llmkd.data.gsm8k import load_gsm8k, select_range
 
-    rows = select_range(load_gsm8k("test"), 0, 6)
+    rows = select_range(load_gsm8k("test"), 0, 4)
     ex = pick_exemplars(smol_recipe, 2)
-    recipe = smol_recipe.model_copy(update={"eval": smol_recipe.eval.model_copy(update={"batch_size": 6, "max_new_tokens": 64})})
+    recipe = smol_recipe.model_copy(update={"eval": smol_recipe.eval.model_copy(update={"batch_size": 4, "max_new_tokens": 48})})
     ours = score_accuracy(smol_teacher, smol_tokenizer, rows, ex, tag="ours", recipe=recipe, out_dir=tmp_path,
                           progress=False)
     theirs = score_accuracy(smol_teacher, smol_tokenizer, rows, ex, tag="lm", recipe=recipe, out_dir=tmp_path,
                             backend="lm-eval", progress=False)
-    assert (ours.backend, theirs.backend, theirs.questions) == ("llmkd", "lm-eval", 6)
+    assert (ours.backend, theirs.backend, theirs.questions) == ("llmkd", "lm-eval", 4)
     read = lambda tag: [json.loads(x) for x in (tmp_path / f"{tag}-2shot" / "samples.jsonl").read_text().splitlines()]
     a, b = read("ours"), read("lm")
     assert [x["prompt"] for x in a] == [x["prompt"] for x in b]

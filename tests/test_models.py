@@ -67,3 +67,19 @@ def test_hub_ids_with_dots_are_hub_ids_not_folders():
     assert models.resolve("meta-llama/Llama-3.1-8B-Instruct") == "meta-llama/Llama-3.1-8B-Instruct"
     with pytest.raises(LlmkdError, match="model folder not found"):
         models.resolve("a/b/c")
+
+
+def test_dequantizing_once_gives_bitwise_the_same_logits(smol_student, smol_tokenizer):
+    # bitsandbytes' CPU path dequantizes per call; reusing one dequantized copy must change nothing.
+    from bitsandbytes.nn import Linear4bit
+
+    ids = smol_tokenizer(["Natalia sold clips to 48 of her friends.", "A robe takes 2 bolts"], return_tensors="pt",
+                         padding=True)
+    with torch.no_grad():
+        per_call = smol_student(**ids).logits
+        with models.dequantized_once(smol_student):
+            layers = [m for m in smol_student.modules() if isinstance(m, Linear4bit)]
+            assert layers and all("forward" in vars(m) for m in layers)  # the dense path is what ran
+            once = smol_student(**ids).logits
+    assert torch.equal(once, per_call)
+    assert not any("forward" in vars(m) for m in layers)  # restored

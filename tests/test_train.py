@@ -8,16 +8,16 @@ matmuls tens of times slower than fp32, and nothing these tests check depends on
 
 import json
 import os
-import signal
+import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from faults import fault_seed, kill_at_random_moment, timed_run
 from llmkd import train as T
 from llmkd.config import load_recipe
 from llmkd.errors import LlmkdError
@@ -189,43 +189,40 @@ def test_training_reduces_the_loss_and_the_adapter_loads_with_plain_peft(transfe
     torch.testing.assert_close(again, trained, rtol=0, atol=1e-4)  # ...and is reproduced
 
 
-def test_resume_after_sigkill_equals_an_uninterrupted_run(transfer_set, tmp_path):
+def test_training_killed_at_a_random_moment_resumes_to_the_uninterrupted_run(transfer_set, tmp_path):
     # 3 steps of 2 examples: step 3 starts the second epoch. Dropout on: the RNG must be restored too.
     extra = ["lora.dropout=0.1", "train.max_steps=3"]
     whole, broken = tmp_path / "whole", tmp_path / "broken"
-    T.train(small_recipe(transfer_set, whole, *extra), progress=False)
 
-    # The same run as a script, killed once its first checkpoint is complete (step 2 still running).
-    cmd = [sys.executable, "llmkd/train.py", "recipes/smollm2-cpu.yaml", *small_overrides(transfer_set, broken, *extra)]
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the script path finds llmkd itself
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    marker = broken / "checkpoints" / "step-000001" / T.COMPLETE
-    deadline = time.monotonic() + 240
-    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (broken / T.ADAPTER_DIR).exists()
+    def script(out):  # the launcher's entry point, as `accelerate launch llmkd/train.py` runs it
+        return [sys.executable, "llmkd/train.py", "recipes/smollm2-cpu.yaml", *small_overrides(transfer_set, out, *extra)]
+
+    run = dict(cwd=REPO, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})  # the script finds llmkd
+    span = timed_run(script(whole), out=whole, **run)
+    what = kill_at_random_moment(script(broken), out=broken, span=span, seed=fault_seed(), **run)
+    last_complete = T.latest_checkpoint(broken)
 
     # A crash mid-save leaves folders without COMPLETE: they must not count.
     ckpts = broken / "checkpoints"
-    fake = ckpts / "step-000003"
-    fake.mkdir()
-    (fake / "state.json").write_text("{}")
+    ckpts.mkdir(parents=True, exist_ok=True)
+    if not (ckpts / "step-000003" / T.COMPLETE).exists():
+        shutil.rmtree(ckpts / "step-000003", ignore_errors=True)
+        (ckpts / "step-000003").mkdir()
+        (ckpts / "step-000003" / "state.json").write_text("{}")
     (ckpts / ".tmp-step-000004").mkdir()
 
     with pytest.raises(LlmkdError, match="use --resume"):
         T.setup(small_recipe(transfer_set, broken, *extra))
     result = T.train(small_recipe(transfer_set, broken, *extra), resume=True, progress=False)
-    assert result.resumed_from is not None and result.resumed_from.name in ("step-000001", "step-000002")
-    assert result.steps == 3 and result.steps_this_run == 3 - int(result.resumed_from.name[-6:])
+    assert result.resumed_from == last_complete, what
+    start = int(last_complete.name[-6:]) if last_complete else 0
+    assert result.steps == 3 and result.steps_this_run == 3 - start, what
 
-    assert curve(broken) == curve(whole)  # bitwise: floats compared with ==
+    assert curve(broken) == curve(whole), what  # bitwise: floats compared with ==
     a, b = adapter_tensors(whole / T.ADAPTER_DIR), adapter_tensors(broken / T.ADAPTER_DIR)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert sorted(p.name for p in ckpts.iterdir()) == ["step-000002", "step-000003"]  # the last 2
-    assert (ckpts / "step-000003" / T.COMPLETE).is_file()  # the fake was replaced by a real one
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), what
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-000002", "step-000003"], what  # the last 2
+    assert (ckpts / "step-000003" / T.COMPLETE).is_file(), what  # a fake was replaced by a real one
 
     # A training setting that differs from the checkpoint's is refused, naming the key.
     with pytest.raises(LlmkdError, match=r"train\.lr was 0\.001, now 0\.002"):

@@ -10,11 +10,9 @@ import copy
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -22,6 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from faults import fault_seed, kill_at_random_moment, timed_run
 from llmkd import models
 from llmkd import transfer_set as T
 from llmkd.config import load_recipe
@@ -199,43 +198,38 @@ def test_limit_caps_count():
 # --- Resume -----------------------------------------------------------------------------------------
 
 
-def test_killed_build_resumes_to_the_uninterrupted_result(tmp_path, smol_teacher, smol_tokenizer):
+def test_build_killed_at_a_random_moment_resumes_to_the_uninterrupted_result(tmp_path, smol_teacher, smol_tokenizer):
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     code = (
+        "import sys\n"
         "from llmkd.config import load_recipe\n"
         "from llmkd.transfer_set import build\n"
-        f"build(load_recipe({RECIPE!r}, {KILL_OVERRIDES!r}), out={str(killed)!r}, progress=False)\n"
+        f"build(load_recipe({RECIPE!r}, {KILL_OVERRIDES!r}), out=sys.argv[1], progress=False)\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, stderr=subprocess.PIPE)
-    first_record = killed / "progress" / "shard-00000.json"
-    deadline = time.monotonic() + 600
-    while not first_record.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    _, stderr = proc.communicate()
-    assert first_record.exists(), f"the build ended before its first shard: {stderr.decode()[-2000:]}"
-    assert not (killed / "manifest.json").exists(), "the build finished before it could be killed"
-    first_shard = killed / "shards" / "shard-00000.parquet"
-    inode = first_shard.stat().st_ino
-
+    run = dict(cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    span = timed_run([sys.executable, "-c", code, str(clean)], out=clean, **run)
+    what = kill_at_random_moment([sys.executable, "-c", code, str(killed)], out=killed, span=span,
+                                 seed=fault_seed(), **run)
+    assert not (killed / "manifest.json").exists(), what
     with pytest.raises(LlmkdError, match="unfinished build"):
         T.TransferSet.open(killed)
-    resumed = T.build(recipe(KILL_OVERRIDES), out=killed, progress=False, teacher=smol_teacher, tokenizer=smol_tokenizer)
-    uninterrupted = T.build(recipe(KILL_OVERRIDES), out=clean, progress=False, teacher=smol_teacher, tokenizer=smol_tokenizer)
+    # Shards recorded as finished at the kill must be kept as they are, not rebuilt.
+    finished = {p.stem: (killed / "shards" / f"{p.stem}.parquet").stat().st_ino
+                for p in (killed / "progress").glob("shard-*.json")} if (killed / "progress").is_dir() else {}
 
-    assert first_shard.stat().st_ino == inode  # the finished shard was kept, not rebuilt
+    T.build(recipe(KILL_OVERRIDES), out=killed, progress=False, teacher=smol_teacher, tokenizer=smol_tokenizer)
+    assert {name: (killed / "shards" / f"{name}.parquet").stat().st_ino for name in finished} == finished, what
     killed_files, clean_files = folder_files(killed), folder_files(clean)
     assert sorted(killed_files) == sorted(clean_files) == [
         "manifest.json", "shards/shard-00000.parquet", "shards/shard-00001.parquet", "shards/shard-00002.parquet"
-    ]  # no temporary files, no progress records, no build.json
+    ], what  # no temporary files, no progress records, no build.json
     for name in killed_files:
         if name.endswith(".parquet"):
-            assert killed_files[name] == clean_files[name], name  # byte-identical shards
-    assert content(resumed) == content(uninterrupted)
-    assert resumed.totals.examples == 6 and len(resumed.shards) == 3
-    assert resumed.totals.response_tokens == sum(s.response_tokens for s in resumed.shards) > 0
-    T.TransferSet.open(killed).verify()
+            assert killed_files[name] == clean_files[name], f"{what}: {name}"  # byte-identical shards
+    resumed, uninterrupted = T.TransferSet.open(killed), T.TransferSet.open(clean)
+    resumed.verify()
+    assert content(resumed.manifest) == content(uninterrupted.manifest), what
+    assert resumed.manifest.totals.examples == 6 and len(resumed.manifest.shards) == 3
 
 
 # --- Refusals -----------------------------------------------------------------------------------------

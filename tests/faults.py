@@ -1,0 +1,57 @@
+"""Kill a process at a random moment of its work (SIGKILL: no handler, no cleanup runs).
+
+The moment is drawn from the span of an uninterrupted run of the same command: from when its output
+folder appears (its work has begun) to its exit. Each test run draws a fresh seed, printed on
+failure; LLMKD_FAULT_SEED=<seed> replays one.
+"""
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+POLL = 0.02
+
+
+def fault_seed() -> int:
+    return int(os.environ.get("LLMKD_FAULT_SEED", time.time_ns() % 2**32))
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(POLL)
+
+
+def timed_run(cmd, *, out: Path, timeout: float = 600, **popen) -> float:
+    """Run `cmd` to its end; returns seconds from `out` appearing to the exit."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **popen)
+    _wait_for(out, proc, timeout)
+    start = time.monotonic()
+    _, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    return time.monotonic() - start
+
+
+def kill_at_random_moment(cmd, *, out: Path, span: float, seed: int, timeout: float = 600, **popen) -> str:
+    """Start `cmd` and SIGKILL it at a seeded moment within the first 90% of `span` seconds after `out`
+    appears; returns a description for assertion messages. Should this run outpace the timed one and
+    finish first, `out` is removed and the run repeated with half the delay."""
+    delay = random.Random(seed).uniform(0.0, 0.9 * span)
+    for _ in range(4):
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **popen)
+        _wait_for(out, proc, timeout)
+        deadline = time.monotonic() + delay
+        while proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(POLL)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return f"seed {seed} (LLMKD_FAULT_SEED), killed {delay:.1f} s of {span:.1f} s into the work"
+        assert proc.returncode == 0, proc.stderr.read().decode()[-2000:]
+        shutil.rmtree(out)
+        delay /= 2
+    raise AssertionError(f"seed {seed}: the process finished before every kill")
