@@ -6,15 +6,17 @@ starts with ~60 tokens of system turn and instruction. Plain batched `generate` 
 per question and keeps one copy of the prefix's KV cache per row, so both the prefill and every
 decode step (which reads the whole cache) scale with batch × prefix. Here the common token prefix is
 run once (batch 1); the model then sees only the suffixes, at positions shifted by the prefix length,
-and each attention layer combines two softmax blocks, one over the shared prefix and one over the
-row's own tokens, by their log-sum-exp. That is exact attention (the order of float sums differs
+and each attention layer attends to [shared prefix ; the row's own tokens]: one SDPA call when a row
+brings several tokens, two softmax blocks combined by their log-sum-exp in a decode step (so the
+prefix is never copied per row there). That is exact attention (the order of float sums differs
 from SDPA's, so greedy outputs can rarely flip on near-ties).
 
 Used by generation (`shared_prefix`) and by teacher-forced forwards (`forward`): the builder's
 teacher targets and the fidelity metric. Not by training: at batch 4 with a 53-token prefix the
 prefix's own small matmuls (forward and backward) cost what the rows save (measured: no gain).
-vLLM does this (automatic prefix caching); transformers does not, hence this module. It applies to decoder models whose attention goes through transformers'
-AttentionInterface with full (not sliding-window) attention; anything else runs the plain way.
+vLLM does this (automatic prefix caching); transformers does not, hence this module. It applies to
+decoder models whose attention goes through transformers' AttentionInterface with full (not
+sliding-window) attention; anything else runs the plain way.
 """
 
 from __future__ import annotations
@@ -73,8 +75,7 @@ def prefix_cache(model, prefix_ids: Sequence[int]):
     base = _transformers_model(model)
     device = next(base.parameters()).device
     out = base(input_ids=torch.tensor([list(prefix_ids)], device=device), use_cache=True, logits_to_keep=1)
-    cache = getattr(out, "cache", None) or out.past_key_values
-    return cache
+    return getattr(out, "cache", None) or out.past_key_values
 
 
 @contextlib.contextmanager
