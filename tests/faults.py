@@ -1,8 +1,9 @@
 """Kill a process at a random moment of its work (SIGKILL: no handler, no cleanup runs).
 
 The moment is drawn from the span of an uninterrupted run of the same command: from when its output
-folder appears (its work has begun) to its exit. Each test run draws a fresh seed, printed on
-failure; LLMKD_FAULT_SEED=<seed> replays one.
+folder appears (its work has begun) to its exit, or to when a `done` file appears if one is named
+(the interpreter's teardown after the last write can take seconds). Each test run draws a fresh seed,
+printed on failure; LLMKD_FAULT_SEED=<seed> replays one.
 """
 
 import os
@@ -26,20 +27,25 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float) -> None:
         time.sleep(POLL)
 
 
-def timed_run(cmd, *, out: Path, timeout: float = 600, **popen) -> float:
-    """Run `cmd` to its end; returns seconds from `out` appearing to the exit."""
+def timed_run(cmd, *, out: Path, done: Path | None = None, timeout: float = 600, **popen) -> float:
+    """Run `cmd` to its end; returns seconds from `out` appearing to `done` appearing (or to the exit)."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **popen)
     _wait_for(out, proc, timeout)
     start = time.monotonic()
+    if done is not None:
+        _wait_for(done, proc, timeout)
+    end = time.monotonic()
     _, err = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, err.decode()[-2000:]
-    return time.monotonic() - start
+    return (end if done is not None else time.monotonic()) - start
 
 
-def kill_at_random_moment(cmd, *, out: Path, span: float, seed: int, timeout: float = 600, **popen) -> str:
+def kill_at_random_moment(cmd, *, out: Path, span: float, seed: int, done: Path | None = None,
+                          timeout: float = 600, **popen) -> str:
     """Start `cmd` and SIGKILL it at a seeded moment within the first 90% of `span` seconds after `out`
     appears; returns a description for assertion messages. Should this run outpace the timed one and
-    finish first, `out` is removed and the run repeated with half the delay."""
+    finish first (exit, or `done` exists at the kill), `out` is removed and the run repeated with half
+    the delay."""
     delay = random.Random(seed).uniform(0.0, 0.9 * span)
     for _ in range(4):
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **popen)
@@ -50,8 +56,10 @@ def kill_at_random_moment(cmd, *, out: Path, span: float, seed: int, timeout: fl
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
-            return f"seed {seed} (LLMKD_FAULT_SEED), killed {delay:.1f} s of {span:.1f} s into the work"
-        assert proc.returncode == 0, proc.stderr.read().decode()[-2000:]
+            if done is None or not done.exists():
+                return f"seed {seed} (LLMKD_FAULT_SEED), killed {delay:.1f} s of {span:.1f} s into the work"
+        else:
+            assert proc.returncode == 0, proc.stderr.read().decode()[-2000:]
         shutil.rmtree(out)
         delay /= 2
     raise AssertionError(f"seed {seed}: the process finished before every kill")

@@ -207,9 +207,9 @@ def test_build_killed_at_a_random_moment_resumes_to_the_uninterrupted_result(tmp
         f"build(load_recipe({RECIPE!r}, {KILL_OVERRIDES!r}), out=sys.argv[1], progress=False)\n"
     )
     run = dict(cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
-    span = timed_run([sys.executable, "-c", code, str(clean)], out=clean, **run)
+    span = timed_run([sys.executable, "-c", code, str(clean)], out=clean, done=clean / "manifest.json", **run)
     what = kill_at_random_moment([sys.executable, "-c", code, str(killed)], out=killed, span=span,
-                                 seed=fault_seed(), **run)
+                                 done=killed / "manifest.json", seed=fault_seed(), **run)
     assert not (killed / "manifest.json").exists(), what
     with pytest.raises(LlmkdError, match="unfinished build"):
         T.TransferSet.open(killed)
