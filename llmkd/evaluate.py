@@ -184,20 +184,16 @@ def fidelity_batches(tokenizer, questions, batch_size: int):
     """Right-padded (input_ids, attention_mask, keep) batches of 0-shot prompt + gold solution, sorted
     by length so that little is padding (the metrics are sums: order does not matter). `keep` marks
     the positions whose next token is a response token."""
-    pairs = []
+    examples = []
     for r in questions:
         prompt = prompts.render_prompt(tokenizer, r["question"])
         response = prompts.render_response(tokenizer, r["question"], prompts.assistant_turn(r["answer"]))
-        pairs.append(prompts.tokenize_example(tokenizer, prompt, response))
-    pairs.sort(key=lambda p: len(p[0]))
-    pad = tokenizer.pad_token_id
-    for b in range(0, len(pairs), batch_size):
-        chunk = pairs[b : b + batch_size]
-        width = max(len(ids) for ids, _ in chunk)
-        input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in chunk])
-        attention = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in chunk])
-        keep = torch.tensor([m[1:] + [0] * (width - len(m) + 1) for _, m in chunk], dtype=torch.bool)
-        yield input_ids, attention, keep
+        ids, mask = prompts.tokenize_example(tokenizer, prompt, response)
+        examples.append((ids, mask.index(1)))
+    examples.sort(key=lambda e: len(e[0]))
+    for b in range(0, len(examples), batch_size):
+        chunk = examples[b : b + batch_size]
+        yield prompts.teacher_forced_batch([ids for ids, _ in chunk], [s for _, s in chunk], tokenizer.pad_token_id)
 
 
 def adapter_off(model, tag: str):

@@ -93,6 +93,7 @@ import torch
 
 from llmkd import __version__, atomic, models
 from llmkd.config import Recipe, load_recipe
+from llmkd.data import prompts
 from llmkd.errors import LlmkdError
 from llmkd.losses import KDTerms, sparse_kd_loss
 
@@ -152,12 +153,8 @@ def collate(rows: Sequence[dict], pad_id: int) -> Batch:
     Row i of an example's targets belongs to token input_ids[s + i] (s = response_start), which the
     student predicts at position s + i - 1: those positions are `predict`, in the same order.
     """
-    width = max(len(r["input_ids"]) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
-    predict = torch.zeros((len(rows), width), dtype=torch.bool)
     labels, topk_ids, topk_logprobs, tail = [], [], [], []
-    for b, r in enumerate(rows):
+    for r in rows:
         ids, start = torch.as_tensor(r["input_ids"], dtype=torch.long), int(r["response_start"])
         length, responses = len(ids), len(ids) - start
         if start < 1 or responses < 1 or len(r["topk_ids"]) != responses or len(r["tail_logmass"]) != responses:
@@ -165,13 +162,12 @@ def collate(rows: Sequence[dict], pad_id: int) -> Batch:
                 f"transfer-set example {r['id']}: response_start {start}, {length} tokens and "
                 f"{len(r['topk_ids'])} teacher rows do not fit together; rebuild the transfer set"
             )
-        input_ids[b, :length] = ids
-        attention[b, :length] = 1
-        predict[b, start - 1 : length - 1] = True
         labels.append(ids[start:])
         topk_ids.append(torch.as_tensor(r["topk_ids"], dtype=torch.long))
         topk_logprobs.append(torch.as_tensor(r["topk_logprobs"], dtype=torch.float32))
         tail.append(torch.as_tensor(r["tail_logmass"], dtype=torch.float32))
+    input_ids, attention, predict = prompts.teacher_forced_batch(
+        [r["input_ids"] for r in rows], [int(r["response_start"]) for r in rows], pad_id)
     return Batch(input_ids, attention, predict, torch.cat(labels), torch.cat(topk_ids),
                  torch.cat(topk_logprobs), torch.cat(tail))
 

@@ -697,15 +697,8 @@ def teacher_targets(teacher, sequences: Sequence[list[int]], starts: Sequence[in
     prefix = shared_prefix.usable_prefix_length(sequences, teacher, limit=min(starts) - 1)
     out: list = [None] * len(sequences)
     for idx in batches:
-        width = max(len(sequences[i]) for i in idx)
-        input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-        attention = torch.zeros((len(idx), width), dtype=torch.long)
-        keep = torch.zeros((len(idx), width), dtype=torch.bool)  # positions predicting a response token
-        for row, i in enumerate(idx):
-            seq = sequences[i]
-            input_ids[row, : len(seq)] = torch.tensor(seq)
-            attention[row, : len(seq)] = 1
-            keep[row, starts[i] - 1 : len(seq) - 1] = True
+        input_ids, attention, keep = prompts.teacher_forced_batch(
+            [sequences[i] for i in idx], [starts[i] for i in idx], pad_id)
         input_ids, attention, keep = input_ids.to(device), attention.to(device), keep.to(device)
         if prefix:
             logits = shared_prefix.forward(teacher, input_ids, attention, keep, prefix).logits

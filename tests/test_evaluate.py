@@ -35,7 +35,8 @@ def random_adapter(smol_recipe, tmp_path_factory):
 
 def test_real_evaluation_of_teacher_student_and_distilled(smol_recipe, smol_teacher, smol_student, smol_tokenizer,
                                                           random_adapter, tmp_path):
-    short = smol_recipe.model_copy(update={"eval": smol_recipe.eval.model_copy(update={"max_new_tokens": 32})})
+    short = smol_recipe.model_copy(update={"eval": smol_recipe.eval.model_copy(update={"max_new_tokens": 16,
+                                                                                     "fidelity_count": 2})})
     run = run_eval(short, shots=[0, 2], tags=["teacher", "student", "distilled"], adapter=random_adapter, limit=2,
                    with_fidelity=True, out_dir=tmp_path, progress=False)
     assert [(a.tag, a.shots) for a in run.accuracy] == [
@@ -58,7 +59,7 @@ def test_real_evaluation_of_teacher_student_and_distilled(smol_recipe, smol_teac
     # One student model serves both tags: adapter off it must score exactly as a plain NF4 student,
     # and the NF4 copy differs from its parent, but not wildly (measured here: KL ~0.3, agreement ~80%).
     base, distilled = run.fidelity
-    (plain,) = score_fidelity(smol_teacher, smol_student, smol_tokenizer, fidelity_questions(smol_recipe),
+    (plain,) = score_fidelity(smol_teacher, smol_student, smol_tokenizer, fidelity_questions(short),
                               tags=["student"], progress=False)
     assert (base.tag, distilled.tag) == ("student", "distilled")
     assert base.tokens == distilled.tokens == plain.tokens > 100

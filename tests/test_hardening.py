@@ -149,7 +149,7 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, argv, needle, bu
 def test_evaluation_killed_at_a_random_moment_reruns_to_the_same_result(tmp_path):
     # A fresh seed per run (printed on failure): every moment of an evaluation must be safe to die in.
     cmd = [sys.executable, "-m", "llmkd", "eval", RECIPE, "--teacher", "--shots", "0", "--limit", "2"]
-    settings = ["eval.max_new_tokens=24", "eval.batch_size=2"]
+    settings = ["eval.max_new_tokens=12", "eval.batch_size=2"]
     run = dict(cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     span = timed_run([*cmd, "--out", str(clean), *settings], out=clean, **run)

@@ -224,7 +224,7 @@ def test_both_backends_show_the_same_prompt_and_extract_the_same_answers(smol_re
 
     rows = select_range(load_gsm8k("test"), 0, 4)
     ex = pick_exemplars(smol_recipe, 2)
-    recipe = smol_recipe.model_copy(update={"eval": smol_recipe.eval.model_copy(update={"batch_size": 4, "max_new_tokens": 48})})
+    recipe = smol_recipe.model_copy(update={"eval": smol_recipe.eval.model_copy(update={"batch_size": 4, "max_new_tokens": 32})})
     ours = score_accuracy(smol_teacher, smol_tokenizer, rows, ex, tag="ours", recipe=recipe, out_dir=tmp_path,
                           progress=False)
     theirs = score_accuracy(smol_teacher, smol_tokenizer, rows, ex, tag="lm", recipe=recipe, out_dir=tmp_path,

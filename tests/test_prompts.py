@@ -14,6 +14,7 @@ from llmkd.data.prompts import (
     render_prompt,
     render_response,
     select_exemplars,
+    teacher_forced_batch,
     user_turn,
 )
 
@@ -199,3 +200,13 @@ def test_render_response_plain(plain_tokenizer):
     messages = build_messages("How many?") + [{"role": "assistant", "content": "3 + 4 = 7\n#### 7"}]
     prompt = render_prompt(plain_tokenizer, "How many?")
     assert prompt + completion == render_plain(messages) + "\n\n"
+
+
+def test_teacher_forced_batch_marks_the_positions_that_predict_response_tokens():
+    # Row 0: 3 prompt + 2 response tokens; row 1: 2 prompt + 1 response token, padded by 2.
+    ids, attention, predict = teacher_forced_batch([[5, 6, 7, 8, 9], [3, 4, 2]], [3, 2], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7, 8, 9], [3, 4, 2, 0, 0]]
+    assert attention.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
+    # Position p predicts token p + 1: row 0 predicts 8, 9 at 2, 3; row 1 predicts 2 at 1.
+    assert predict.tolist() == [[False, False, True, True, False], [False, True, False, False, False]]
+    assert ids[:, 1:][predict[:, :-1]].tolist() == [8, 9, 2]

@@ -20,6 +20,8 @@ import random
 import re
 from typing import Sequence
 
+import torch
+
 INSTRUCTION = (
     "Solve the math problem step by step. "
     "Write the final answer on the last line, as '#### <number>'."
@@ -112,3 +114,19 @@ def tokenize_example(tokenizer, prompt: str, response: str) -> tuple[list[int], 
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
     return prompt_ids + response_ids, [0] * len(prompt_ids) + [1] * len(response_ids)
+
+
+def teacher_forced_batch(sequences: Sequence[Sequence[int]], starts: Sequence[int], pad_id: int):
+    """Right-padded (input_ids, attention_mask, predict) of prompt + response rows, response i starting
+    at token starts[i]: `predict` marks the positions whose next token is a response token (s - 1 up
+    to the row's second-to-last token), the only positions whose logits a teacher-forced loss or
+    metric reads. Right padding keeps every row's positions 0..L-1 without position ids."""
+    width = max(len(seq) for seq in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(sequences), width), dtype=torch.long)
+    predict = torch.zeros((len(sequences), width), dtype=torch.bool)
+    for row, (seq, start) in enumerate(zip(sequences, starts)):
+        input_ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+        attention[row, : len(seq)] = 1
+        predict[row, start - 1 : len(seq) - 1] = True
+    return input_ids, attention, predict
