@@ -213,24 +213,27 @@ def score_fidelity(teacher, student, tokenizer, questions, *, tags: Sequence[str
     rows = [row for input_ids, _, _ in batches for row in input_ids.tolist()]
     first_kept = min(int(keep.float().argmax(1).min()) for _, _, keep in batches)  # a prefix keeps no logits
     prefix = shared_prefix.usable_prefix_length(rows, teacher, limit=first_kept)
+    caches: dict = {}  # the prefix's KV per model (and adapter state), computed once
+
+    def forward(model, key, input_ids, attention, keep):
+        if not prefix:
+            return model(input_ids=input_ids, attention_mask=attention, logits_to_keep=keep).logits
+        if key not in caches:
+            caches[key] = shared_prefix.prefix_cache(model, rows[0][:prefix])
+        return shared_prefix.forward(model, input_ids, attention, keep, prefix, caches[key]).logits
+
     for input_ids, attention, keep in tqdm(batches, desc=f"fidelity {'/'.join(tags)}", disable=not progress):
         input_ids, attention, keep = input_ids.to(device), attention.to(device), keep.to(device)
-        t_logits = _forward(teacher, input_ids, attention, keep, prefix)  # (N, V) at the response positions
+        t_logits = forward(teacher, None, input_ids, attention, keep)  # (N, V) at the response positions
         mask = torch.ones(t_logits.shape[0], dtype=torch.bool, device=device)
         for tag in tags:
             with adapter_off(student, tag):
-                k, a, n = dense_kd_metrics(t_logits, _forward(student, input_ids, attention, keep, prefix), mask)
+                k, a, n = dense_kd_metrics(t_logits, forward(student, tag, input_ids, attention, keep), mask)
             sums[tag][0] += float(k)
             sums[tag][1] += int(a)
         tokens += int(n)
     return [Fidelity(tag=tag, questions=len(questions), tokens=tokens, kl=kl / max(tokens, 1),
                      top1_agreement=agree / max(tokens, 1)) for tag, (kl, agree) in sums.items()]
-
-
-def _forward(model, input_ids, attention, keep, prefix: int) -> torch.Tensor:
-    if prefix:
-        return shared_prefix.forward(model, input_ids, attention, keep, prefix).logits
-    return model(input_ids=input_ids, attention_mask=attention, logits_to_keep=keep).logits
 
 
 def fidelity_questions(recipe: Recipe):

@@ -70,8 +70,9 @@ def usable_prefix_length(token_lists: Sequence[Sequence[int]], model, limit: int
     return n if n >= minimum and supported(model) else 0
 
 
+@torch.no_grad()
 def prefix_cache(model, prefix_ids: Sequence[int]):
-    """The prefix's keys and values, batch 1."""
+    """The prefix's keys and values, batch 1 (of the model as it is now: an adapter on or off counts)."""
     base = _transformers_model(model)
     device = next(base.parameters()).device
     out = base(input_ids=torch.tensor([list(prefix_ids)], device=device), use_cache=True, logits_to_keep=1)
@@ -101,17 +102,16 @@ def attending(model, cache):
 @contextlib.contextmanager
 def shared_prefix(model, prefix_ids: Sequence[int]):
     """Inference: `prefix_ids` run once here; within the block the model attends to them first."""
-    with torch.no_grad():
-        cache = prefix_cache(model, prefix_ids)
-    with attending(model, cache):
+    with attending(model, prefix_cache(model, prefix_ids)):
         yield
 
 
-def forward(model, input_ids, attention_mask, logits_to_keep, prefix_length: int):
+def forward(model, input_ids, attention_mask, logits_to_keep, prefix_length: int, cache=None):
     """`model(...)` on right-padded rows that all start with the same `prefix_length` tokens, none of
-    them kept for logits: the prefix runs once (batch 1), the rows run only their own tokens."""
+    them kept for logits: the prefix runs once (batch 1; pass its `prefix_cache` to reuse it across
+    batches), the rows run only their own tokens."""
     P = prefix_length
-    cache = prefix_cache(model, input_ids[0, :P].tolist())
+    cache = cache if cache is not None else prefix_cache(model, input_ids[0, :P].tolist())
     mask = attention_mask[:, P:]
     with attending(model, cache):
         return model(input_ids=input_ids[:, P:], attention_mask=mask, position_ids=position_ids(mask, P),

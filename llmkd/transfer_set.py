@@ -695,13 +695,14 @@ def teacher_targets(teacher, sequences: Sequence[list[int]], starts: Sequence[in
         batches.append(micro)
 
     prefix = shared_prefix.usable_prefix_length(sequences, teacher, limit=min(starts) - 1)
+    cache = shared_prefix.prefix_cache(teacher, sequences[0][:prefix]) if prefix else None
     out: list = [None] * len(sequences)
     for idx in batches:
         input_ids, attention, keep = prompts.teacher_forced_batch(
             [sequences[i] for i in idx], [starts[i] for i in idx], pad_id)
         input_ids, attention, keep = input_ids.to(device), attention.to(device), keep.to(device)
         if prefix:
-            logits = shared_prefix.forward(teacher, input_ids, attention, keep, prefix).logits
+            logits = shared_prefix.forward(teacher, input_ids, attention, keep, prefix, cache).logits
         else:
             logits = teacher(input_ids=input_ids, attention_mask=attention, logits_to_keep=keep).logits
         # logits: (N, V), the kept positions, row by row
