@@ -7,7 +7,8 @@ llmkd's own batched generation, or lm-eval's gsm8k harness fed exactly the same 
 Fidelity: on held-out test questions, the gold solution is teacher-forced through teacher and
 student (0-shot prompt, response tokens only); per-token KL(teacher || student) over the full
 vocabulary and top-1 agreement (`llmkd.losses.dense_kd_metrics`). The teacher's logits of a batch
-serve every student; the prompt prefix all questions share runs once per batch (`shared_prefix`).
+serve every student; the prompt prefix all questions share runs once per model and
+adapter state (`shared_prefix`).
 
 Each evaluation writes `<out>/<tag>-<shots>shot/samples.jsonl` (prompt, output, extracted, gold,
 correct) and `summary.json` (metrics, recipe, prompt format, versions, git commit).
@@ -216,11 +217,9 @@ def score_fidelity(teacher, student, tokenizer, questions, *, tags: Sequence[str
     caches: dict = {}  # the prefix's KV per model (and adapter state), computed once
 
     def forward(model, key, input_ids, attention, keep):
-        if not prefix:
-            return model(input_ids=input_ids, attention_mask=attention, logits_to_keep=keep).logits
-        if key not in caches:
+        if prefix and key not in caches:
             caches[key] = shared_prefix.prefix_cache(model, rows[0][:prefix])
-        return shared_prefix.forward(model, input_ids, attention, keep, prefix, caches[key]).logits
+        return shared_prefix.forward(model, input_ids, attention, keep, prefix, caches.get(key)).logits
 
     for input_ids, attention, keep in tqdm(batches, desc=f"fidelity {'/'.join(tags)}", disable=not progress):
         input_ids, attention, keep = input_ids.to(device), attention.to(device), keep.to(device)

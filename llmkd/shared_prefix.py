@@ -109,7 +109,9 @@ def shared_prefix(model, prefix_ids: Sequence[int]):
 def forward(model, input_ids, attention_mask, logits_to_keep, prefix_length: int, cache=None):
     """`model(...)` on right-padded rows that all start with the same `prefix_length` tokens, none of
     them kept for logits: the prefix runs once (batch 1; pass its `prefix_cache` to reuse it across
-    batches), the rows run only their own tokens."""
+    batches), the rows run only their own tokens. A `prefix_length` of 0 is the plain call."""
+    if not prefix_length:
+        return model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep)
     P = prefix_length
     cache = cache if cache is not None else prefix_cache(model, input_ids[0, :P].tolist())
     mask = attention_mask[:, P:]

@@ -674,7 +674,7 @@ def teacher_targets(teacher, sequences: Sequence[list[int]], starts: Sequence[in
     Batches of `batch_size` sequences, longest first, right-padded; logits are computed only at the
     response positions (transformers' boolean `logits_to_keep`), and a batch is cut into
     micro-batches so they stay under `_LOGITS_BUDGET_BYTES`. The prompt prefix all sequences share
-    (system turn, instruction, exemplars) is run once per micro-batch (`shared_prefix.forward`).
+    (system turn, instruction, exemplars) is run once for all batches (`shared_prefix.forward`).
     `on_batch(sequences, response tokens)` is called after each micro-batch (progress).
     """
     device = next(teacher.parameters()).device
@@ -701,10 +701,7 @@ def teacher_targets(teacher, sequences: Sequence[list[int]], starts: Sequence[in
         input_ids, attention, keep = prompts.teacher_forced_batch(
             [sequences[i] for i in idx], [starts[i] for i in idx], pad_id)
         input_ids, attention, keep = input_ids.to(device), attention.to(device), keep.to(device)
-        if prefix:
-            logits = shared_prefix.forward(teacher, input_ids, attention, keep, prefix, cache).logits
-        else:
-            logits = teacher(input_ids=input_ids, attention_mask=attention, logits_to_keep=keep).logits
+        logits = shared_prefix.forward(teacher, input_ids, attention, keep, prefix, cache).logits
         # logits: (N, V), the kept positions, row by row
         if logits.shape != (int(keep.sum()), vocab):
             raise RuntimeError(f"teacher ignored the boolean logits_to_keep: logits {tuple(logits.shape)}")
