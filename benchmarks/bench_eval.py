@@ -6,7 +6,7 @@
 Both generate greedily with the same model object, batch size, stop strings and token budget:
 
   llmkd    `llmkd.generation.generate`: one batch per `--batch-size` questions, the k-shot exemplars'
-           keys and values computed once and shared by every row (`llmkd.shared_prefix`).
+           keys and values computed once and shared by every row (`llmkd.fastpath.shared_prefix`).
   plain    the same function with sharing off: what batched `generate` costs without it.
   lm-eval  `lm_eval.simple_evaluate` with `HFLM(pretrained=model)` on a task generated from our prompt
            module (`llmkd.lm_eval_backend`), i.e. the harness's own batching, stopping and filters.

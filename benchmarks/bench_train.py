@@ -43,8 +43,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from llmkd import models  # noqa: E402
-from llmkd import train as T  # noqa: E402
+from llmkd import train  # noqa: E402
 from llmkd.config import load_recipe  # noqa: E402
+from llmkd.plan import plan_model  # noqa: E402
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -96,26 +97,26 @@ def worker(args) -> dict:
 
     recipe = recipe_of(args)
     tok = models.load_tokenizer(recipe.model)
-    data = T.open_transfer_set(recipe, tok)
+    data = train.TrainingData.open(recipe, tok)
     n_batches = args.steps + 1
     need = n_batches * args.batch_size
     if len(data.input_lengths) < need:
         raise SystemExit(f"{data.path}: {len(data.input_lengths)} examples, {need} needed (--steps, --batch-size)")
     order = np.random.default_rng(args.seed).permutation(len(data.input_lengths))[:need]
-    batches = [T.collate(data.rows(order[i : i + args.batch_size]), tok.pad_token_id)
+    batches = [train.collate(data.rows(order[i : i + args.batch_size]), tok.pad_token_id)
                for i in range(0, need, args.batch_size)]
 
     torch.manual_seed(args.seed)
-    student = T.build_student(recipe, torch.device("cpu"))
+    student = train.build_student(recipe, torch.device("cpu"))
     params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = T.make_optimizer(params, recipe.train)
+    optimizer = train.make_optimizer(params, recipe.train)
     teacher = models.load_teacher(recipe.model) if args.worker == "online" else None
 
     times = []
     for i, batch in enumerate(batches):
         t0 = time.perf_counter()
         if teacher is None:
-            T.accumulate_gradients(student, [batch], recipe.train.loss, batch.response_tokens)
+            train.accumulate_gradients(student, [batch], recipe.train.loss, batch.response_tokens)
         else:
             inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                           logits_to_keep=batch.predict, use_cache=False)
@@ -148,7 +149,8 @@ def worker(args) -> dict:
 
 
 def ensure_transfer_set(args) -> str:
-    from llmkd.transfer_set import MANIFEST, build
+    from llmkd.builder import build
+    from llmkd.transfer_set import MANIFEST
 
     if args.transfer_set:
         return args.transfer_set
@@ -170,7 +172,7 @@ def main(argv=None) -> int:
     dtype = recipe.model.compute_dtype
     peaks = {name: matmul_peak(getattr(torch, name)) for name in ("float32", "bfloat16")}
     peak = peaks.get(dtype) or peaks["float32"]
-    params = T.plan_model(recipe).total_params
+    params = plan_model(recipe).total_params
 
     results = []
     for variant in ("offline", "online"):

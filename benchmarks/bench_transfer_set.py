@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from llmkd import models, transfer_set  # noqa: E402
+from llmkd import builder, models, transfer_set  # noqa: E402
 from llmkd.config import load_recipe  # noqa: E402
 from llmkd.data import prompts  # noqa: E402
 from llmkd.losses import topk_with_tail  # noqa: E402
@@ -92,7 +92,7 @@ def k_sweep(logits_all, ks, vocab: int, folder: Path) -> list[tuple[int, float, 
             "tail_logmass": [t[2].to(torch.float16).numpy() for t in targets],
         }
         path = folder / f"k{k}.parquet"
-        transfer_set._write_parquet_atomic(path, columns, k)
+        transfer_set.write_shard(path, columns, k)
         tokens = sum(len(t[0]) for t in targets)
         mass = torch.cat([t[1].to(torch.float16).float().logsumexp(-1).exp() for t in targets]).mean()
         rows.append((k, path.stat().st_size / tokens, float(mass)))
@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     ])
     tok = models.load_tokenizer(recipe.model)
     model = models.load_teacher(recipe.model)
-    rows, _, _ = transfer_set.select_questions(recipe)
+    rows, _, _ = builder.select_questions(recipe)
     vocab = model.get_output_embeddings().weight.shape[0]
     tmp = tempfile.TemporaryDirectory() if args.out is None else None
     root = Path(args.out or tmp.name)
@@ -118,7 +118,7 @@ def main(argv=None) -> int:
           file=sys.stderr)
 
     start = time.perf_counter()
-    manifest = transfer_set.build(recipe, out=root / "llmkd", teacher=model, tokenizer=tok, progress=False)
+    manifest = builder.build(recipe, out=root / "llmkd", teacher=model, tokenizer=tok, progress=False)
     ours_seconds = time.perf_counter() - start
     naive = naive_cache(model, tok, rows, args.max_new_tokens, root / "naive")
 

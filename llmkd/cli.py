@@ -13,7 +13,6 @@ import argparse
 import logging
 import os
 import sys
-from pathlib import Path
 from typing import Callable
 
 from llmkd.config import recipe_from_cli
@@ -62,7 +61,7 @@ def cmd_eval(args) -> int:
     run = run_eval(recipe, shots=args.shots or recipe.eval.shots, tags=tags, adapter=args.adapter,
                    limit=args.limit, with_fidelity=args.fidelity, backend=args.backend, out_dir=args.out)
     print(format_table(run))
-    print(f"\nwritten: {args.out or recipe.run_dir / 'eval'}")
+    print(f"\nwritten: {args.out or recipe.layout.eval}")
     return 0
 
 
@@ -77,59 +76,46 @@ def add_build_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_build(args) -> int:
-    from llmkd import transfer_set
+    from llmkd import builder, transfer_set
 
     recipe = recipe_from_cli(args.recipe)
     if args.limit is not None and args.limit <= 0:
         raise LlmkdError(f"--limit must be > 0, got {args.limit}")
-    manifest = transfer_set.build(recipe, out=args.out, limit=args.limit, allow_eval_split=args.allow_eval_split)
+    manifest = builder.build(recipe, out=args.out, limit=args.limit, allow_eval_split=args.allow_eval_split)
     print("\n".join(transfer_set.summary_lines(manifest)))
+    return 0
+
+
+# ---- llmkd train -------------------------------------------------------------------------------
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    add_recipe_args(p)
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest complete checkpoint in train.out (refused if the settings differ)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved recipe, the model plan and a memory estimate; load nothing")
+
+
+def cmd_train(args) -> int:
+    recipe = recipe_from_cli(args.recipe)
+    if args.dry_run:
+        from llmkd.plan import dry_run
+
+        print(dry_run(recipe))
+        return 0
+    from llmkd.train import train
+
+    train(recipe, resume=args.resume)
     return 0
 
 
 # ---- llmkd run --------------------------------------------------------------------------------
 
-def add_run_args(p: argparse.ArgumentParser) -> None:
-    add_recipe_args(p)
-
-
 def cmd_run(args) -> int:
-    """Build (or reuse) the transfer set, train (resuming checkpoints of the same settings), evaluate
-    three models, write the report."""
-    from llmkd import report, train, transfer_set
-    from llmkd.evaluate import format_table, run_eval
+    from llmkd import pipeline
 
-    recipe = recipe_from_cli(args.recipe)
-    print(f"[1/4] transfer set -> {recipe.transfer_set.out}")
-    manifest = transfer_set.build(recipe)
-    print("\n".join(transfer_set.summary_lines(manifest)))
-    print(f"[2/4] training -> {recipe.train.out}")
-    result = train.train(recipe, resume=train.latest_checkpoint(Path(recipe.train.out)) is not None)
-    print(train.summary_line(result))
-    print("[3/4] evaluating teacher, NF4 base student and distilled student")
-    eval_dir = recipe.run_dir / "eval"
-    run = run_eval(recipe, shots=recipe.eval.shots, tags=["teacher", "student", "distilled"],
-                   adapter=result.adapter, with_fidelity=True, out_dir=eval_dir)
-    print(format_table(run))
-    print("[4/4] report")
-    path = report.write_report(run, eval_dir, recipe.run_dir / "report",
-                               train_metrics=Path(recipe.train.out) / "metrics.jsonl",
-                               extra={"Training": train.summary_line(result),
-                                      "Transfer set": "\n".join(transfer_set.summary_lines(manifest))})
-    print(f"written: {path}")
+    pipeline.run(recipe_from_cli(args.recipe))
     return 0
-
-
-def _cmd_train(args) -> int:
-    from llmkd.train import cmd_train
-
-    return cmd_train(args)
-
-
-def _add_train_args(p: argparse.ArgumentParser) -> None:
-    from llmkd.train import add_train_args
-
-    add_train_args(p)
 
 
 # ---- llmkd recipe ----------------------------------------------------------------------------
@@ -155,9 +141,9 @@ def cmd_recipe(args) -> int:
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "build-transfer-set": ("stage 1: cache the teacher's top-k distributions on GSM8K prompts", add_build_args, cmd_build),
     "train": ("stage 2: LoRA on the NF4 student against the transfer set (also: accelerate launch llmkd/train.py)",
-              _add_train_args, _cmd_train),
+              add_train_args, cmd_train),
     "eval": ("GSM8K accuracy (both filters) and teacher fidelity of teacher and students", add_eval_args, cmd_eval),
-    "run": ("the main job: build -> train -> eval (teacher, NF4, distilled) -> report", add_run_args, cmd_run),
+    "run": ("the main job: build -> train -> eval (teacher, NF4, distilled) -> report", add_recipe_args, cmd_run),
     "recipe": ("validate a recipe and print it resolved, or list every key (--keys)", add_recipe_cmd_args, cmd_recipe),
 }
 
@@ -180,7 +166,8 @@ def quiet_libraries(verbose: bool) -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     import warnings
 
-    warnings.filterwarnings("ignore")
+    # The libraries' own advisories only (deprecations, "kernels" missing, ...); ours and the user's stay.
+    warnings.filterwarnings("ignore", module=r"(transformers|peft|bitsandbytes|accelerate|datasets|torch|lm_eval)(\.|$)")
     import datasets
     import transformers
 

@@ -2,7 +2,8 @@
 
 A recipe is a YAML file of these sections (all optional; omitted keys take the defaults below):
 
-    name: smollm2-cpu
+    name: smollm2-cpu  # every output under runs/<name> and transfer_sets/<name>
+    fast_paths: true
     model:        {name, revision, trust_remote_code, teacher_dtype, quant_type, double_quant, compute_dtype}
     data:         {source, exemplar_seed}
     transfer_set: {out, split, start, count, response, shots, top_k, max_new_tokens, ...}
@@ -18,6 +19,7 @@ such as `5e-8`, which YAML 1.1 reads as strings, are accepted for float fields.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
@@ -26,7 +28,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from llmkd.errors import LlmkdError
 
-DType = Literal["bfloat16", "float16", "float32"]
 
 
 class Section(BaseModel):
@@ -42,13 +43,13 @@ class ModelConfig(Section):
     trust_remote_code: bool = False
     """Run model code shipped with the checkpoint. Off unless you trust the checkpoint."""
     teacher_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    """Teacher weights' dtype. auto: bfloat16 on a GPU, float32 on CPU (CPU bf16 kernels are slower here)."""
+    """Teacher weights' dtype. auto: bfloat16 on a GPU; on CPU bfloat16 where a matmul probe finds it faster than float32, else float32."""
     quant_type: Literal["nf4", "fp4"] = "nf4"
     """bitsandbytes 4-bit data type of the student."""
     double_quant: bool = True
     """Quantise the quantisation constants too (QLoRA's double quantisation)."""
-    compute_dtype: DType = "bfloat16"
-    """dtype the 4-bit student computes in."""
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """dtype the 4-bit student computes in; auto as for teacher_dtype."""
     quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = "uint8"
     """dtype the packed 4-bit weights are stored in. FSDP shards only floating-point tensors: with FSDP use bfloat16."""
 
@@ -61,8 +62,8 @@ class DataConfig(Section):
 
 
 class TransferSetConfig(Section):
-    out: str = "transfer_sets/default"
-    """Folder the transfer set is written to (shards + manifest.json)."""
+    out: Optional[str] = None
+    """Folder the transfer set is written to (shards + manifest.json); null: transfer_sets/<name>."""
     split: Literal["train", "test"] = "train"
     """GSM8K split the prompts come from. The test split is refused unless --allow-eval-split is given."""
     start: int = Field(0, ge=0)
@@ -112,8 +113,8 @@ class LossConfig(Section):
 
 
 class TrainConfig(Section):
-    out: str = "runs/default/train"
-    """Folder for checkpoints, logs and the final adapter."""
+    out: Optional[str] = None
+    """Folder for checkpoints, logs and the final adapter; null: runs/<name>/train."""
     epochs: int = Field(1, gt=0)
     """Passes over the transfer set."""
     max_steps: Optional[int] = Field(None, gt=0)
@@ -178,8 +179,11 @@ class EvalConfig(Section):
 
 
 class Recipe(Section):
-    name: str = "default"
-    """Names the run folder (runs/<name>)."""
+    name: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    """Names every output folder: runs/<name>/{train,eval,report} and transfer_sets/<name>, unless a path is set."""
+    fast_paths: bool = True
+    """Speed-ups that give the same numbers: the shared prompt prefix's KV computed once (generation,
+    teacher targets, fidelity) and, on CPU, NF4 weights dequantized once. false: the plain library calls."""
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     transfer_set: TransferSetConfig = TransferSetConfig()
@@ -188,8 +192,66 @@ class Recipe(Section):
     eval: EvalConfig = EvalConfig()
 
     @property
-    def run_dir(self) -> Path:
-        return Path("runs") / self.name
+    def layout(self) -> "RunLayout":
+        return RunLayout.of(self)
+
+    def flat(self) -> dict[str, Any]:
+        """Every leaf setting by its dotted key ("train.loss.alpha": 0.0)."""
+        def walk(d: dict, prefix: str) -> dict:
+            out = {}
+            for k, v in d.items():
+                out.update(walk(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+            return out
+
+        return walk(self.model_dump(), "")
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Where each output of a recipe goes: the one place these paths are derived."""
+
+    run: Path  # runs/<name>
+    transfer_set: Path  # transfer_set.out, or transfer_sets/<name>
+    train: Path  # train.out, or runs/<name>/train
+    eval: Path  # runs/<name>/eval
+    report: Path  # runs/<name>/report
+
+    @classmethod
+    def of(cls, recipe: Recipe) -> "RunLayout":
+        run = Path("runs") / recipe.name
+        return cls(
+            run=run,
+            transfer_set=Path(recipe.transfer_set.out or Path("transfer_sets") / recipe.name),
+            train=Path(recipe.train.out or run / "train"),
+            eval=run / "eval",
+            report=run / "report",
+        )
+
+    # Inside train/ (the trainer's and the checkpoint module's files).
+    @property
+    def checkpoints(self) -> Path:
+        return self.train / "checkpoints"
+
+    @property
+    def adapter(self) -> Path:
+        return self.train / "adapter"
+
+    @property
+    def metrics(self) -> Path:
+        return self.train / "metrics.jsonl"
+
+    @property
+    def train_summary(self) -> Path:
+        return self.train / "summary.json"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.train / "tensorboard"
+
+
+def eval_cell(eval_dir: Path, tag: str, shots: int) -> Path:
+    """The folder of one model x shot count in an evaluation folder (samples.jsonl, summary.json)."""
+    return Path(eval_dir) / f"{tag}-{shots}shot"
 
 
 def load_recipe(path: str | Path | None, overrides: Sequence[str] = ()) -> Recipe:
@@ -201,11 +263,14 @@ def load_recipe(path: str | Path | None, overrides: Sequence[str] = ()) -> Recip
         if not path.is_file():
             raise LlmkdError(f"recipe not found: {path}")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.safe_load(path.read_text())
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark else ""
             raise LlmkdError(f"{path}:{where} malformed YAML: {getattr(e, 'problem', e)}") from None
+        if raw is None:
+            raise LlmkdError(f"{path}: empty recipe; write at least `name:` and the sections you change "
+                             "(`llmkd recipe --keys` lists them), or leave out the recipe for the defaults")
         if not isinstance(raw, dict):
             raise LlmkdError(f"{path}: a recipe is a mapping of sections, got {type(raw).__name__}")
     for item in overrides:
@@ -264,7 +329,7 @@ def _describe(error: ValidationError) -> str:
 
 
 def field_docs(schema: type[BaseModel] = Recipe, prefix: str = "") -> list[tuple[str, str, Any]]:
-    """(dotted key, description, default) for every leaf field: the reference `llmkd recipe-keys` prints."""
+    """(dotted key, description, default) for every leaf field: the reference `llmkd recipe --keys` prints."""
     rows = []
     for name, field in schema.model_fields.items():
         ann = field.annotation

@@ -28,11 +28,12 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from llmkd import atomic, models, shared_prefix
-from llmkd.config import Recipe
+from llmkd import atomic, fastpath, models
+from llmkd.fastpath import shared_prefix
+from llmkd.config import Recipe, eval_cell
 from llmkd.data import answer, prompts
 from llmkd.data.gsm8k import load_gsm8k, select_range
-from llmkd.generation import generate
+from llmkd.generation import decoding_settings, generate
 from llmkd.losses import dense_kd_metrics
 from llmkd.provenance import provenance
 
@@ -96,7 +97,7 @@ def contamination(recipe: Recipe, questions) -> int:
     """
     from llmkd.transfer_set import MANIFEST, TransferSet
 
-    path = Path(recipe.transfer_set.out)
+    path = recipe.layout.transfer_set
     if not (path / MANIFEST).is_file():
         return 0
     overlap = len(set(questions["question_hash"]) & TransferSet.open(path).question_hashes)
@@ -129,6 +130,7 @@ def score_accuracy(
         completions, stats = generate(
             model, tokenizer, prompt_texts, batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens,
             stop_strings=prompts.STOP_STRINGS, desc=f"{tag} {len(shots_exemplars)}-shot", progress=progress,
+            share_prefix=recipe.fast_paths,
         )
         outputs = [c.text for c in completions]
         seconds, generated = stats.seconds, stats.generated_tokens
@@ -138,16 +140,17 @@ def score_accuracy(
         scored = answer.score(output, r["gold"])
         row = {"id": r["id"], "question_hash": r["question_hash"], "prompt": prompt, "output": output,
                "gold": r["gold"], **scored}
-        if backend == "lm-eval":  # the harness's own filters, next to ours
-            row.update(lm_eval_strict=lm.samples[i]["strict"], lm_eval_flexible=lm.samples[i]["flexible"])
+        if backend == "lm-eval":
+            # The harness's verdicts are this backend's answer, in the table and the paired tests
+            # alike; llmkd's own filters stay beside them for comparison.
+            h = lm.samples[i]
+            row.update(llmkd_strict_correct=row["strict_correct"], llmkd_flexible_correct=row["flexible_correct"],
+                       strict=h["strict"], flexible=h["flexible"],
+                       strict_correct=h["strict_correct"], flexible_correct=h["flexible_correct"])
         samples.append(row)
     n = len(samples)
-    if backend == "lm-eval":  # report the harness's own numbers: that is what this backend is for
-        k_strict = round(lm.metrics["strict_match"] * n)
-        k_flex = round(lm.metrics["flexible_extract"] * n)
-    else:
-        k_strict = sum(s["strict_correct"] for s in samples)
-        k_flex = sum(s["flexible_correct"] for s in samples)
+    k_strict = sum(s["strict_correct"] for s in samples)
+    k_flex = sum(s["flexible_correct"] for s in samples)
     result = Accuracy(
         tag=tag, shots=len(shots_exemplars), backend=backend, questions=n,
         strict=k_strict / n, flexible=k_flex / n,
@@ -155,11 +158,14 @@ def score_accuracy(
         generated_tokens=generated, seconds=round(seconds, 2),
         tokens_per_s=round(generated / seconds, 1) if seconds else 0.0,
     )
-    folder = out_dir / f"{tag}-{result.shots}shot"
+    folder = eval_cell(out_dir, tag, result.shots)
     atomic.write_jsonl(folder / "samples.jsonl", samples)
     atomic.write_json(folder / "summary.json", {
         "metrics": asdict(result),
         "prompt_format": prompt_format(tokenizer, shots_exemplars),
+        "decoding": (decoding_settings(max_new_tokens=ev.max_new_tokens, stop_strings=prompts.STOP_STRINGS)
+                     if backend == "llmkd" else {"backend": "lm-eval", "max_new_tokens": ev.max_new_tokens,
+                                                 "harness": "gsm8k task generation_kwargs (greedy, until the stop strings)"}),
         "recipe": recipe.model_dump(),
         **provenance(),
     })
@@ -173,7 +179,6 @@ def prompt_format(tokenizer, shots_exemplars: Sequence[dict]) -> dict:
         "instruction": prompts.INSTRUCTION,
         "exemplar_ids": [e.get("id") for e in shots_exemplars],
         "stop_strings": list(prompts.STOP_STRINGS),
-        "decoding": "greedy",
         "example": prompts.render_prompt(tokenizer, "<question>", shots_exemplars),
     }
 
@@ -204,7 +209,7 @@ def adapter_off(model, tag: str):
 
 @torch.no_grad()
 def score_fidelity(teacher, student, tokenizer, questions, *, tags: Sequence[str], batch_size: int = FIDELITY_BATCH,
-                   progress: bool = True) -> list[Fidelity]:
+                   share_prefix: bool = True, progress: bool = True) -> list[Fidelity]:
     """KL(teacher || model) and top-1 agreement of `student` as each of `tags` ("student": adapter off,
     "distilled"/other: as given); the teacher's forward runs once per batch for all of them."""
     sums = {tag: [0.0, 0] for tag in tags}  # KL sum, agreements
@@ -213,7 +218,7 @@ def score_fidelity(teacher, student, tokenizer, questions, *, tags: Sequence[str
     batches = list(fidelity_batches(tokenizer, questions, batch_size))
     rows = [row for input_ids, _, _ in batches for row in input_ids.tolist()]
     first_kept = min(int(keep.float().argmax(1).min()) for _, _, keep in batches)  # a prefix keeps no logits
-    prefix = shared_prefix.usable_prefix_length(rows, teacher, limit=first_kept)
+    prefix = shared_prefix.usable_prefix_length(rows, teacher, limit=first_kept) if share_prefix else 0
     caches: dict = {}  # the prefix's KV per model (and adapter state), computed once
 
     def forward(model, key, input_ids, attention, keep):
@@ -250,7 +255,7 @@ def run_eval(
     At most two models are loaded: the teacher, then one NF4 student. With an adapter, the NF4 base
     student is that model with its adapter disabled. The teacher is kept only for fidelity.
     """
-    out_dir = Path(out_dir or recipe.run_dir / "eval")
+    out_dir = Path(out_dir or recipe.layout.eval)
     atomic.remove_temporaries(out_dir, recursive=True)  # a killed earlier run's unfinished writes
     backend = backend or recipe.eval.backend
     questions = eval_questions(recipe, limit)
@@ -260,6 +265,7 @@ def run_eval(
     students = [t for t in tags if t != "teacher"]
     held_out = fidelity_questions(recipe) if with_fidelity and students else None
     run = EvalRun()
+    fast, quantization = None, None
 
     def accuracy(model, tag):
         for ex in shot_sets.values():
@@ -274,19 +280,21 @@ def run_eval(
         gc.collect()
     if students:
         student = models.load_student(recipe.model, adapter=adapter if "distilled" in students else None)
-        with models.dequantized_once(student):  # CPU: the NF4 weights dequantized once, not per call
+        with fastpath.dequantized_once(student, enabled=recipe.fast_paths) as fast:
+            quantization = models.quantization_report(student)
             for tag in students:
                 with adapter_off(student, tag):
                     accuracy(student, tag)
             if held_out is not None:
                 run.fidelity = score_fidelity(teacher, student, tokenizer, held_out, tags=students,
                                               batch_size=min(recipe.eval.batch_size, FIDELITY_BATCH),
-                                              progress=progress)
+                                              share_prefix=recipe.fast_paths, progress=progress)
     atomic.write_json(out_dir / "eval-summary.json", {
         "accuracy": [asdict(a) for a in run.accuracy],
         "fidelity": [asdict(f) for f in run.fidelity],
         "questions": {"split": recipe.eval.split, "start": recipe.eval.start, "count": len(questions),
                       "in_transfer_set": overlap},
+        "fast_paths": fast, "student_quantization": quantization,
         **provenance(),
     })
     return run

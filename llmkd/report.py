@@ -17,6 +17,7 @@ from itertools import combinations
 from pathlib import Path
 
 from llmkd import atomic
+from llmkd.config import eval_cell
 from llmkd.evaluate import EvalRun, format_table
 from llmkd.provenance import provenance
 
@@ -33,7 +34,7 @@ def mcnemar_exact(a_correct: list[bool], b_correct: list[bool]) -> dict:
 
 
 def _samples(eval_dir: Path, tag: str, shots: int) -> list[dict]:
-    path = eval_dir / f"{tag}-{shots}shot" / "samples.jsonl"
+    path = eval_cell(eval_dir, tag, shots) / "samples.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 

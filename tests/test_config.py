@@ -83,3 +83,20 @@ def test_zero_or_negative_sizes_are_refused():
 
 def test_every_field_is_documented():
     assert [key for key, doc, _ in field_docs() if not doc] == []
+
+
+def test_an_empty_recipe_file_is_refused(tmp_path):
+    with pytest.raises(LlmkdError, match="empty recipe"):
+        load_recipe(write(tmp_path, "# nothing here\n"))
+
+
+def test_every_output_path_follows_the_name_unless_set():
+    layout = load_recipe("recipes/smollm2-cpu.yaml", ["name=foo"]).layout
+    for path in (layout.transfer_set, layout.train, layout.eval, layout.report, layout.adapter, layout.metrics):
+        assert "foo" in path.parts, path
+    assert layout.train == Path("runs/foo/train") and layout.transfer_set == Path("transfer_sets/foo")
+    explicit = load_recipe(None, ["name=foo", "train.out=/tmp/t", "transfer_set.out=sets/x"]).layout
+    assert explicit.train == Path("/tmp/t") and explicit.transfer_set == Path("sets/x")
+    assert explicit.eval == Path("runs/foo/eval")
+    with pytest.raises(LlmkdError, match="name"):
+        load_recipe(None, ["name=../up"])

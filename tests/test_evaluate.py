@@ -55,6 +55,9 @@ def test_real_evaluation_of_teacher_student_and_distilled(smol_recipe, smol_teac
         assert summary["metrics"]["questions"] == 2 and summary["versions"]["torch"]
         assert summary["prompt_format"]["style"] == "chat template"
         assert len(summary["prompt_format"]["exemplar_ids"]) == a.shots
+        decoding = summary["decoding"]  # what ran, whatever the checkpoint's generation_config says
+        assert decoding["do_sample"] is False and decoding["repetition_penalty"] == 1.0
+        assert decoding["checkpoint_generation_config"] == "ignored"
         assert samples[0]["prompt"].count("Question:") == a.shots + 1
     # One student model serves both tags: adapter off it must score exactly as a plain NF4 student,
     # and the NF4 copy differs from its parent, but not wildly (measured here: KL ~0.3, agreement ~80%).

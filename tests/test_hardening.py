@@ -19,7 +19,7 @@ import pytest
 
 from faults import fault_seed, kill_at_random_moment, timed_run
 from llmkd import atomic, models
-from llmkd import transfer_set as TS
+from llmkd import builder, transfer_set
 from llmkd.cli import main
 from llmkd.config import load_recipe
 
@@ -32,7 +32,7 @@ GOLD = ["transfer_set.response=gold", "transfer_set.start=0", "transfer_set.coun
 @pytest.fixture(scope="module")
 def built_set(tmp_path_factory, smol_teacher, smol_tokenizer):
     out = tmp_path_factory.mktemp("hardening") / "set"
-    TS.build(load_recipe(REPO / RECIPE, GOLD), out=out, progress=False, teacher=smol_teacher, tokenizer=smol_tokenizer)
+    builder.build(load_recipe(REPO / RECIPE, GOLD), out=out, progress=False, teacher=smol_teacher, tokenizer=smol_tokenizer)
     return out
 
 
@@ -61,11 +61,11 @@ def corrupt_byte(folder: Path) -> None:
 
 def nan_teacher_data(folder: Path) -> None:
     """A NaN logprob in a shard whose manifest hash is updated to match (so only the content is wrong)."""
-    ts = TS.TransferSet.open(folder)
+    ts = transfer_set.TransferSet.open(folder)
     shard = ts.shard_paths[0]
     columns = pq.read_table(shard).to_pydict()
     columns["topk_logprobs"][0][2][0] = float("nan")
-    TS._write_parquet_atomic(shard, columns, ts.manifest.settings.top_k)
+    transfer_set.write_shard(shard, columns, ts.manifest.settings.top_k)
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest["shards"][0].update(bytes=shard.stat().st_size, sha256=models.sha256_file(shard))
     (folder / "manifest.json").write_text(json.dumps(manifest))
@@ -101,6 +101,15 @@ def malformed_recipe(tmp_path: Path) -> str:
 CASES = [
     ("malformed YAML", lambda t, s: ["recipe", malformed_recipe(t)], "bad.yaml"),
     ("unknown key", lambda t, s: ["eval", RECIPE, "eval.limt=3"], "unknown key 'eval.limt'"),
+    ("unknown key (dry run)", lambda t, s: ["train", "recipes/gsm8k.yaml", "train.lrr=1", "--dry-run"],
+     "unknown key 'train.lrr'"),
+    ("missing recipe", lambda t, s: ["recipe", "recipes/nope.yaml"], "recipe not found: recipes/nope.yaml"),
+    ("limit 0", lambda t, s: ["eval", RECIPE, "--limit", "0"], "--limit must be > 0"),
+    ("fidelity without a student", lambda t, s: ["eval", "--teacher", "--fidelity"], "--fidelity compares a student"),
+    ("empty recipe file", lambda t, s: ["run", str((t / "empty.yaml", (t / "empty.yaml").write_text(""))[0])],
+     "empty recipe"),
+    ("more shots than exemplars", lambda t, s: ["eval", RECIPE, "--shots", "100000", "--teacher", "--limit", "1",
+                                                "--out", str(t / "eval")], "100000 shots asked"),
     ("wrong type", lambda t, s: ["train", RECIPE, "train.lr=fast"], "train.lr"),
     ("zero size", lambda t, s: ["train", RECIPE, "train.batch_size=0"], "train.batch_size"),
     ("negative size", lambda t, s: ["build-transfer-set", RECIPE, "transfer_set.count=-5"], "transfer_set.count"),
@@ -136,7 +145,6 @@ CASES = [
 
 @pytest.mark.parametrize("case, argv, needle", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, argv, needle, built_set, tmp_path, capsys, monkeypatch):
-    monkeypatch.chdir(REPO)
     args = argv(tmp_path, built_set)
     before = snapshot(tmp_path, built_set, REPO / "runs", REPO / "transfer_sets")
     code = main(args)
@@ -150,7 +158,7 @@ def test_evaluation_killed_at_a_random_moment_reruns_to_the_same_result(tmp_path
     # A fresh seed per run (printed on failure): every moment of an evaluation must be safe to die in.
     cmd = [sys.executable, "-m", "llmkd", "eval", RECIPE, "--teacher", "--shots", "0", "--limit", "2"]
     settings = ["eval.max_new_tokens=12", "eval.batch_size=2"]
-    run = dict(cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    run = dict(cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     span = timed_run([*cmd, "--out", str(clean), *settings], out=clean, **run)
     what = kill_at_random_moment([*cmd, "--out", str(killed), *settings], out=killed, span=span,

@@ -1,4 +1,6 @@
+import hashlib
 import json
+import os
 import subprocess
 import sys
 
@@ -47,9 +49,14 @@ def test_student_is_nf4_with_the_recipe_settings(smol_student, smol_recipe):
 
     q_proj = smol_student.model.layers[0].self_attn.q_proj
     assert isinstance(q_proj, bnb.nn.Linear4bit)
-    assert q_proj.weight.quant_state.quant_type == "nf4"
-    assert q_proj.weight.quant_state.nested  # double quantisation
-    assert q_proj.compute_dtype == getattr(torch, smol_recipe.model.compute_dtype)
+    assert q_proj.compute_dtype == models.compute_dtype(smol_recipe.model)
+    # What runs, as the summaries report it: on CPUs with AVX512-BF16 bitsandbytes repacks the
+    # layers at the first inference forward (double-quantised constants expanded to fp32), so the
+    # report reads the settings the values were quantised with, not the storage of the moment.
+    report = models.quantization_report(smol_student)
+    assert report["linear4bit_layers"] == 7 * smol_student.config.num_hidden_layers
+    assert report["quant_type"] == ["nf4"] and report["double_quant"] == [True]
+    assert report["compute_dtype"] == [str(models.compute_dtype(smol_recipe.model)).removeprefix("torch.")]
 
 
 def test_adapter_folder_must_hold_an_adapter(tmp_path, smol_student):
@@ -59,8 +66,23 @@ def test_adapter_folder_must_hold_an_adapter(tmp_path, smol_student):
 
 def test_teacher_dtype_auto_and_explicit():
     assert models.teacher_dtype(ModelConfig(teacher_dtype="bfloat16")) == torch.bfloat16
-    expected = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    assert models.teacher_dtype(ModelConfig()) == expected
+    assert models.compute_dtype(ModelConfig(compute_dtype="float32")) == torch.float32
+    probe = models.cpu_matmul_probe()
+    expected = torch.bfloat16 if torch.cuda.is_available() else getattr(torch, probe["choice"])
+    assert models.teacher_dtype(ModelConfig()) == models.compute_dtype(ModelConfig()) == expected
+
+
+@pytest.mark.parametrize("bf16, fp32, choice", [(780.0, 220.0, "bfloat16"), (1.3, 144.0, "float32"),
+                                                (230.0, 220.0, "float32")])
+def test_auto_dtype_follows_the_cpu_probe_measured_once(tmp_path, monkeypatch, bf16, fp32, choice):
+    # The two machines of this project: AMX (bf16 3-4x faster) and one where bf16 is 100x slower.
+    monkeypatch.setenv("LLMKD_CACHE", str(tmp_path))
+    monkeypatch.setattr(models, "_matmul_gflops", lambda dtype: bf16 if dtype == torch.bfloat16 else fp32)
+    assert models.cpu_matmul_probe()["choice"] == choice
+    monkeypatch.setattr(models, "_matmul_gflops", lambda dtype: 1 / 0)  # the recorded result is reused
+    assert models.cpu_matmul_probe()["choice"] == choice
+    if not torch.cuda.is_available():
+        assert models.compute_dtype(ModelConfig()) == getattr(torch, choice)
 
 
 def test_hub_ids_with_dots_are_hub_ids_not_folders():
@@ -69,17 +91,44 @@ def test_hub_ids_with_dots_are_hub_ids_not_folders():
         models.resolve("a/b/c")
 
 
-def test_dequantizing_once_gives_bitwise_the_same_logits(smol_student, smol_tokenizer):
-    # bitsandbytes' CPU path dequantizes per call; reusing one dequantized copy must change nothing.
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_dequantizing_once_gives_bitwise_the_same_logits(smol_student, smol_tokenizer, mode):
+    # Where bitsandbytes dequantizes per call, one dequantized copy must change nothing; where it runs
+    # its own fused CPU kernel (AVX512-BF16, inference only) the fast path must stand aside, and say so.
     from bitsandbytes.nn import Linear4bit
+
+    from llmkd import fastpath
 
     ids = smol_tokenizer(["Natalia sold clips to 48 of her friends.", "A robe takes 2 bolts"], return_tensors="pt",
                          padding=True)
-    with torch.no_grad():
-        per_call = smol_student(**ids).logits
-        with models.dequantized_once(smol_student):
-            layers = [m for m in smol_student.modules() if isinstance(m, Linear4bit)]
-            assert layers and all("forward" in vars(m) for m in layers)  # the dense path is what ran
-            once = smol_student(**ids).logits
+    layers = [m for m in smol_student.modules() if isinstance(m, Linear4bit)]
+    fused = getattr(layers[0], "support_avx512bf16_for_cpu", False) and mode == "eval"
+    smol_student.train(mode == "train")
+    try:
+        with torch.no_grad():
+            per_call = smol_student(**ids).logits
+            with fastpath.dequantized_once(smol_student) as status:
+                assert status["dequantized_once"] == (0 if fused else len(layers)), status
+                assert all(("forward" in vars(m)) == (not fused) for m in layers)  # the dense path is what ran
+                once = smol_student(**ids).logits
+            with fastpath.dequantized_once(smol_student, enabled=False) as off:
+                assert off == {"dequantized_once": 0, "reason": "fast_paths off"}
+                assert not any("forward" in vars(m) for m in layers)
+    finally:
+        smol_student.eval()
     assert torch.equal(once, per_call)
     assert not any("forward" in vars(m) for m in layers)  # restored
+
+
+def test_file_hash_is_computed_once_per_path_size_and_mtime(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMKD_CACHE", str(tmp_path / "cache"))
+    f = tmp_path / "weights.bin"
+    f.write_bytes(b"a" * (2 << 20))
+    first = models.sha256_file(f)
+    stat = f.stat()
+    f.write_bytes(b"b" * (2 << 20))  # same size; put the old mtime back: the recorded digest is reused
+    os.utime(f, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert models.sha256_file(f) == first
+    f.write_bytes(b"b" * (2 << 20))  # a new mtime: hashed again
+    os.utime(f, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert models.sha256_file(f) == hashlib.sha256(b"b" * (2 << 20)).hexdigest() != first

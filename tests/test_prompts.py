@@ -3,6 +3,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from llmkd.data.answer import extract_strict
+from llmkd.errors import LlmkdError
 from llmkd.data.gsm8k import load_gsm8k
 from llmkd.data.prompts import (
     INSTRUCTION,
@@ -87,9 +88,9 @@ def test_select_exemplars_shapes():
 
 def test_select_exemplars_errors():
     pool = [{"question": "q", "answer": "#### 1"}] * 3
-    with pytest.raises(ValueError, match="only 3"):
+    with pytest.raises(LlmkdError, match="only 3"):
         select_exemplars(pool, 4, seed=0)
-    with pytest.raises(ValueError, match=">= 0"):
+    with pytest.raises(LlmkdError, match=">= 0"):
         select_exemplars(pool, -1, seed=0)
 
 
@@ -210,3 +211,46 @@ def test_teacher_forced_batch_marks_the_positions_that_predict_response_tokens()
     # Position p predicts token p + 1: row 0 predicts 8, 9 at 2, 3; row 1 predicts 2 at 1.
     assert predict.tolist() == [[False, False, True, True, False], [False, True, False, False, False]]
     assert ids[:, 1:][predict[:, :-1]].tolist() == [8, 9, 2]
+
+
+# --- BOS: one rule for every stage and both backends ----------------------------------------------
+
+LLAMA3_LIKE_TEMPLATE = (  # writes BOS itself, as Llama 3's template does
+    "{{ '<s>' }}{% for m in messages %}{{ '<|im_start|>' + m['role'] + ' ' + m['content'] + ' <|im_end|> ' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant ' }}{% endif %}"
+)
+
+
+def bos_tokenizer(chat_template=None):
+    """A tokenizer that puts BOS before every text by itself, like Llama's and Mistral's."""
+    from tokenizers import processors
+
+    words = ["<unk>", "<s>", "<|im_start|>", "<|im_end|>", "user", "assistant", "Question:", "Answer:", "2+2?", "4"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, "<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                        eos_token="<|im_end|>")
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+@pytest.mark.parametrize("template", [None, LLAMA3_LIKE_TEMPLATE], ids=["plain", "chat writes BOS"])
+def test_a_tokenizer_that_adds_bos_gets_exactly_one(template):
+    from llmkd.data.prompts import adds_bos, encode, tokenize_example
+
+    tok = bos_tokenizer(template)
+    assert adds_bos(tok)
+    prompt = render_prompt(tok, "2+2?")
+    ids = encode(tok, prompt)
+    assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
+    full, mask = tokenize_example(tok, prompt, render_response(tok, "2+2?", "4"))
+    assert full[: len(ids)] == ids and full.count(tok.bos_token_id) == 1 and mask[0] == 0
+
+
+def test_a_tokenizer_without_bos_gets_none(chat_tokenizer, plain_tokenizer):
+    from llmkd.data.prompts import adds_bos, encode
+
+    for tok in (chat_tokenizer, plain_tokenizer):
+        text = render_prompt(tok, "What is 2+2?")
+        assert not adds_bos(tok) and encode(tok, text) == tok(text, add_special_tokens=False)["input_ids"]

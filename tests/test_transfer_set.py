@@ -21,8 +21,7 @@ import pytest
 import torch
 
 from faults import fault_seed, kill_at_random_moment, timed_run
-from llmkd import models
-from llmkd import transfer_set as T
+from llmkd import builder, models, transfer_set
 from llmkd.config import load_recipe
 from llmkd.data import prompts
 from llmkd.data.gsm8k import load_gsm8k
@@ -56,22 +55,22 @@ def recipe(overrides):
 @pytest.fixture(scope="module")
 def teacher_set(tmp_path_factory, smol_teacher, smol_tokenizer):
     out = tmp_path_factory.mktemp("ts") / "teacher"
-    T.build(recipe(TEACHER_OVERRIDES), out=out, progress=False, teacher=smol_teacher, tokenizer=smol_tokenizer)
-    return T.TransferSet.open(out)
+    builder.build(recipe(TEACHER_OVERRIDES), out=out, progress=False, teacher=smol_teacher, tokenizer=smol_tokenizer)
+    return transfer_set.TransferSet.open(out)
 
 
 @pytest.fixture(scope="module")
 def gold_set(tmp_path_factory, smol_teacher, smol_tokenizer):
     out = tmp_path_factory.mktemp("ts") / "gold"
-    T.build(recipe(GOLD_OVERRIDES), out=out, progress=False, teacher=smol_teacher, tokenizer=smol_tokenizer)
-    return T.TransferSet.open(out)
+    builder.build(recipe(GOLD_OVERRIDES), out=out, progress=False, teacher=smol_teacher, tokenizer=smol_tokenizer)
+    return transfer_set.TransferSet.open(out)
 
 
 def folder_files(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def content(manifest: T.Manifest) -> dict:
+def content(manifest: transfer_set.Manifest) -> dict:
     """The manifest without what legitimately differs between two builds of the same content."""
     d = manifest.to_dict()
     del d["build"], d["provenance"]
@@ -82,7 +81,7 @@ def content(manifest: T.Manifest) -> dict:
 # --- Targets and responses --------------------------------------------------------------------------
 
 
-def assert_targets_match_fresh_forward(ts: T.TransferSet, teacher):
+def assert_targets_match_fresh_forward(ts: transfer_set.TransferSet, teacher):
     """Stored top-k ids, logprobs and tail = a fresh unpadded forward's, within fp16 rounding."""
     k = ts.manifest.settings.top_k
     for row in ts.dataset():
@@ -114,6 +113,9 @@ def test_teacher_mode_targets_match_a_fresh_forward(teacher_set, smol_teacher):
 
 def test_teacher_mode_response_is_the_teachers_generation(teacher_set, smol_teacher, smol_tokenizer):
     tok, r = smol_tokenizer, recipe(TEACHER_OVERRIDES)
+    decoding = teacher_set.manifest.settings.decoding  # recorded: greedy and nothing else
+    assert decoding["do_sample"] is False and decoding["repetition_penalty"] == 1.0
+    assert decoding["no_repeat_ngram_size"] == 0 and decoding["max_new_tokens"] == r.transfer_set.max_new_tokens
     questions = list(load_gsm8k("train"))[4:8]
     texts = [prompts.render_prompt(tok, q["question"]) for q in questions]
     completions, _ = generate(smol_teacher, tok, texts, batch_size=2, max_new_tokens=48,
@@ -158,14 +160,14 @@ def test_gold_mode_response_is_the_solution(gold_set, smol_teacher, smol_tokeniz
 
 def test_complete_set_is_returned_not_rebuilt(gold_set, smol_tokenizer):
     before = {p: p.stat().st_mtime_ns for p in gold_set.shard_paths}
-    again = T.build(recipe(GOLD_OVERRIDES), out=gold_set.path, progress=False, teacher="not needed",
+    again = builder.build(recipe(GOLD_OVERRIDES), out=gold_set.path, progress=False, teacher="not needed",
                     tokenizer=smol_tokenizer)
     assert again == gold_set.manifest
     assert {p: p.stat().st_mtime_ns for p in gold_set.shard_paths} == before
 
 
 def test_summary_lines(gold_set):
-    text = "\n".join(T.summary_lines(gold_set.manifest))
+    text = "\n".join(transfer_set.summary_lines(gold_set.manifest))
     assert "B/token at top-8" in text and "98,304 B/token at V=49,152" in text and "256,512" in text
 
 
@@ -175,8 +177,8 @@ def test_summary_lines(gold_set):
 def test_test_split_refused_without_allow_eval_split():
     r = recipe(["transfer_set.split=test", "transfer_set.count=2"])
     with pytest.raises(LlmkdError, match="contaminat"):
-        T.build(r, out="/nonexistent/never-written")
-    rows, _, _ = T.select_questions(r, allow_eval_split=True)
+        builder.build(r, out="/nonexistent/never-written")
+    rows, _, _ = builder.select_questions(r, allow_eval_split=True)
     assert [q["id"] for q in rows] == ["gsm8k-test-00000", "gsm8k-test-00001"]
 
 
@@ -184,14 +186,14 @@ def test_exemplars_excluded_from_the_questions():
     exemplars = prompts.select_exemplars(load_gsm8k("train"), 2, 1234)
     first = min(e["index"] for e in exemplars)
     r = recipe(["transfer_set.shots=2", "data.exemplar_seed=1234", f"transfer_set.start={first - 1}", "transfer_set.count=3"])
-    rows, chosen, excluded = T.select_questions(r)
+    rows, chosen, excluded = builder.select_questions(r)
     assert [e["id"] for e in chosen] == [e["id"] for e in exemplars]
     assert excluded == [f"gsm8k-train-{first:05d}"]
     assert [q["index"] for q in rows] == [first - 1, first + 1]
 
 
 def test_limit_caps_count():
-    rows, _, _ = T.select_questions(recipe(["transfer_set.count=10"]), limit=3)
+    rows, _, _ = builder.select_questions(recipe(["transfer_set.count=10"]), limit=3)
     assert len(rows) == 3
 
 
@@ -203,21 +205,21 @@ def test_build_killed_at_a_random_moment_resumes_to_the_uninterrupted_result(tmp
     code = (
         "import sys\n"
         "from llmkd.config import load_recipe\n"
-        "from llmkd.transfer_set import build\n"
+        "from llmkd.builder import build\n"
         f"build(load_recipe({RECIPE!r}, {KILL_OVERRIDES!r}), out=sys.argv[1], progress=False)\n"
     )
-    run = dict(cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    run = dict(cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
     span = timed_run([sys.executable, "-c", code, str(clean)], out=clean, done=clean / "manifest.json", **run)
     what = kill_at_random_moment([sys.executable, "-c", code, str(killed)], out=killed, span=span,
                                  done=killed / "manifest.json", seed=fault_seed(), **run)
     assert not (killed / "manifest.json").exists(), what
     with pytest.raises(LlmkdError, match="unfinished build"):
-        T.TransferSet.open(killed)
+        transfer_set.TransferSet.open(killed)
     # Shards recorded as finished at the kill must be kept as they are, not rebuilt.
     finished = {p.stem: (killed / "shards" / f"{p.stem}.parquet").stat().st_ino
                 for p in (killed / "progress").glob("shard-*.json")} if (killed / "progress").is_dir() else {}
 
-    T.build(recipe(KILL_OVERRIDES), out=killed, progress=False, teacher=smol_teacher, tokenizer=smol_tokenizer)
+    builder.build(recipe(KILL_OVERRIDES), out=killed, progress=False, teacher=smol_teacher, tokenizer=smol_tokenizer)
     assert {name: (killed / "shards" / f"{name}.parquet").stat().st_ino for name in finished} == finished, what
     killed_files, clean_files = folder_files(killed), folder_files(clean)
     assert sorted(killed_files) == sorted(clean_files) == [
@@ -226,7 +228,7 @@ def test_build_killed_at_a_random_moment_resumes_to_the_uninterrupted_result(tmp
     for name in killed_files:
         if name.endswith(".parquet"):
             assert killed_files[name] == clean_files[name], f"{what}: {name}"  # byte-identical shards
-    resumed, uninterrupted = T.TransferSet.open(killed), T.TransferSet.open(clean)
+    resumed, uninterrupted = transfer_set.TransferSet.open(killed), transfer_set.TransferSet.open(clean)
     resumed.verify()
     assert content(resumed.manifest) == content(uninterrupted.manifest), what
     assert resumed.manifest.totals.examples == 6 and len(resumed.manifest.shards) == 3
@@ -239,7 +241,7 @@ def test_build_killed_at_a_random_moment_resumes_to_the_uninterrupted_result(tmp
 def gold_copy(gold_set, tmp_path):
     out = tmp_path / "copy"
     shutil.copytree(gold_set.path, out)
-    return T.TransferSet.open(out)
+    return transfer_set.TransferSet.open(out)
 
 
 def test_verify_detects_a_flipped_byte(gold_copy):
@@ -264,12 +266,12 @@ def test_verify_detects_non_finite_logprobs(gold_copy):
     shard = gold_copy.shard_paths[0]
     columns = pq.read_table(shard).to_pydict()
     columns["topk_logprobs"][1][3][0] = float("nan")
-    T._write_parquet_atomic(shard, columns, gold_copy.manifest.settings.top_k)
+    transfer_set.write_shard(shard, columns, gold_copy.manifest.settings.top_k)
     manifest = json.loads((gold_copy.path / "manifest.json").read_text())
     manifest["shards"][0].update(bytes=shard.stat().st_size, sha256=models.sha256_file(shard))
     (gold_copy.path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(LlmkdError, match=r"shard-00000\.parquet: non-finite"):
-        T.TransferSet.open(gold_copy.path).verify()
+        transfer_set.TransferSet.open(gold_copy.path).verify()
 
 
 def test_tokenizer_mismatch_refused(gold_set, smol_tokenizer):
@@ -287,23 +289,25 @@ def test_tokenizer_mismatch_refused(gold_set, smol_tokenizer):
 
 
 def test_foreign_folder_refused_and_left_alone(tmp_path, smol_tokenizer):
-    (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(LlmkdError, match=f"{tmp_path}: exists and is not a transfer set"):
-        T.build(recipe(GOLD_OVERRIDES), out=tmp_path, progress=False, tokenizer=smol_tokenizer)
-    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(LlmkdError, match=f"{mine}: exists and is not a transfer set"):
+        builder.build(recipe(GOLD_OVERRIDES), out=mine, progress=False, tokenizer=smol_tokenizer)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
 
 
 def test_changed_settings_refused(gold_copy, smol_tokenizer):
     before = folder_files(gold_copy.path)
     with pytest.raises(LlmkdError, match=r"copy: a transfer set built with other settings \(top_k: 8 there, 4 now"):
-        T.build(recipe([*GOLD_OVERRIDES, "transfer_set.top_k=4"]), out=gold_copy.path, progress=False,
+        builder.build(recipe([*GOLD_OVERRIDES, "transfer_set.top_k=4"]), out=gold_copy.path, progress=False,
                 tokenizer=smol_tokenizer)
     # An unfinished build with other settings is refused too.
     settings = asdict(gold_copy.manifest.settings) | {"shard_size": 1}
     (gold_copy.path / "manifest.json").unlink()
     (gold_copy.path / "build.json").write_text(json.dumps({"settings": settings}))
     with pytest.raises(LlmkdError, match=r"an unfinished build with other settings \(shard_size: 1 there, 2 now"):
-        T.build(recipe(GOLD_OVERRIDES), out=gold_copy.path, progress=False, tokenizer=smol_tokenizer)
+        builder.build(recipe(GOLD_OVERRIDES), out=gold_copy.path, progress=False, tokenizer=smol_tokenizer)
     assert {k: v for k, v in folder_files(gold_copy.path).items() if k.startswith("shards")} == \
         {k: v for k, v in before.items() if k.startswith("shards")}
 
@@ -313,17 +317,17 @@ def test_open_validates_the_manifest(gold_copy):
     data = json.loads(path.read_text())
     path.write_text(json.dumps(data | {"format_version": 99}))
     with pytest.raises(LlmkdError, match=r"manifest.json: invalid transfer-set manifest: format_version 99"):
-        T.TransferSet.open(gold_copy.path)
+        transfer_set.TransferSet.open(gold_copy.path)
     del data["totals"]["bytes"]
     path.write_text(json.dumps(data))
     with pytest.raises(LlmkdError, match=r"manifest.json: .*missing key\(s\) totals.bytes"):
-        T.TransferSet.open(gold_copy.path)
+        transfer_set.TransferSet.open(gold_copy.path)
     path.write_text("{not json")
     with pytest.raises(LlmkdError, match=r"manifest.json: invalid"):
-        T.TransferSet.open(gold_copy.path)
+        transfer_set.TransferSet.open(gold_copy.path)
     path.unlink()
     with pytest.raises(LlmkdError, match="not a transfer set, no manifest.json"):
-        T.TransferSet.open(gold_copy.path)
+        transfer_set.TransferSet.open(gold_copy.path)
 
 
 # --- Two processes --------------------------------------------------------------------------------------
@@ -347,16 +351,18 @@ def test_two_process_build_equals_one_process(tmp_path, gold_set):
     script = tmp_path / "build.py"
     script.write_text(
         "from llmkd.config import load_recipe\n"
-        "from llmkd.transfer_set import build\n"
+        "from llmkd.builder import build\n"
         f"m = build(load_recipe({str(REPO / RECIPE)!r}, {GOLD_OVERRIDES!r}), out={str(out)!r}, progress=False)\n"
         "assert m.build.processes == 2, m.build\n"
     )
     cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), str(script)]
-    done = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
-                          text=True, timeout=900)
+    # Each rank runs as many threads as this process did for gold_set: equal bytes by construction
+    # (torchrun would give each rank one thread, and some CPUs' kernels round differently then).
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    two = T.TransferSet.open(out)
+    two = transfer_set.TransferSet.open(out)
     two.verify()
     assert two.manifest.build.processes == 2
     assert content(two.manifest) == content(gold_set.manifest)

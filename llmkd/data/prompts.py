@@ -22,6 +22,8 @@ from typing import Sequence
 
 import torch
 
+from llmkd.errors import LlmkdError
+
 INSTRUCTION = (
     "Solve the math problem step by step. "
     "Write the final answer on the last line, as '#### <number>'."
@@ -46,9 +48,9 @@ def assistant_turn(solution: str) -> str:
 def select_exemplars(train: Sequence[dict], shots: int, seed: int) -> list[dict]:
     """`shots` train examples, the same for every question and every run with this seed."""
     if shots < 0:
-        raise ValueError(f"shots must be >= 0, got {shots}")
+        raise LlmkdError(f"shots must be >= 0, got {shots}")
     if shots > len(train):
-        raise ValueError(f"shots={shots} but the exemplar pool has only {len(train)} examples")
+        raise LlmkdError(f"{shots} shots asked, but the exemplar pool (GSM8K train) has only {len(train)} examples")
     indices = random.Random(seed).sample(range(len(train)), shots)
     return [train[i] for i in indices]
 
@@ -76,8 +78,7 @@ def render_plain(messages: Sequence[dict]) -> str:
 def render_prompt(tokenizer, question: str, exemplars: Sequence[dict] = ()) -> str:
     """The prompt text, ending where the model's answer begins.
 
-    Chat-rendered text already holds the template's special tokens (BOS included): tokenize it with
-    `add_special_tokens=False`, as `tokenize_example` and `llmkd.generation` do.
+    Turn it into token ids with `encode` (every stage does), never with the tokenizer's defaults.
     """
     messages = build_messages(question, exemplars)
     if has_chat_template(tokenizer):
@@ -105,13 +106,35 @@ def render_response(tokenizer, question: str, response: str, exemplars: Sequence
     return full[len(prompt):].rstrip()
 
 
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer itself puts its BOS token before a text (Llama, Mistral: yes; SmolLM2,
+    Qwen: no)."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    return tokenizer("a")["input_ids"][:1] == [bos] and tokenizer("a", add_special_tokens=False)["input_ids"][:1] != [bos]
+
+
+def encode(tokenizer, prompt: str) -> list[int]:
+    """The token ids of a rendered prompt: the one BOS rule of every stage and both backends.
+
+    The text's own tokens (no special tokens added), with the tokenizer's BOS first where the
+    tokenizer adds one and the text does not already begin with it (chat templates that write
+    BOS themselves; lm-eval's HFLM follows the same rule with `add_bos_token=adds_bos(tokenizer)`).
+    """
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if adds_bos(tokenizer) and ids[:1] != [tokenizer.bos_token_id]:
+        ids = [tokenizer.bos_token_id, *ids]
+    return ids
+
+
 def tokenize_example(tokenizer, prompt: str, response: str) -> tuple[list[int], list[int]]:
     """Token ids of prompt + response and a 0/1 mask marking the response tokens.
 
-    The two parts are tokenized separately so the mask boundary is exact; rendered chat text carries
-    its own special tokens, so none are added.
+    The two parts are tokenized separately so the mask boundary is exact; the prompt by `encode`,
+    the response as its own tokens (it continues the prompt).
     """
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    prompt_ids = encode(tokenizer, prompt)
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
     return prompt_ids + response_ids, [0] * len(prompt_ids) + [1] * len(response_ids)
 

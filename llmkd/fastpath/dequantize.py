@@ -1,0 +1,73 @@
+"""NF4 weights dequantized once for a block of work, on the CPU, where bitsandbytes would do it per call.
+
+bitsandbytes' CPU matmul (`matmul_4bit`) dequantizes the weight on every forward and again in
+backward, then runs a plain matmul: dequantizing once gives the same numbers (tests check bitwise
+equal logits) for less work. bitsandbytes has a second CPU path: with AVX512-BF16, an inference
+forward (module in eval mode, input without grad) repacks the weight for a fused kernel instead.
+The block then leaves those layers to bitsandbytes, so the numbers stay bitsandbytes' own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+
+MAX_BYTES = 4 << 30  # a CPU-sized model; beyond this the copy costs more memory than it saves time
+
+
+def _dequantizes_per_call(layer, training: bool) -> bool:
+    """Whether bitsandbytes would run this layer as dequantize-then-matmul (see Linear4bit.forward)."""
+    if layer.weight.device.type != "cpu" or layer.compute_dtype is None:
+        return False
+    if getattr(layer.weight.quant_state, "packing_format_for_cpu", False):
+        return False  # already repacked for the fused kernel
+    fused = getattr(layer, "support_avx512bf16_for_cpu", False) and not training
+    return not fused
+
+
+@contextlib.contextmanager
+def dequantized_once(model, *, enabled: bool = True) -> Iterator[dict]:
+    """Within the block, the CPU 4-bit layers of `model` that bitsandbytes would dequantize per call
+    use one dequantized copy. Yields {"dequantized_once": layers, "reason": ...} for the run's summary.
+
+    Decided once at entry from the model's mode: call it around training (train mode) or around
+    inference (eval mode), not across a mode switch.
+    """
+    from bitsandbytes.functional import dequantize_4bit
+    from bitsandbytes.nn import Linear4bit
+
+    all_4bit = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    layers = [m for m in all_4bit if _dequantizes_per_call(m, model.training)]
+    size = sum(m.weight.quant_state.shape.numel() * m.compute_dtype.itemsize for m in layers)
+    if not enabled:
+        reason = "fast_paths off"
+    elif not all_4bit:
+        reason = "no 4-bit layers"
+    elif not layers:
+        reason = "bitsandbytes runs its own kernel here (GPU, or the CPU's fused AVX512-BF16 inference path)"
+    elif size > MAX_BYTES:
+        reason = f"the dequantized copy would take {size / 2**30:.1f} GiB"
+    else:
+        reason = "bitsandbytes dequantizes per call here; dequantized once instead"
+    status = {"dequantized_once": len(layers) if reason.endswith("instead") else 0, "reason": reason}
+    if not status["dequantized_once"]:
+        yield status
+        return
+    for m in layers:
+        weight = dequantize_4bit(m.weight.data, m.weight.quant_state).to(m.compute_dtype)
+        m.forward = _dense_forward(m, weight)  # an instance attribute shadows the class's forward
+    try:
+        yield status
+    finally:
+        for m in layers:
+            del m.forward
+
+
+def _dense_forward(layer, weight: torch.Tensor):
+    def forward(x: torch.Tensor) -> torch.Tensor:  # Linear4bit.forward with the weight already dequantized
+        bias = None if layer.bias is None else layer.bias.to(layer.compute_dtype)
+        return torch.nn.functional.linear(x.to(layer.compute_dtype), weight, bias).to(x.dtype)
+
+    return forward
