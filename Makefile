@@ -2,6 +2,8 @@
 #   make run    set up, then the main job on the embedded default model
 #   make test   set up, then the test suite (what CI runs)
 # Set-up is a virtualenv in .venv, redone whenever pyproject.toml changes.
+# On a CUDA machine: make gpu-check (TORCH=... for your CUDA build), or offline:
+#   make wheelhouse (here) -> copy wheelhouse/ -> make gpu-check WHEELS=wheelhouse (there).
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -13,7 +15,7 @@ RECIPE ?= recipes/smollm2-cpu.yaml
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.llmkd-installed
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test bench gpu-check wheelhouse clean
 
 setup: $(STAMP)
 
@@ -34,5 +36,21 @@ bench: setup
 test: setup
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest
 
+# The GPU machine's own python and torch; everything else from WHEELS, no package index.
+WHEELS ?=
+GPU_VENV ?= .venv-gpu
+gpu-check:
+ifeq ($(WHEELS),)
+	$(MAKE) setup
+	$(BIN)/python benchmarks/gpu_check.py
+else
+	$(PYTHON) -m venv --system-site-packages $(GPU_VENV)
+	$(GPU_VENV)/bin/pip install --quiet --disable-pip-version-check --no-index --no-deps $(WHEELS)/*.whl
+	$(GPU_VENV)/bin/python benchmarks/gpu_check.py --tokenizer $(WHEELS)/smollm2-tokenizer
+endif
+
+wheelhouse: setup
+	$(BIN)/python benchmarks/wheelhouse.py wheelhouse
+
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(GPU_VENV) runs wheelhouse

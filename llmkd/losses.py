@@ -151,11 +151,11 @@ class _VocabPass(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, exclude_ids, gather_ids, chunk_size):
-        acc = _upcast(logits.dtype)
+        wide = _upcast(logits.dtype)
         lse_rest = _logsumexp_except(logits, exclude_ids, chunk_size)  # (N,)
-        z_excluded = logits.gather(1, exclude_ids).to(acc)  # (N, K)
+        z_excluded = logits.gather(1, exclude_ids).to(wide)  # (N, K)
         lse_all = torch.logaddexp(lse_rest, torch.logsumexp(z_excluded, dim=-1))
-        gathered = logits.gather(1, gather_ids).to(acc)  # (N, G)
+        gathered = logits.gather(1, gather_ids).to(wide)  # (N, G)
         ctx.save_for_backward(logits, exclude_ids, gather_ids, lse_all, lse_rest)
         ctx.chunk_size = chunk_size
         return lse_all, lse_rest, gathered
@@ -326,9 +326,9 @@ def sparse_kd_loss(
     dummy_ids = torch.arange(k, device=z.device)
     ids = torch.where(mask[:, None], topk_ids.reshape(-1, k).long(), dummy_ids)  # (N, K)
     labels = torch.where(mask, labels.reshape(-1).long(), 0)  # (N,)
-    acc = _upcast(z.dtype)  # fp32 (fp64 for fp64 logits)
+    wide = _upcast(z.dtype)  # fp32 (fp64 for fp64 logits)
     teacher = torch.cat([topk_logprobs.reshape(-1, k), tail_logmass.reshape(-1, 1)], dim=-1)  # (N, B)
-    teacher = torch.where(mask[:, None], teacher.to(acc), 0.0)
+    teacher = torch.where(mask[:, None], teacher.to(wide), 0.0)
 
     # One pass over the vocabulary: logsumexp(z) over all ids (N,) and over the non-top-k ids (N,),
     # and z at the top-k ids and the label (N, K + 1).
@@ -347,9 +347,9 @@ def sparse_kd_loss(
     ce_tok = lse - z_label  # (N,)
 
     if num_tokens is None:
-        denom = mask.sum().clamp_min(1).to(acc)
+        denom = mask.sum().clamp_min(1).to(wide)
     elif isinstance(num_tokens, torch.Tensor):
-        denom = num_tokens.to(device=z.device, dtype=acc).clamp_min(1)
+        denom = num_tokens.to(device=z.device, dtype=wide).clamp_min(1)
     else:
         denom = max(float(num_tokens), 1.0)
     ce = torch.where(mask, ce_tok, 0.0).sum() / denom

@@ -71,32 +71,44 @@ def _embedded_gguf() -> Path:
     raise LlmkdError(f"{_EMBEDDED_WHEEL} is installed but holds no {_EMBEDDED_GGUF}")
 
 
+def _recorded(file: str, key: str, measure, keep=lambda value: True):
+    """`measure()` once per `key`, recorded in the cache folder's `file` (JSON) for later processes.
+
+    A cache that cannot be written only means measuring again next time.
+    """
+    path = cache_root() / file
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    known = known if isinstance(known, dict) else {}
+    if key in known:
+        return known[key]
+    value = measure()
+    if keep(value):
+        try:
+            atomic.write_json(path, {**known, key: value})
+        except OSError:
+            pass
+    return value
+
+
 def sha256_file(path: Path) -> str:
     """sha256 of a file, computed once per (path, size, mtime): a 16 GB teacher is not re-read at
-    every start. The digests are kept in the cache folder (`file-hashes.json`)."""
+    every start. Files under 1 MiB are cheaper to hash than to record."""
     path = Path(path).resolve()
     st = path.stat()
-    key = f"{path}:{st.st_size}:{st.st_mtime_ns}"
-    index_file = cache_root() / "file-hashes.json"
-    try:
-        index = json.loads(index_file.read_text())
-    except (OSError, ValueError):
-        index = {}
-    if isinstance(index, dict) and isinstance(index.get(key), str):
-        return index[key]
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    digest = h.hexdigest()
-    if st.st_size >= _HASH_CACHE_MIN_BYTES:  # small files are cheaper to hash than to record
-        index = {k: v for k, v in (index if isinstance(index, dict) else {}).items() if not k.startswith(f"{path}:")}
-        index[key] = digest
-        try:
-            atomic.write_json(index_file, index)
-        except OSError:  # a read-only cache: hash again next time
-            pass
-    return digest
+
+    def digest() -> str:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest()
+
+    if st.st_size < _HASH_CACHE_MIN_BYTES:
+        return digest()
+    return _recorded("file-hashes.json", f"{path}:{st.st_size}:{st.st_mtime_ns}", digest)
 
 
 def embedded_model_dir(convert: bool = True) -> Path | None:
@@ -179,25 +191,17 @@ _BF16_MIN_SPEEDUP = 1.3  # bf16 must clearly win: where it is slower it is 100x 
 
 def cpu_matmul_probe() -> dict:
     """bf16 and fp32 matmul GFLOP/s on this CPU and the dtype they pick, measured once per CPU model,
-    torch version and thread count (kept in the cache folder: every stage of a run picks the same)."""
+    torch version and thread count (recorded in the cache folder: every stage of a run picks the same)."""
     cpu = next((line.split(":", 1)[1].strip() for line in _read_lines("/proc/cpuinfo") if line.startswith("model name")),
                "unknown CPU")
     key = f"{cpu} | torch {torch.__version__} | {torch.get_num_threads()} threads"
-    path = cache_root() / "cpu-matmul-probe.json"
-    try:
-        known = json.loads(path.read_text())
-    except (OSError, ValueError):
-        known = {}
-    if isinstance(known, dict) and isinstance(known.get(key), dict):
-        return known[key]
-    rates = {name: _matmul_gflops(getattr(torch, name)) for name in ("bfloat16", "float32")}
-    choice = "bfloat16" if rates["bfloat16"] >= _BF16_MIN_SPEEDUP * rates["float32"] else "float32"
-    result = {"gflops": {k: round(v, 1) for k, v in rates.items()}, "choice": choice, "cpu": key}
-    try:
-        atomic.write_json(path, {**(known if isinstance(known, dict) else {}), key: result})
-    except OSError:
-        pass
-    return result
+
+    def measure() -> dict:
+        rates = {name: _matmul_gflops(getattr(torch, name)) for name in ("bfloat16", "float32")}
+        choice = "bfloat16" if rates["bfloat16"] >= _BF16_MIN_SPEEDUP * rates["float32"] else "float32"
+        return {"gflops": {k: round(v, 1) for k, v in rates.items()}, "choice": choice, "cpu": key}
+
+    return _recorded("cpu-matmul-probe.json", key, measure)
 
 
 def _read_lines(path: str) -> list[str]:

@@ -96,7 +96,7 @@ def plan_model(recipe: Recipe) -> ModelPlan:
     return ModelPlan(config, source, total, quantized, total - quantized, len(hit), lora, missing)
 
 
-def _sequence_plan(recipe: Recipe) -> tuple[int, int, int | None, str]:
+def sequence_plan(recipe: Recipe) -> tuple[int, int, int | None, str]:
     """(longest example, longest response, examples or None, how known): from the transfer set if built."""
     path = recipe.layout.transfer_set
     if (path / MANIFEST).is_file():
@@ -154,6 +154,12 @@ def memory_estimate(recipe: Recipe, plan: ModelPlan, seq_len: int, response_len:
     ]
 
 
+def estimated_peak_bytes(recipe: Recipe) -> float:
+    """The per-process training memory estimate's total (what `dry_run` prints), in bytes."""
+    seq_len, response_len, _, _ = sequence_plan(recipe)
+    return sum(b for _, b, _ in memory_estimate(recipe, plan_model(recipe), seq_len, response_len))
+
+
 def dry_run(recipe: Recipe) -> str:
     """The resolved recipe, the model plan and a memory estimate; loads no weights."""
     import yaml
@@ -161,7 +167,7 @@ def dry_run(recipe: Recipe) -> str:
     tr, lora = recipe.train, recipe.lora
     plan = plan_model(recipe)
     c = plan.config
-    seq_len, response_len, examples, seq_source = _sequence_plan(recipe)
+    seq_len, response_len, examples, seq_source = sequence_plan(recipe)
     rows = memory_estimate(recipe, plan, seq_len, response_len)
     total = sum(b for _, b, _ in rows)
     heads = c.num_attention_heads

