@@ -103,9 +103,11 @@ def cmd_train(args) -> int:
 
         print(dry_run(recipe))
         return 0
-    from llmkd.train import train
+    from llmkd.train import summary_line, train
 
-    train(recipe, resume=args.resume)
+    result = train(recipe, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) == 0:  # once, not per process
+        print(summary_line(result), flush=True)
     return 0
 
 

@@ -2,7 +2,7 @@
 
 A recipe is a YAML file of these sections (all optional; omitted keys take the defaults below):
 
-    name: smollm2-cpu  # every output under runs/<name> and transfer_sets/<name>
+    name: smollm2-cpu  # every output under runs/<name>/ unless its path is set
     fast_paths: true
     model:        {name, revision, trust_remote_code, teacher_dtype, quant_type, double_quant, compute_dtype}
     data:         {source, exemplar_seed}
@@ -63,7 +63,7 @@ class DataConfig(Section):
 
 class TransferSetConfig(Section):
     out: Optional[str] = None
-    """Folder the transfer set is written to (shards + manifest.json); null: transfer_sets/<name>."""
+    """Folder the transfer set is written to (shards + manifest.json); null: runs/<name>/transfer_set. The shipped recipes keep theirs in transfer_sets/."""
     split: Literal["train", "test"] = "train"
     """GSM8K split the prompts come from. The test split is refused unless --allow-eval-split is given."""
     start: int = Field(0, ge=0)
@@ -180,7 +180,7 @@ class EvalConfig(Section):
 
 class Recipe(Section):
     name: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    """Names every output folder: runs/<name>/{train,eval,report} and transfer_sets/<name>, unless a path is set."""
+    """Names the run folder: every output goes under runs/<name>/ (transfer_set, train, eval, report) unless its path is set."""
     fast_paths: bool = True
     """Speed-ups that give the same numbers: the shared prompt prefix's KV computed once (generation,
     teacher targets, fidelity) and, on CPU, NF4 weights dequantized once. false: the plain library calls."""
@@ -211,7 +211,7 @@ class RunLayout:
     """Where each output of a recipe goes: the one place these paths are derived."""
 
     run: Path  # runs/<name>
-    transfer_set: Path  # transfer_set.out, or transfer_sets/<name>
+    transfer_set: Path  # transfer_set.out, or runs/<name>/transfer_set
     train: Path  # train.out, or runs/<name>/train
     eval: Path  # runs/<name>/eval
     report: Path  # runs/<name>/report
@@ -221,7 +221,7 @@ class RunLayout:
         run = Path("runs") / recipe.name
         return cls(
             run=run,
-            transfer_set=Path(recipe.transfer_set.out or Path("transfer_sets") / recipe.name),
+            transfer_set=Path(recipe.transfer_set.out or run / "transfer_set"),
             train=Path(recipe.train.out or run / "train"),
             eval=run / "eval",
             report=run / "report",

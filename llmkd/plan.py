@@ -141,6 +141,10 @@ def memory_estimate(recipe: Recipe, plan: ModelPlan, seq_len: int, response_len:
         how_act = f"{tokens:,} tokens x {layers} layers x ~{per_token_layer / 1024:.0f} KiB"
     logits_rows = tr.batch_size * response_len
     logits_bytes = act if tr.mixed_precision in ("bf16", "fp16") else 4
+    # On the CPU the fast path keeps one dequantized copy of the 4-bit weights for the run.
+    dense = models.compute_dtype(recipe.model).itemsize if recipe.fast_paths and models.device().type == "cpu" else 0
+    extra = [("4-bit weights dequantized once (CPU fast path)", plan.quantized_params * dense,
+              f"{plan.quantized_params:,} params x {dense} B (fast_paths: false drops it)")] if dense else []
     return [
         ("NF4 weights + quant constants", plan.quantized_params * (0.5 + const),
          f"{plan.quantized_params:,} params x {0.5 + const:.4f} B"),
@@ -151,6 +155,7 @@ def memory_estimate(recipe: Recipe, plan: ModelPlan, seq_len: int, response_len:
         ("activations", activations, how_act),
         ("logits + their gradient", 2 * logits_rows * vocab * logits_bytes + (32 << 20),
          f"{logits_rows:,} response positions x {vocab:,} x {logits_bytes} B x 2, + loss tiles"),
+        *extra,
     ]
 
 

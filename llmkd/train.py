@@ -357,6 +357,8 @@ def setup(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> Ses
     scheduler = make_scheduler(optimizer, tr, total_steps)
     # The scheduler stays unprepared: accelerate's wrapper would step it once per process.
     model, optimizer = prepare(accelerator, model, optimizer)
+    # Clipping and weight decay act on the parameters as prepared: sharding (FSDP) replaces them.
+    params = [p for p in model.parameters() if p.requires_grad]
     set_seed(tr.seed, device_specific=True)  # dropout: a stream per rank
     start_step = 0
     if resume_from is not None:
@@ -478,7 +480,6 @@ def fit(s: Session) -> TrainResult:
             **_jsonable(asdict(result)), "fast_paths": fast,
             "student_quantization": models.quantization_report(acc.unwrap_model(s.model)),
             "recipe": s.recipe.model_dump(), **provenance()})
-        print(summary_line(result), flush=True)
     return result
 
 

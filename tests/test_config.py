@@ -91,12 +91,13 @@ def test_an_empty_recipe_file_is_refused(tmp_path):
 
 
 def test_every_output_path_follows_the_name_unless_set():
-    layout = load_recipe("recipes/smollm2-cpu.yaml", ["name=foo"]).layout
+    layout = load_recipe(None, ["name=foo"]).layout
     for path in (layout.transfer_set, layout.train, layout.eval, layout.report, layout.adapter, layout.metrics):
-        assert "foo" in path.parts, path
-    assert layout.train == Path("runs/foo/train") and layout.transfer_set == Path("transfer_sets/foo")
+        assert path.parts[:2] == ("runs", "foo"), path
     explicit = load_recipe(None, ["name=foo", "train.out=/tmp/t", "transfer_set.out=sets/x"]).layout
     assert explicit.train == Path("/tmp/t") and explicit.transfer_set == Path("sets/x")
     assert explicit.eval == Path("runs/foo/eval")
+    shipped = load_recipe("recipes/smollm2-cpu.yaml", ["name=foo"]).layout  # pins its transfer set only
+    assert shipped.transfer_set == Path("transfer_sets/smollm2-cpu") and shipped.train == Path("runs/foo/train")
     with pytest.raises(LlmkdError, match="name"):
         load_recipe(None, ["name=../up"])

@@ -10,7 +10,7 @@ from llmkd import pipeline
 from llmkd.config import load_recipe
 
 TINY = [
-    "name=tiny", "transfer_set.start=746", "transfer_set.count=4", "transfer_set.batch_size=4",
+    "name=tiny", "transfer_set.out=", "transfer_set.start=746", "transfer_set.count=4", "transfer_set.batch_size=4",
     "train.batch_size=2", "train.max_steps=2", "train.checkpoint_every=1", "train.warmup_steps=0",
     "eval.limit=1", "eval.batch_size=1", "eval.max_new_tokens=6", "eval.shots=[0]",
     "eval.fidelity_count=1", "eval.fidelity_start=1000",
@@ -23,7 +23,7 @@ def test_main_job_runs_every_stage_reuses_finished_ones_and_fast_paths_change_no
     report = pipeline.run(slow, progress=False, say=said.append)
     layout = slow.layout
     assert report == layout.report / "report.md" and report.is_file()
-    assert (scratch_dir / "transfer_sets/tiny/manifest.json").is_file()  # all under the recipe's name
+    assert (scratch_dir / "runs/tiny/transfer_set/manifest.json").is_file()  # all under the recipe's name
     assert (layout.adapter / "adapter_config.json").is_file() and layout.metrics.is_file()
     assert [s[:5] for s in said if s.startswith("[")] == ["[1/4]", "[2/4]", "[3/4]", "[4/4]"]
     summary = json.loads((layout.eval / "eval-summary.json").read_text())

@@ -335,3 +335,13 @@ def test_mixed_precision_keeps_the_logits_in_the_compute_dtype():
     proc = subprocess.run([sys.executable, "-c", MIXED_PRECISION_SCRIPT], capture_output=True, text=True,
                           timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the row is the CPU fast path's")
+def test_dry_run_counts_the_cpu_fast_paths_dense_copy_only_when_it_is_on():
+    rows = {}
+    for fast in ("true", "false"):
+        recipe = load_recipe("recipes/smollm2-cpu.yaml", [f"fast_paths={fast}", "model.compute_dtype=float32"])
+        rows[fast] = dict((name, b) for name, b, _ in plan.memory_estimate(recipe, plan.plan_model(recipe), 400, 200))
+    dense = "4-bit weights dequantized once (CPU fast path)"
+    assert rows["true"][dense] == plan.plan_model(recipe).quantized_params * 4 and dense not in rows["false"]
