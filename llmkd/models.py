@@ -94,21 +94,23 @@ def _recorded(file: str, key: str, measure, keep=lambda value: True):
 
 
 def sha256_file(path: Path) -> str:
-    """sha256 of a file, computed once per (path, size, mtime): a 16 GB teacher is not re-read at
-    every start. Files under 1 MiB are cheaper to hash than to record."""
+    """sha256 of a file's bytes, read now (what verifying a file needs)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def recorded_sha256(path: Path) -> str:
+    """sha256 of a file that identifies a model (weights, the GGUF), computed once per (path, size,
+    mtime): a 16 GB teacher is not re-read at every start. Files under 1 MiB are cheaper to hash
+    than to record. Not for checking a file against corruption: use `sha256_file`."""
     path = Path(path).resolve()
     st = path.stat()
-
-    def digest() -> str:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        return h.hexdigest()
-
     if st.st_size < _HASH_CACHE_MIN_BYTES:
-        return digest()
-    return _recorded("file-hashes.json", f"{path}:{st.st_size}:{st.st_mtime_ns}", digest)
+        return sha256_file(path)
+    return _recorded("file-hashes.json", f"{path}:{st.st_size}:{st.st_mtime_ns}", lambda: sha256_file(path))
 
 
 def embedded_model_dir(convert: bool = True) -> Path | None:
@@ -116,7 +118,7 @@ def embedded_model_dir(convert: bool = True) -> Path | None:
     (None if not converted yet and convert is false). Published with `atomic.publish_dir`, so a
     crash mid-write never leaves a folder that looks usable, and concurrent ranks don't clash."""
     gguf = _embedded_gguf()
-    digest = sha256_file(gguf)
+    digest = recorded_sha256(gguf)
     target = cache_root() / "models" / f"{EMBEDDED_ALIAS}-{digest[:12]}"
     if (target / _COMPLETE_MARKER).exists():
         return target

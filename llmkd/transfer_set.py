@@ -391,7 +391,7 @@ def _file_digest(path: Path) -> str:
     real = path.resolve()
     if path.is_symlink() and _HEX64.fullmatch(real.name):
         return real.name
-    return models.sha256_file(real)
+    return models.recorded_sha256(real)
 
 
 def teacher_identity(cfg) -> dict:

@@ -124,11 +124,12 @@ def test_file_hash_is_computed_once_per_path_size_and_mtime(tmp_path, monkeypatc
     monkeypatch.setenv("LLMKD_CACHE", str(tmp_path / "cache"))
     f = tmp_path / "weights.bin"
     f.write_bytes(b"a" * (2 << 20))
-    first = models.sha256_file(f)
+    first = models.recorded_sha256(f)
     stat = f.stat()
     f.write_bytes(b"b" * (2 << 20))  # same size; put the old mtime back: the recorded digest is reused
     os.utime(f, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    assert models.sha256_file(f) == first
+    assert models.recorded_sha256(f) == first
+    assert models.sha256_file(f) == hashlib.sha256(b"b" * (2 << 20)).hexdigest()  # verification reads the bytes
     f.write_bytes(b"b" * (2 << 20))  # a new mtime: hashed again
     os.utime(f, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
-    assert models.sha256_file(f) == hashlib.sha256(b"b" * (2 << 20)).hexdigest() != first
+    assert models.recorded_sha256(f) == hashlib.sha256(b"b" * (2 << 20)).hexdigest() != first
