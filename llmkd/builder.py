@@ -14,14 +14,13 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from llmkd import __version__, atomic, models
 from llmkd.fastpath import shared_prefix
@@ -31,6 +30,7 @@ from llmkd.data.gsm8k import load_gsm8k, select_range
 from llmkd.errors import LlmkdError
 from llmkd.generation import decoding_settings, generate, truncate_at_stop
 from llmkd.losses import topk_with_tail
+from llmkd.progress import bar as progress_bar
 from llmkd.provenance import provenance
 from llmkd.transfer_set import (BUILD_FILE, FORMAT_VERSION, MANIFEST, SHARD_DIR, BuildStats, Manifest, Settings, ShardEntry,
                                 Totals, TransferSet, chat_template_sha256, check_file, read_manifest, sha256_text,
@@ -276,6 +276,8 @@ class _Job:
     settings: Settings
     load_teacher: Callable[[], Any]
     bar: Any
+    tokens: int = 0  # response tokens so far, for the bar's tokens/s
+    started: float = field(default_factory=time.perf_counter)
 
 
 def _build_shard(job: _Job, index: int, rows: Sequence[dict]) -> dict:
@@ -286,7 +288,7 @@ def _build_shard(job: _Job, index: int, rows: Sequence[dict]) -> dict:
     texts = [prompts.render_prompt(tok, r["question"], job.exemplars) for r in rows]
     sequences, starts, finishes = [None] * len(rows), [0] * len(rows), [""] * len(rows)
     targets: list = [None] * len(rows)
-    progress = partial(_advance, job.bar)  # per teacher-forward batch
+    progress = partial(_advance, job)  # per teacher-forward batch
     if ts.response == "teacher":
         eos = _eos_ids(teacher, tok)
         # generate's own batches (prompts longest first), one call per batch so the bar moves; the
@@ -344,15 +346,15 @@ def _build_shard(job: _Job, index: int, rows: Sequence[dict]) -> dict:
     return record
 
 
-def _advance(bar, examples: int, tokens: int) -> None:
-    """Move the bar by `examples`; show response tokens/s next to tqdm's examples/s."""
-    if bar.disable:
+def _advance(job: _Job, examples: int, tokens: int) -> None:
+    """Move the bar by `examples`; show response tokens/s next to its examples/s."""
+    if job.bar.disable:
         return
-    bar.update(examples)
-    bar.tokens = getattr(bar, "tokens", 0) + tokens
-    elapsed = bar.format_dict["elapsed"]
+    job.bar.update(examples)
+    job.tokens += tokens
+    elapsed = time.perf_counter() - job.started
     if elapsed > 0:
-        bar.set_postfix(tok_s=f"{bar.tokens / elapsed:.0f}")
+        job.bar.set_postfix(tok_s=f"{job.tokens / elapsed:.0f}")
 
 
 # --- Build ----------------------------------------------------------------------------------------
@@ -426,8 +428,8 @@ def build(recipe: Recipe, *, out: str | Path | None = None, limit: int | None = 
             raise LlmkdError(f"the teacher given runs in {dtype}, the recipe says {settings.teacher_dtype} (model.teacher_dtype)")
         return loaded[0]
 
-    bar = tqdm(total=sum(len(shards[i]) for i in todo), desc=f"transfer set {out.name}", unit="ex",
-               disable=not progress or rank != 0)
+    bar = progress_bar(total=sum(len(shards[i]) for i in todo), desc=f"transfer set {out.name}", unit="ex",
+                       disable=not progress or rank != 0)
     job = _Job(recipe, out, tok, exemplars, settings, load_teacher, bar)
     try:
         for i in todo:

@@ -120,6 +120,28 @@ def cmd_run(args) -> int:
     return 0
 
 
+# ---- llmkd sweep ------------------------------------------------------------------------------
+
+def add_sweep_args(p: argparse.ArgumentParser) -> None:
+    from llmkd.quantize import QUANTIZERS
+
+    add_recipe_args(p)
+    p.add_argument("--quant", default=",".join(QUANTIZERS), metavar="Q1,Q2,...",
+                   help=f"student quantizers, one point each (default: all of {','.join(QUANTIZERS)})")
+    p.add_argument("--dry-run", action="store_true", help="print each point's memory plan; load nothing")
+
+
+def cmd_sweep(args) -> int:
+    from llmkd import sweep
+
+    recipe, quants = recipe_from_cli(args.recipe), sweep.parse_quants(args.quant)
+    if args.dry_run:
+        print(sweep.dry_run(recipe, quants))
+        return 0
+    sweep.run(recipe, quants)
+    return 0
+
+
 # ---- llmkd recipe ----------------------------------------------------------------------------
 
 def add_recipe_cmd_args(p: argparse.ArgumentParser) -> None:
@@ -142,17 +164,19 @@ def cmd_recipe(args) -> int:
 
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "build-transfer-set": ("stage 1: cache the teacher's top-k distributions on GSM8K prompts", add_build_args, cmd_build),
-    "train": ("stage 2: LoRA on the NF4 student against the transfer set (also: accelerate launch llmkd/train.py)",
+    "train": ("stage 2: LoRA on the quantised student against the transfer set (also: accelerate launch llmkd/train.py)",
               add_train_args, cmd_train),
     "eval": ("GSM8K accuracy (both filters) and teacher fidelity of teacher and students", add_eval_args, cmd_eval),
     "run": ("the main job: build -> train -> eval (teacher, NF4, distilled) -> report", add_recipe_args, cmd_run),
+    "sweep": ("the bit-width frontier: one transfer set, then base and distilled student per quantizer "
+              "(--quant nf4,fp4,int8,hqq2,hqq3,hqq4,hqq8)", add_sweep_args, cmd_sweep),
     "recipe": ("validate a recipe and print it resolved, or list every key (--keys)", add_recipe_cmd_args, cmd_recipe),
 }
 
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="llmkd", description="Distil a 16-bit LLM into its own 4-bit (NF4) copy.", epilog=EPILOG)
+        prog="llmkd", description="Distil a 16-bit LLM into its own quantised (NF4 by default) copy.", epilog=EPILOG)
     parser.add_argument("-v", "--verbose", action="store_true", help="show library logs and warnings")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, add_args, _) in COMMANDS.items():

@@ -4,7 +4,7 @@ A recipe is a YAML file of these sections (all optional; omitted keys take the d
 
     name: smollm2-cpu  # every output under runs/<name>/ unless its path is set
     fast_paths: true
-    model:        {name, revision, trust_remote_code, teacher_dtype, quant_type, double_quant, compute_dtype}
+    model:        {name, revision, trust_remote_code, teacher_dtype, quant, double_quant, hqq_group_size, ...}
     data:         {source, exemplar_seed}
     transfer_set: {out, split, start, count, response, shots, top_k, max_new_tokens, ...}
     lora:         {r, alpha, dropout, target_modules}
@@ -44,10 +44,12 @@ class ModelConfig(Section):
     """Run model code shipped with the checkpoint. Off unless you trust the checkpoint."""
     teacher_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     """Teacher weights' dtype. auto: bfloat16 on a GPU; on CPU bfloat16 where a matmul probe finds it faster than float32, else float32."""
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    """bitsandbytes 4-bit data type of the student."""
+    quant: Literal["nf4", "fp4", "int8", "hqq2", "hqq3", "hqq4", "hqq8"] = "nf4"
+    """The student's quantizer: bitsandbytes nf4, fp4 (4-bit) or int8 (LLM.int8), or HQQ at 2/3/4/8 bits (llmkd/quantize.py)."""
     double_quant: bool = True
-    """Quantise the quantisation constants too (QLoRA's double quantisation)."""
+    """Quantise the quantisation constants too (QLoRA's double quantisation; nf4 and fp4)."""
+    hqq_group_size: int = Field(64, gt=0, multiple_of=8)
+    """Weights sharing one scale and zero (quant: hqq*); a multiple of 8 (HQQ's packing)."""
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     """dtype the 4-bit student computes in; auto as for teacher_dtype."""
     quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = "uint8"

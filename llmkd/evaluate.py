@@ -10,31 +10,39 @@ vocabulary and top-1 agreement (`llmkd.losses.dense_kd_metrics`). The teacher's 
 serve every student; the prompt prefix all questions share runs once per model and
 adapter state (`shared_prefix`).
 
+Generation agreement: each other model's greedy outputs (the accuracy generations, reread from the
+samples either backend writes) against the teacher's on the same prompts: identical outputs, the
+common token prefix, and the same extracted answer per filter, the last paired with the NF4 base's
+by the exact McNemar test. It shows behaviour where accuracy sits at the floor.
+
 Each evaluation writes `<out>/<tag>-<shots>shot/samples.jsonl` (prompt, output, extracted, gold,
-correct) and `summary.json` (metrics, recipe, prompt format, versions, git commit).
+correct) and `summary.json` (metrics, recipe, prompt format, versions, git commit); a run writes
+`<out>/eval-summary.json` (accuracy, fidelity, agreement).
 """
 
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import math
+import statistics
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
-from llmkd import atomic, fastpath, models
+from llmkd import atomic, fastpath, models, quantize
 from llmkd.fastpath import shared_prefix
 from llmkd.config import Recipe, eval_cell
 from llmkd.data import answer, prompts
 from llmkd.data.gsm8k import load_gsm8k, select_range
 from llmkd.generation import decoding_settings, generate
 from llmkd.losses import dense_kd_metrics
+from llmkd.progress import bar as progress_bar
 from llmkd.provenance import provenance
 
 log = logging.getLogger(__name__)
@@ -65,9 +73,28 @@ class Fidelity:
 
 
 @dataclass
+class GenerationAgreement:
+    """A model's greedy outputs against the teacher's on the same prompts (the accuracy questions)."""
+
+    tag: str
+    shots: int
+    questions: int
+    exact_match: float  # share of outputs identical to the teacher's
+    prefix_tokens_mean: float  # common token prefix with the teacher's output
+    prefix_tokens_median: float
+    teacher_tokens_mean: float  # the teacher's output length: the prefix of an identical output
+    strict_answer_agreement: float  # share with the teacher's extracted answer (both valid), strict filter
+    flexible_answer_agreement: float
+    # Filter -> exact McNemar of per-question answer agreement, a = the NF4 base ("student"), b = this
+    # model; empty for the base itself or without it.
+    vs_base: dict[str, dict] = field(default_factory=dict)
+
+
+@dataclass
 class EvalRun:
     accuracy: list[Accuracy] = field(default_factory=list)
     fidelity: list[Fidelity] = field(default_factory=list)
+    agreement: list[GenerationAgreement] = field(default_factory=list)
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -79,6 +106,17 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def mcnemar_exact(a_correct: Sequence[bool], b_correct: Sequence[bool]) -> dict:
+    """Two-sided exact McNemar test of paired outcomes: a binomial test on the discordant pairs."""
+    if len(a_correct) != len(b_correct):
+        raise ValueError("paired outcomes must cover the same questions")
+    only_a = sum(a and not b for a, b in zip(a_correct, b_correct))
+    only_b = sum(b and not a for a, b in zip(a_correct, b_correct))
+    n = only_a + only_b
+    tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2**n if n else 1.0
+    return {"only_a": only_a, "only_b": only_b, "p_value": min(1.0, 2 * tail)}
 
 
 def eval_questions(recipe: Recipe, limit: int | None = None):
@@ -183,6 +221,116 @@ def prompt_format(tokenizer, shots_exemplars: Sequence[dict]) -> dict:
     }
 
 
+# What a teacher cell's generations depend on, beyond llmkd's code: reused only where all are equal.
+_TEACHER_CELL_KEYS = ("model.name", "model.revision", "model.trust_remote_code", "model.teacher_dtype", "data.", "eval.")
+
+
+def reuse_teacher_cells(src: Path, out_dir: Path, recipe: Recipe, shots: Sequence[int], backend: str):
+    """The teacher's cells at `shots` scored earlier in `src` under this recipe's teacher, data and eval
+    settings, copied into `out_dir`; None (nothing copied) if any is missing or was scored otherwise."""
+    def relevant(flat: dict) -> dict:
+        return {k: v for k, v in flat.items() if k.startswith(_TEACHER_CELL_KEYS)}
+
+    cells = []
+    for k in shots:
+        cell = eval_cell(src, "teacher", k)
+        try:
+            summary = json.loads((cell / "summary.json").read_text())
+            earlier = Recipe.model_validate(summary["recipe"])
+        except (OSError, ValueError, KeyError):
+            return None
+        metrics = summary["metrics"]
+        if relevant(earlier.flat()) != relevant(recipe.flat()) or metrics["backend"] != backend \
+                or not (cell / "samples.jsonl").is_file():
+            return None
+        cells.append((cell, metrics))
+    reused = []
+    for cell, metrics in cells:
+        target = eval_cell(out_dir, "teacher", metrics["shots"])
+        if target.resolve() != cell.resolve():
+            tmp = atomic.temporary_dir(target)
+            for name in ("samples.jsonl", "summary.json"):
+                (tmp / name).write_bytes((cell / name).read_bytes())
+            atomic.publish_dir(tmp, target)
+        reused.append(Accuracy(**{**metrics, "strict_ci95": tuple(metrics["strict_ci95"]),
+                                  "flexible_ci95": tuple(metrics["flexible_ci95"])}))
+    return reused
+
+
+def read_samples(eval_dir: Path, tag: str, shots: int) -> list[dict]:
+    """The per-question rows `score_accuracy` wrote for one model and shot count (either backend)."""
+    path = eval_cell(eval_dir, tag, shots) / "samples.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# --- Generation agreement with the teacher -----------------------------------------------------
+
+FILTERS = ("strict", "flexible")
+
+
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens `a` and `b` share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def answers_agree(a: str, b: str) -> bool:
+    """Two extracted answers name the same number; a failed extraction agrees with nothing. Compared
+    as canonical numbers: lm-eval's extractions are raw text ("$18." is 18)."""
+    number = answer.normalize_number(a)
+    return number is not None and number == answer.normalize_number(b)
+
+
+def agreement_rows(teacher: Sequence[dict], samples: Sequence[dict], tokenize: Callable[[str], list[int]]) -> list[dict]:
+    """Per question, a model's sample against the teacher's: identical output, common token prefix,
+    the teacher's length in tokens, and for each filter whether the extracted answers agree."""
+    if [t["id"] for t in teacher] != [s["id"] for s in samples]:
+        raise ValueError("teacher and model were scored on different questions")
+    rows = []
+    for t, s in zip(teacher, samples):
+        t_ids, s_ids = tokenize(t["output"]), tokenize(s["output"])
+        rows.append({"exact": t["output"] == s["output"], "prefix": common_prefix_length(t_ids, s_ids),
+                     "teacher_tokens": len(t_ids), **{f: answers_agree(t[f], s[f]) for f in FILTERS}})
+    return rows
+
+
+def summarise_agreement(tag: str, shots: int, rows: Sequence[dict],
+                        base_rows: Sequence[dict] | None = None) -> GenerationAgreement:
+    """Rates and prefix lengths of `agreement_rows`; with `base_rows` (the NF4 base's on the same
+    questions), McNemar of answer agreement base vs this model, per filter."""
+    n = max(len(rows), 1)
+    prefixes = [r["prefix"] for r in rows]
+    return GenerationAgreement(
+        tag=tag, shots=shots, questions=len(rows),
+        exact_match=sum(r["exact"] for r in rows) / n,
+        prefix_tokens_mean=sum(prefixes) / n,
+        prefix_tokens_median=float(statistics.median(prefixes)) if prefixes else 0.0,
+        teacher_tokens_mean=sum(r["teacher_tokens"] for r in rows) / n,
+        strict_answer_agreement=sum(r["strict"] for r in rows) / n,
+        flexible_answer_agreement=sum(r["flexible"] for r in rows) / n,
+        vs_base={f: mcnemar_exact([b[f] for b in base_rows], [r[f] for r in rows]) for f in FILTERS}
+        if base_rows is not None else {},
+    )
+
+
+def generation_agreement(accuracy: Sequence[Accuracy], eval_dir: Path, tokenizer) -> list[GenerationAgreement]:
+    """Each non-teacher model of `accuracy` against the teacher, at every shot count the teacher was
+    scored at, from the samples already written (no generation); order as in `accuracy`."""
+    def tokenize(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    teacher_shots = {a.shots for a in accuracy if a.tag == "teacher"}
+    cells = [(a.tag, a.shots) for a in accuracy if a.tag != "teacher" and a.shots in teacher_shots]
+    teacher = {k: read_samples(eval_dir, "teacher", k) for k in teacher_shots}
+    rows = {(tag, k): agreement_rows(teacher[k], read_samples(eval_dir, tag, k), tokenize) for tag, k in cells}
+    return [summarise_agreement(tag, k, rows[tag, k], rows.get(("student", k)) if tag != "student" else None)
+            for tag, k in cells]
+
+
 FIDELITY_BATCH = 16  # teacher-forced batches: bigger ones only add padding and (N, V) logits memory
 
 
@@ -226,16 +374,18 @@ def score_fidelity(teacher, student, tokenizer, questions, *, tags: Sequence[str
             caches[key] = shared_prefix.prefix_cache(model, rows[0][:prefix])
         return shared_prefix.forward(model, input_ids, attention, keep, prefix, caches.get(key)).logits
 
-    for input_ids, attention, keep in tqdm(batches, desc=f"fidelity {'/'.join(tags)}", disable=not progress):
-        input_ids, attention, keep = input_ids.to(device), attention.to(device), keep.to(device)
-        t_logits = forward(teacher, None, input_ids, attention, keep)  # (N, V) at the response positions
-        mask = torch.ones(t_logits.shape[0], dtype=torch.bool, device=device)
-        for tag in tags:
-            with adapter_off(student, tag):
-                k, a, n = dense_kd_metrics(t_logits, forward(student, tag, input_ids, attention, keep), mask)
-            sums[tag][0] += float(k)
-            sums[tag][1] += int(a)
-        tokens += int(n)
+    with progress_bar(total=len(batches), desc=f"fidelity {'/'.join(tags)}", unit="batch", disable=not progress) as bar:
+        for input_ids, attention, keep in batches:
+            input_ids, attention, keep = input_ids.to(device), attention.to(device), keep.to(device)
+            t_logits = forward(teacher, None, input_ids, attention, keep)  # (N, V) at the response positions
+            mask = torch.ones(t_logits.shape[0], dtype=torch.bool, device=device)
+            for tag in tags:
+                with adapter_off(student, tag):
+                    k, a, n = dense_kd_metrics(t_logits, forward(student, tag, input_ids, attention, keep), mask)
+                sums[tag][0] += float(k)
+                sums[tag][1] += int(a)
+            tokens += int(n)
+            bar.update(1)
     return [Fidelity(tag=tag, questions=len(questions), tokens=tokens, kl=kl / max(tokens, 1),
                      top1_agreement=agree / max(tokens, 1)) for tag, (kl, agree) in sums.items()]
 
@@ -248,12 +398,14 @@ def fidelity_questions(recipe: Recipe):
 def run_eval(
     recipe: Recipe, *, shots: Sequence[int], tags: Sequence[str], adapter: str | Path | None = None,
     limit: int | None = None, with_fidelity: bool = False, backend: str | None = None,
-    out_dir: Path | None = None, progress: bool = True,
+    out_dir: Path | None = None, progress: bool = True, teacher_from: Path | None = None,
 ) -> EvalRun:
     """Score each model in `tags` ("teacher", "student", "distilled" = student + `adapter`) at each shot count.
 
-    At most two models are loaded: the teacher, then one NF4 student. With an adapter, the NF4 base
+    At most two models are loaded: the teacher, then one quantised student. With an adapter, the base
     student is that model with its adapter disabled. The teacher is kept only for fidelity.
+    `teacher_from`: an evaluation folder whose teacher cells, scored under the same settings, are
+    copied instead of generated again (`llmkd sweep` scores the teacher once for every point).
     """
     out_dir = Path(out_dir or recipe.layout.eval)
     atomic.remove_temporaries(out_dir, recursive=True)  # a killed earlier run's unfinished writes
@@ -272,16 +424,24 @@ def run_eval(
             run.accuracy.append(score_accuracy(model, tokenizer, questions, ex, tag=tag, recipe=recipe,
                                                out_dir=out_dir, backend=backend, progress=progress))
 
-    teacher = models.load_teacher(recipe.model) if "teacher" in tags or held_out is not None else None
-    if "teacher" in tags:
+    reused = reuse_teacher_cells(Path(teacher_from), out_dir, recipe, shots, backend) \
+        if teacher_from is not None and "teacher" in tags else None
+    if reused is not None:
+        run.accuracy += reused
+    generate_teacher = "teacher" in tags and reused is None
+    teacher = models.load_teacher(recipe.model) if generate_teacher or held_out is not None else None
+    if generate_teacher:
         accuracy(teacher, "teacher")
     if held_out is None:
         teacher = None
         gc.collect()
+    load_seconds = None
     if students:
+        start = time.perf_counter()
         student = models.load_student(recipe.model, adapter=adapter if "distilled" in students else None)
+        load_seconds = round(time.perf_counter() - start, 1)
         with fastpath.dequantized_once(student, enabled=recipe.fast_paths) as fast:
-            quantization = models.quantization_report(student)
+            quantization = quantize.quantization_report(student)
             for tag in students:
                 with adapter_off(student, tag):
                     accuracy(student, tag)
@@ -289,19 +449,26 @@ def run_eval(
                 run.fidelity = score_fidelity(teacher, student, tokenizer, held_out, tags=students,
                                               batch_size=min(recipe.eval.batch_size, FIDELITY_BATCH),
                                               share_prefix=recipe.fast_paths, progress=progress)
+    run.agreement = generation_agreement(run.accuracy, out_dir, tokenizer)
     atomic.write_json(out_dir / "eval-summary.json", {
         "accuracy": [asdict(a) for a in run.accuracy],
         "fidelity": [asdict(f) for f in run.fidelity],
+        "agreement": [asdict(g) for g in run.agreement],
         "questions": {"split": recipe.eval.split, "start": recipe.eval.start, "count": len(questions),
                       "in_transfer_set": overlap},
-        "fast_paths": fast, "student_quantization": quantization,
+        "fast_paths": fast, "student_quantization": quantization, "student_load_seconds": load_seconds,
         **provenance(),
     })
     return run
 
 
 def format_table(run: EvalRun) -> str:
-    """Side by side: one row per model and shot count, both filters, CIs, speed; then fidelity."""
+    """Side by side: accuracy (one row per model and shot count), then fidelity, then agreement."""
+    return "\n\n".join(t for t in (accuracy_table(run), fidelity_table(run), agreement_table(run)) if t)
+
+
+def accuracy_table(run: EvalRun) -> str:
+    """Both filters with Wilson 95% intervals, and generation speed."""
     lines = [
         "| model | shots | n | strict | flexible | tokens/s |",
         "|---|---:|---:|---|---|---:|",
@@ -311,10 +478,30 @@ def format_table(run: EvalRun) -> str:
             f"| {a.tag} | {a.shots} | {a.questions} | {_pct(a.strict, a.strict_ci95)} | "
             f"{_pct(a.flexible, a.flexible_ci95)} | {a.tokens_per_s:.0f} |"
         )
-    if run.fidelity:
-        lines += ["", "| model | held-out tokens | KL(teacher‖model) | top-1 agreement |", "|---|---:|---:|---:|"]
-        for f in run.fidelity:
-            lines.append(f"| {f.tag} | {f.tokens} | {f.kl:.4f} | {100 * f.top1_agreement:.1f}% |")
+    return "\n".join(lines)
+
+
+def fidelity_table(run: EvalRun) -> str:
+    if not run.fidelity:
+        return ""
+    lines = ["| model | held-out tokens | KL(teacher‖model) | top-1 agreement |", "|---|---:|---:|---:|"]
+    for f in run.fidelity:
+        lines.append(f"| {f.tag} | {f.tokens} | {f.kl:.4f} | {100 * f.top1_agreement:.1f}% |")
+    return "\n".join(lines)
+
+
+def agreement_table(run: EvalRun) -> str:
+    """Greedy outputs against the teacher's; the p-values pair each model's answer agreement with the base's."""
+    if not run.agreement:
+        return ""
+    lines = ["| model | shots | n | same output as teacher | common prefix, tokens: mean / median (teacher's length) "
+             "| same answer, strict | same answer, flexible | vs base: p strict / flexible |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for g in run.agreement:
+        paired = " / ".join(f"{g.vs_base[f]['p_value']:.3g}" for f in FILTERS) if g.vs_base else ""
+        lines.append(f"| {g.tag} | {g.shots} | {g.questions} | {100 * g.exact_match:.1f}% | "
+                     f"{g.prefix_tokens_mean:.1f} / {g.prefix_tokens_median:g} ({g.teacher_tokens_mean:.1f}) | "
+                     f"{100 * g.strict_answer_agreement:.1f}% | {100 * g.flexible_answer_agreement:.1f}% | {paired} |")
     return "\n".join(lines)
 
 

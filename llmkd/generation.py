@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from llmkd.data.prompts import encode
 from llmkd.fastpath import shared_prefix
+from llmkd.progress import bar as progress_bar
 
 
 @dataclass(frozen=True)
@@ -144,7 +144,7 @@ def generate(
     results: list[Completion | None] = [None] * len(prompts)
     device = next(model.parameters()).device
     start, total = time.perf_counter(), 0
-    bar = tqdm(total=len(prompts), desc=desc, unit="q", disable=not progress)
+    bar = progress_bar(total=len(prompts), desc=desc, unit="q", disable=not progress)
     sharing = shared_prefix.shared_prefix(model, ids[0][:prefix_len]) if prefix_len else contextlib.nullcontext()
     with sharing, _checkpoint_defaults_off(model):
         try:

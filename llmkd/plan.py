@@ -2,22 +2,24 @@
 
 The architecture comes from the model's config.json where it is local (a folder, the converted
 embedded default, the hub cache) and from a small built-in table for known hub ids offline. The
-memory model counts, per process: the NF4 weights with their constants, what stays unquantised,
+memory model counts, per process: the quantised weights with their constants (`quantize`), what stays unquantised,
 LoRA weights with gradients and optimizer state, activations at the backward's peak, and the
 response-position logits with their gradient.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from llmkd import models
+from llmkd import models, quantize
 from llmkd.config import Recipe
 from llmkd.errors import LlmkdError
+from llmkd.fastpath.dequantize import MAX_BYTES as MAX_DEQUANTIZED_BYTES
 from llmkd.transfer_set import MANIFEST, TransferSet
 
 # Architectures for a dry run when the hub is unreachable (and for the embedded default, whose
@@ -38,23 +40,28 @@ KNOWN_CONFIGS = {
 
 def model_config(cfg) -> tuple[Any, str]:
     """(transformers config, where it came from) without loading weights or converting the GGUF."""
+    return _model_config(cfg.name, cfg.revision, cfg.trust_remote_code)
+
+
+@functools.lru_cache(maxsize=8)  # a sweep plans several points of one model: ask the hub once
+def _model_config(name: str, revision: str | None, trust_remote_code: bool) -> tuple[Any, str]:
     from transformers import AutoConfig
 
-    if cfg.name == models.EMBEDDED_ALIAS:
+    if name == models.EMBEDDED_ALIAS:
         converted = models.embedded_model_dir(convert=False)
         if converted is None:
-            return _table_config(cfg.name), "built-in table (the embedded default, not converted yet)"
+            return _table_config(name), "built-in table (the embedded default, not converted yet)"
         return AutoConfig.from_pretrained(str(converted)), str(converted)
     # Not models.resolve: it takes hub ids with a dot ("Llama-3.1-...") for missing folders.
-    path = Path(cfg.name).expanduser()
-    ref = str(path) if path.is_dir() else cfg.name
+    path = Path(name).expanduser()
+    ref = str(path) if path.is_dir() else name
     try:
-        return AutoConfig.from_pretrained(ref, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code), ref
+        return AutoConfig.from_pretrained(ref, revision=revision, trust_remote_code=trust_remote_code), ref
     except (OSError, ValueError) as e:
-        if cfg.name in KNOWN_CONFIGS:
-            return _table_config(cfg.name), f"built-in table (hub unreachable: {type(e).__name__})"
+        if name in KNOWN_CONFIGS:
+            return _table_config(name), f"built-in table (hub unreachable: {type(e).__name__})"
         raise LlmkdError(
-            f"cannot read the config of {cfg.name!r} ({type(e).__name__}) and it is not in the built-in table "
+            f"cannot read the config of {name!r} ({type(e).__name__}) and it is not in the built-in table "
             f"({', '.join(KNOWN_CONFIGS)}); download it and set model.name to the folder"
         ) from None
 
@@ -71,7 +78,8 @@ class ModelPlan:
     config: Any
     source: str
     total_params: int
-    quantized_params: int  # in the Linear layers bitsandbytes converts (all but lm_head)
+    quantized_params: int  # in the Linear layers the quantizer converts (all but lm_head)
+    quantized_bytes: float  # those layers' weights and constants as `quantize` plans them
     kept_params: int  # embeddings, lm_head, norms: not quantised
     lora_modules: int
     lora_params: int
@@ -79,7 +87,7 @@ class ModelPlan:
 
 
 def plan_model(recipe: Recipe) -> ModelPlan:
-    """Parameter counts from the architecture instantiated on the meta device (no weights)."""
+    """Parameter counts and quantised bytes from the architecture on the meta device (no weights)."""
     from transformers import AutoModelForCausalLM
 
     config, source = model_config(recipe.model)
@@ -89,11 +97,14 @@ def plan_model(recipe: Recipe) -> ModelPlan:
     head = model.get_output_embeddings()
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
     quantized = sum(m.weight.numel() for m in linears.values())
+    compute_bytes = models.compute_dtype(recipe.model).itemsize
+    quantized_bytes = sum(m.weight.numel() * quantize.planned_bytes_per_weight(recipe.model, m.in_features, compute_bytes)
+                          for m in linears.values())
     targets = list(recipe.lora.target_modules)
     hit = {n: m for n, m in linears.items() if any(n == t or n.endswith("." + t) for t in targets)}
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in hit)]
     lora = sum(recipe.lora.r * (m.in_features + m.out_features) for m in hit.values())
-    return ModelPlan(config, source, total, quantized, total - quantized, len(hit), lora, missing)
+    return ModelPlan(config, source, total, quantized, quantized_bytes, total - quantized, len(hit), lora, missing)
 
 
 def sequence_plan(recipe: Recipe) -> tuple[int, int, int | None, str]:
@@ -118,9 +129,6 @@ def memory_estimate(recipe: Recipe, plan: ModelPlan, seq_len: int, response_len:
     kv = (getattr(c, "num_key_value_heads", None) or heads) * head_dim
     vocab = c.vocab_size
     act = 2 if tr.mixed_precision in ("bf16", "fp16") else 4  # activation bytes under autocast, else fp32
-    # NF4: 4 bits per weight + one absmax per 64-weight block: fp32 (4 B), or with double quantisation
-    # 1 byte plus one fp32 constant per 256 blocks.
-    const = (1 + 4 / 256) / 64 if recipe.model.double_quant else 4 / 64
     tokens = tr.batch_size * seq_len
     opt_bytes = 8 if tr.optimizer == "adamw" else (4 if tr.momentum > 0 else 0)
     # Activations per token per layer at the backward's peak, Llama-like block with SwiGLU: what
@@ -141,15 +149,20 @@ def memory_estimate(recipe: Recipe, plan: ModelPlan, seq_len: int, response_len:
         how_act = f"{tokens:,} tokens x {layers} layers x ~{per_token_layer / 1024:.0f} KiB"
     logits_rows = tr.batch_size * response_len
     logits_bytes = act if tr.mixed_precision in ("bf16", "fp16") else 4
-    # On the CPU the fast path keeps one dequantized copy of the 4-bit weights for the run.
-    dense = models.compute_dtype(recipe.model).itemsize if recipe.fast_paths and models.device().type == "cpu" else 0
-    extra = [("4-bit weights dequantized once (CPU fast path)", plan.quantized_params * dense,
+    # On the CPU the fast path keeps one dequantized copy of the 4-bit or HQQ weights for the run.
+    q, compute = quantize.quantizer(recipe.model), models.compute_dtype(recipe.model).itemsize
+    dense = compute if recipe.fast_paths and models.device().type == "cpu" and q.name != "int8" else 0
+    if plan.quantized_params * dense > MAX_DEQUANTIZED_BYTES:
+        dense = 0  # the fast path stands aside for a copy this big
+    extra = [(f"{q.name} weights dequantized once (CPU fast path)", plan.quantized_params * dense,
               f"{plan.quantized_params:,} params x {dense} B (fast_paths: false drops it)")] if dense else []
+    # peft's prepare_model_for_kbit_training upcasts what bitsandbytes leaves unquantised to fp32; HQQ's it leaves.
+    kept = 4 if q.library == "bitsandbytes" else compute
     return [
-        ("NF4 weights + quant constants", plan.quantized_params * (0.5 + const),
-         f"{plan.quantized_params:,} params x {0.5 + const:.4f} B"),
-        ("embeddings, lm_head, norms (fp32)", plan.kept_params * 4,
-         f"{plan.kept_params:,} params; prepare_model_for_kbit_training upcasts them to fp32"),
+        (f"{q.name} weights + quant constants", plan.quantized_bytes,
+         f"{plan.quantized_params:,} params x {plan.quantized_bytes / plan.quantized_params:.4f} B"),
+        (f"embeddings, lm_head, norms ({'fp32' if kept == 4 else f'{kept} B'})", plan.kept_params * kept,
+         f"{plan.kept_params:,} params" + ("; prepare_model_for_kbit_training upcasts them to fp32" if kept == 4 else "")),
         ("LoRA weights + grads + optimizer", plan.lora_params * (4 + 4 + opt_bytes),
          f"{plan.lora_params:,} fp32 params x (4 + 4 + {opt_bytes} {tr.optimizer}) B"),
         ("activations", activations, how_act),
@@ -159,10 +172,10 @@ def memory_estimate(recipe: Recipe, plan: ModelPlan, seq_len: int, response_len:
     ]
 
 
-def estimated_peak_bytes(recipe: Recipe) -> float:
+def estimated_peak_bytes(recipe: Recipe, model_plan: ModelPlan | None = None) -> float:
     """The per-process training memory estimate's total (what `dry_run` prints), in bytes."""
     seq_len, response_len, _, _ = sequence_plan(recipe)
-    return sum(b for _, b, _ in memory_estimate(recipe, plan_model(recipe), seq_len, response_len))
+    return sum(b for _, b, _ in memory_estimate(recipe, model_plan or plan_model(recipe), seq_len, response_len))
 
 
 def dry_run(recipe: Recipe) -> str:
@@ -190,8 +203,8 @@ def dry_run(recipe: Recipe) -> str:
         f"  {c.model_type}: hidden {c.hidden_size}, {c.num_hidden_layers} layers, intermediate {c.intermediate_size}, "
         f"{heads} heads ({kv_heads} KV, head dim {head_dim}), vocab {c.vocab_size:,}, "
         f"tied embeddings {bool(getattr(c, 'tie_word_embeddings', False))}",
-        f"  parameters {plan.total_params:,}: {plan.quantized_params:,} in linear layers -> {recipe.model.quant_type} "
-        f"(double quant {recipe.model.double_quant}, compute {recipe.model.compute_dtype}"
+        f"  parameters {plan.total_params:,}: {plan.quantized_params:,} in linear layers -> {recipe.model.quant} "
+        f"({_quant_detail(recipe.model)}, compute {recipe.model.compute_dtype}"
         f"{' = ' + str(models.compute_dtype(recipe.model)).removeprefix('torch.') if recipe.model.compute_dtype == 'auto' else ''}); "
         f"{plan.kept_params:,} not quantised",
         f"  LoRA r={lora.r} alpha={lora.alpha:g} dropout={lora.dropout:g} on {plan.lora_modules} modules "
@@ -215,3 +228,10 @@ def dry_run(recipe: Recipe) -> str:
         f"{tr.batch_size * heads * seq_len**2 * 4 / gib:.2f} GiB per layer (fp32)",
     ]
     return "\n".join(lines)
+
+
+def _quant_detail(cfg) -> str:
+    q = quantize.quantizer(cfg)
+    if q.library == "hqq":
+        return f"HQQ {q.bits}-bit, group {cfg.hqq_group_size}"
+    return f"bitsandbytes, double quant {cfg.double_quant}" if q.bits == 4 else "bitsandbytes LLM.int8"

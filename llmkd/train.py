@@ -1,4 +1,4 @@
-"""Stage 2: train LoRA on the NF4 student against the cached teacher (the transfer set).
+"""Stage 2: train LoRA on the quantised student against the cached teacher (the transfer set).
 
     llmkd train RECIPE [key=value ...] [--resume] [--dry-run]
     accelerate launch llmkd/train.py RECIPE ...      (the same command through the launcher)
@@ -6,7 +6,7 @@
 `train(recipe)` = `setup` -> `fit` -> the final adapter. Plain functions, no Trainer subclass; the
 teacher is never loaded, its top-k + tail targets come from the transfer set.
 
-Student: the base quantised on load (`models.quantization_config`), `prepare_model_for_kbit_training`
+Student: the base quantised as `model.quant` says (`models.load_quantized`), `prepare_model_for_kbit_training`
 (gradient checkpointing only if asked), then LoRA from peft, in train mode (LoRA dropout acts).
 
 Data: an example's target row i belongs to token input_ids[response_start + i], predicted at the
@@ -42,7 +42,7 @@ if __name__ == "__main__":  # run as a script, sys.path[0] is llmkd/ itself: its
 import numpy as np
 import torch
 
-from llmkd import atomic, checkpoint, fastpath, models
+from llmkd import atomic, checkpoint, fastpath, models, quantize
 from llmkd.config import Recipe, RunLayout
 from llmkd.data import prompts
 from llmkd.errors import LlmkdError
@@ -188,13 +188,10 @@ class TrainingData:
 
 
 def build_student(recipe: Recipe, device: torch.device):
-    """NF4 base + prepare_model_for_kbit_training + LoRA, in train mode (LoRA dropout active)."""
+    """Quantised base + prepare_model_for_kbit_training + LoRA, in train mode (LoRA dropout active)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     cfg, tr = recipe.model, recipe.train
-    base = models.load_pretrained(
-        cfg, quantization_config=models.quantization_config(cfg), dtype=models.compute_dtype(cfg),
-        device_map=models.device_map(device),
-    )
+    base = models.load_quantized(cfg, models.device_map(device))
     base.config.use_cache = False
     # prepare_model_for_kbit_training turns gradient checkpointing on by default: only if asked.
     base = prepare_model_for_kbit_training(
@@ -397,7 +394,7 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> Tra
 
 
 def fit(s: Session) -> TrainResult:
-    from tqdm.auto import tqdm
+    from llmkd.progress import bar as progress_bar
 
     acc, tr, plan = s.accelerator, s.recipe.train, s.plan
     rank, world, main = acc.process_index, acc.num_processes, acc.is_main_process
@@ -409,9 +406,9 @@ def fit(s: Session) -> TrainResult:
     acc.init_trackers(TRACKER_NAME, config=_tracker_config(s.recipe))
     acc.wait_for_everyone()
 
-    # disable=None: no bar when stderr is not a terminal (logs to a file stay readable).
-    bar = tqdm(total=s.total_steps, initial=s.start_step, desc="train", unit="step",
-               disable=None if (s.progress and main) else True, dynamic_ncols=True)
+    # A bar on a terminal; in a log file, one line when training ends.
+    bar = progress_bar(total=s.total_steps, initial=s.start_step, desc="train", unit="step",
+                       disable=not (s.progress and main), dynamic_ncols=True)
     run_start = time.perf_counter()
     input_total = response_total = 0
     final_loss = None
@@ -478,7 +475,7 @@ def fit(s: Session) -> TrainResult:
     if main:
         atomic.write_json(s.layout.train_summary, {
             **_jsonable(asdict(result)), "fast_paths": fast,
-            "student_quantization": models.quantization_report(acc.unwrap_model(s.model)),
+            "student_quantization": quantize.quantization_report(acc.unwrap_model(s.model)),
             "recipe": s.recipe.model_dump(), **provenance()})
     return result
 

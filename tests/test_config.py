@@ -22,7 +22,7 @@ def test_every_shipped_recipe_validates(path):
 def test_reference_recipe_has_the_study_settings():
     r = load_recipe("recipes/gsm8k.yaml")
     assert r.model.name == "meta-llama/Llama-3.1-8B-Instruct"
-    assert (r.model.quant_type, r.model.double_quant, r.model.compute_dtype) == ("nf4", True, "bfloat16")
+    assert (r.model.quant, r.model.double_quant, r.model.compute_dtype) == ("nf4", True, "bfloat16")
     assert (r.lora.r, r.lora.alpha, r.lora.dropout) == (4, 8, 0.2)
     assert (r.train.epochs, r.train.batch_size, r.train.optimizer) == (2, 8, "sgd")
     assert r.train.lr == pytest.approx(5e-8) and r.train.momentum == 0.9

@@ -1,9 +1,12 @@
 import json
+from dataclasses import asdict
 
 import pytest
 
 from llmkd.data.gsm8k import load_gsm8k, select_range
-from llmkd.evaluate import fidelity_questions, format_table, run_eval, score_fidelity, wilson_interval
+from llmkd.evaluate import (Accuracy, EvalRun, agreement_rows, answers_agree, common_prefix_length, fidelity_questions,
+                            format_table, generation_agreement, mcnemar_exact, run_eval, score_fidelity,
+                            summarise_agreement, wilson_interval)
 
 
 def test_wilson_interval_known_values():
@@ -11,6 +14,111 @@ def test_wilson_interval_known_values():
     assert (round(lo, 4), round(hi, 4)) == (0.3094, 0.4980)  # textbook value for 40/100
     assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(0, 10)[1] == pytest.approx(0.2775, abs=1e-4)
     assert wilson_interval(0, 0) == (0.0, 0.0)
+
+
+def test_mcnemar_exact_known_values():
+    # 10 discordant pairs split 9/1: p = 2 * P(X <= 1 | n=10, 1/2) = 2 * 11/1024
+    a = [True] * 9 + [False] + [True] * 5
+    b = [False] * 9 + [True] + [True] * 5
+    t = mcnemar_exact(a, b)
+    assert (t["only_a"], t["only_b"]) == (9, 1) and t["p_value"] == pytest.approx(22 / 1024)
+    assert mcnemar_exact([True, False], [True, False])["p_value"] == 1.0  # no discordant pairs
+    assert mcnemar_exact([True] * 3, [False] * 3)["p_value"] == pytest.approx(0.25)
+    with pytest.raises(ValueError):
+        mcnemar_exact([True], [True, False])
+
+
+# -- generation agreement, on hand-built samples: a whitespace "tokenizer" is the reference ----------
+
+
+def words(text):
+    return text.split()
+
+
+def sample(i, output, strict="[invalid]", flexible="[invalid]"):
+    return {"id": f"q{i}", "prompt": "p", "output": output, "strict": strict, "flexible": flexible, "gold": "1"}
+
+
+def test_common_prefix_length():
+    assert common_prefix_length([1, 2, 3], [1, 2, 3]) == 3
+    assert common_prefix_length([1, 2, 3], [1, 2, 4, 5]) == 2
+    assert common_prefix_length([1, 2], [1, 2, 3]) == 2  # one output is the other's start
+    assert common_prefix_length([1, 2], [2, 1]) == 0 and common_prefix_length([], [1]) == 0
+
+
+def test_answers_agree_on_the_number_and_never_on_a_failed_extraction():
+    assert answers_agree("18", "18") and answers_agree("$18.", "18")  # lm-eval's raw extraction
+    assert not answers_agree("18", "19")
+    assert not answers_agree("[invalid]", "[invalid]")
+
+
+def test_identical_outputs_agree_fully():
+    teacher = [sample(0, "a b c #### 5", "5", "5"), sample(1, "d e", flexible="7")]
+    g = summarise_agreement("distilled", 0, agreement_rows(teacher, [dict(t) for t in teacher], words))
+    assert (g.questions, g.exact_match) == (2, 1.0)
+    assert g.prefix_tokens_mean == g.teacher_tokens_mean == (5 + 2) / 2 and g.prefix_tokens_median == 3.5
+    assert g.strict_answer_agreement == 0.5  # question 1 has no strict answer: nothing to agree on
+    assert g.flexible_answer_agreement == 1.0 and g.vs_base == {}
+
+
+def test_disjoint_outputs_agree_in_nothing():
+    teacher = [sample(0, "a b #### 5", "5", "5"), sample(1, "c d 6", flexible="6")]
+    other = [sample(0, "x y #### 4", "4", "4"), sample(1, "z 9", flexible="9")]
+    g = summarise_agreement("student", 0, agreement_rows(teacher, other, words))
+    assert (g.exact_match, g.prefix_tokens_mean, g.prefix_tokens_median) == (0.0, 0.0, 0.0)
+    assert (g.strict_answer_agreement, g.flexible_answer_agreement) == (0.0, 0.0)
+    assert g.teacher_tokens_mean == 3.5
+
+
+def test_partial_agreement_and_the_paired_test_against_the_base():
+    # Four questions; by hand: distilled shares 4, 1, 0, 2 leading words with the teacher (teacher
+    # lengths 4, 3, 2, 4), matches it whole once, and agrees on the flexible answer on q0, q1, q3.
+    teacher = [sample(0, "a b c 5", flexible="5"), sample(1, "a b 6", flexible="6"),
+               sample(2, "x 7", flexible="7"), sample(3, "p q r 8", flexible="8")]
+    distilled = [sample(0, "a b c 5", flexible="5"), sample(1, "a c 6", flexible="6"),
+                 sample(2, "y 3", flexible="3"), sample(3, "p q s 8", flexible="8")]
+    base = [sample(i, "w 0", flexible="0") for i in range(4)]  # agrees nowhere
+    base_rows = agreement_rows(teacher, base, words)
+    g = summarise_agreement("distilled", 0, agreement_rows(teacher, distilled, words), base_rows)
+    assert g.exact_match == 0.25
+    assert g.prefix_tokens_mean == (4 + 1 + 0 + 2) / 4 and g.prefix_tokens_median == 1.5
+    assert g.teacher_tokens_mean == (4 + 3 + 2 + 4) / 4
+    assert (g.strict_answer_agreement, g.flexible_answer_agreement) == (0.0, 0.75)
+    assert g.vs_base["flexible"] == {"only_a": 0, "only_b": 3, "p_value": pytest.approx(0.25)}
+    assert g.vs_base["strict"] == {"only_a": 0, "only_b": 0, "p_value": 1.0}
+    with pytest.raises(ValueError):
+        agreement_rows(teacher, distilled[:3], words)
+
+
+class CharTokenizer:
+    """One token per character: a tokenizer whose prefix lengths can be counted by eye."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) for c in text]}
+
+
+def _acc(tag, shots):
+    return Accuracy(tag=tag, shots=shots, backend="llmkd", questions=2, strict=0.0, flexible=0.0,
+                    strict_ci95=(0.0, 0.8), flexible_ci95=(0.0, 0.8), generated_tokens=1, seconds=1.0, tokens_per_s=1.0)
+
+
+def test_generation_agreement_reads_the_written_samples_and_skips_shots_without_teacher(tmp_path):
+    cells = {("teacher", 0): ["abc 1", "de 2"], ("student", 0): ["abX 3", "zz 4"], ("distilled", 0): ["abc 1", "dX 2"],
+             ("student", 2): ["q", "r"], ("distilled", 2): ["q", "r"]}  # no teacher at 2 shots
+    for (tag, k), outputs in cells.items():
+        folder = tmp_path / f"{tag}-{k}shot"
+        folder.mkdir()
+        rows = [sample(i, o, flexible=o.split()[-1]) for i, o in enumerate(outputs)]
+        (folder / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    accuracy = [_acc(t, k) for t, k in cells]
+    base, distilled = generation_agreement(accuracy, tmp_path, CharTokenizer())
+    assert [(g.tag, g.shots) for g in (base, distilled)] == [("student", 0), ("distilled", 0)]
+    assert (base.prefix_tokens_mean, distilled.prefix_tokens_mean) == ((2 + 0) / 2, (5 + 1) / 2)
+    assert (base.exact_match, distilled.exact_match) == (0.0, 0.5)
+    assert (base.flexible_answer_agreement, distilled.flexible_answer_agreement) == (0.0, 1.0)
+    assert base.vs_base == {} and distilled.vs_base["flexible"]["only_b"] == 2
+    table = format_table(EvalRun(accuracy=accuracy, agreement=[base, distilled]))
+    assert "| distilled | 0 | 2 | 50.0% | 3.0 / 3 (4.5) | 0.0% | 100.0% | 1 / 0.5 |" in table
 
 
 def test_fidelity_of_a_model_to_itself_is_perfect(smol_teacher, smol_tokenizer):
@@ -71,5 +179,12 @@ def test_real_evaluation_of_teacher_student_and_distilled(smol_recipe, smol_teac
     assert abs(distilled.kl - base.kl) > 1e-3  # the adapter is on for "distilled"
     overall = json.loads((tmp_path / "eval-summary.json").read_text())
     assert len(overall["accuracy"]) == 6 and len(overall["fidelity"]) == 2
+    # Agreement with the teacher's greedy outputs, from the same generations: each student, each shot count.
+    assert [(g.tag, g.shots) for g in run.agreement] == [("student", 0), ("student", 2), ("distilled", 0), ("distilled", 2)]
+    assert overall["agreement"] == [asdict(g) for g in run.agreement]
+    for g in run.agreement:
+        assert g.questions == 2 and 0 <= g.exact_match <= 1 and 0 <= g.prefix_tokens_mean <= 16
+        assert set(g.vs_base) == (set() if g.tag == "student" else {"strict", "flexible"})
     table = format_table(run)
     assert "| teacher | 0 | 2 |" in table and "| distilled | 2 | 2 |" in table and "KL(teacher‖model)" in table
+    assert "same output as teacher" in table

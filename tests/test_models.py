@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from llmkd import models
+from llmkd import models, quantize
 from llmkd.config import ModelConfig
 from llmkd.errors import LlmkdError
 
@@ -53,7 +53,7 @@ def test_student_is_nf4_with_the_recipe_settings(smol_student, smol_recipe):
     # What runs, as the summaries report it: on CPUs with AVX512-BF16 bitsandbytes repacks the
     # layers at the first inference forward (double-quantised constants expanded to fp32), so the
     # report reads the settings the values were quantised with, not the storage of the moment.
-    report = models.quantization_report(smol_student)
+    report = quantize.quantization_report(smol_student)
     assert report["linear4bit_layers"] == 7 * smol_student.config.num_hidden_layers
     assert report["quant_type"] == ["nf4"] and report["double_quant"] == [True]
     assert report["compute_dtype"] == [str(models.compute_dtype(smol_recipe.model)).removeprefix("torch.")]

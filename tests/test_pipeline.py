@@ -1,9 +1,11 @@
 """`llmkd run` (llmkd.pipeline) on the embedded model, shrunk to seconds: every stage, its outputs
-where the layout says, the reuse of finished stages, and the fast paths off against on."""
+where the layout says, a training that lowers the loss into an adapter plain peft loads, the reuse of
+finished stages, and the fast paths off against on."""
 
 import json
 
 import pytest
+import torch
 
 from conftest import REPO
 from llmkd import pipeline
@@ -11,7 +13,10 @@ from llmkd.config import load_recipe
 
 TINY = [
     "name=tiny", "transfer_set.out=", "transfer_set.start=746", "transfer_set.count=4", "transfer_set.batch_size=4",
-    "train.batch_size=2", "train.max_steps=2", "train.checkpoint_every=1", "train.warmup_steps=0",
+    # batch 4 = the whole set: every step sees the same batch, so the loss must fall. fp32: the reload
+    # below quantises with plain transformers in fp32, whatever dtype the CPU probe would pick.
+    "model.compute_dtype=float32", "train.batch_size=4", "train.max_steps=3", "train.checkpoint_every=1",
+    "train.warmup_steps=0", "train.schedule=constant", "train.lr=1e-3",
     "eval.limit=1", "eval.batch_size=1", "eval.max_new_tokens=6", "eval.shots=[0]",
     "eval.fidelity_count=1", "eval.fidelity_start=1000",
 ]
@@ -29,14 +34,17 @@ def test_main_job_runs_every_stage_reuses_finished_ones_and_fast_paths_change_no
     summary = json.loads((layout.eval / "eval-summary.json").read_text())
     assert summary["fast_paths"]["reason"] == "fast_paths off"
     outputs = {tag: (layout.eval / f"{tag}-0shot/samples.jsonl").read_text() for tag in ("teacher", "student", "distilled")}
-    steps = len(layout.metrics.read_text().splitlines())
+    curve = [json.loads(line) for line in layout.metrics.read_text().splitlines()]
+    assert [m["step"] for m in curve] == [1, 2, 3] and curve[-1]["loss"] < 0.8 * curve[0]["loss"], curve
+    assert sorted(p.name for p in layout.checkpoints.iterdir()) == ["step-000002", "step-000003"]
+    assert_plain_peft_loads_what_llmkd_evaluates(slow)
     adapter = (layout.adapter / "adapter_model.safetensors").read_bytes()
 
     fast = load_recipe(REPO / "recipes/smollm2-cpu.yaml", TINY)
     said.clear()
     pipeline.run(fast, progress=False, say=said.append)
-    assert any("trained 2 steps (resumed at step 2)" in s for s in said), said  # nothing trained again
-    assert len(layout.metrics.read_text().splitlines()) == steps
+    assert any("trained 3 steps (resumed at step 3)" in s for s in said), said  # nothing trained again
+    assert len(layout.metrics.read_text().splitlines()) == len(curve)
     assert (layout.adapter / "adapter_model.safetensors").read_bytes() == adapter
     again = json.loads((layout.eval / "eval-summary.json").read_text())
     # The fast paths give the same numbers: shared-prefix attention only sums in another order.
@@ -47,3 +55,28 @@ def test_main_job_runs_every_stage_reuses_finished_ones_and_fast_paths_change_no
     for tag, text in outputs.items():
         assert [json.loads(r)["output"] for r in text.splitlines()] == \
             [json.loads(r)["output"] for r in (layout.eval / f"{tag}-0shot/samples.jsonl").read_text().splitlines()]
+
+
+def assert_plain_peft_loads_what_llmkd_evaluates(recipe):
+    """The saved adapter, on a freshly quantised base with transformers + peft only, gives the logits of
+    the student llmkd's evaluator loads, and differs from the base."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from llmkd import models
+
+    base = AutoModelForCausalLM.from_pretrained(
+        models.resolve(recipe.model.name), dtype=torch.float32, device_map={"": "cpu"},
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32),
+    )
+    plain = PeftModel.from_pretrained(base, str(recipe.layout.adapter)).eval()
+    ours = models.load_student(recipe.model, recipe.layout.adapter)
+    tokenizer = models.load_tokenizer(recipe.model)
+    ids = tokenizer("Natalia sold clips to 48 of her friends in April.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        again, evaluated = plain(input_ids=ids).logits, ours(input_ids=ids).logits
+        with plain.disable_adapter():
+            untrained = plain(input_ids=ids).logits
+    assert (again - untrained).abs().max() > 0.1  # the adapter matters...
+    torch.testing.assert_close(evaluated, again, rtol=0, atol=1e-4)  # ...and is what eval scores

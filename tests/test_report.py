@@ -1,21 +1,10 @@
 import json
+from pathlib import Path
 
 import pytest
 
-from llmkd.evaluate import Accuracy, EvalRun, Fidelity
-from llmkd.report import mcnemar_exact, write_report
-
-
-def test_mcnemar_exact_known_values():
-    # 10 discordant pairs split 9/1: p = 2 * P(X <= 1 | n=10, 1/2) = 2 * 11/1024
-    a = [True] * 9 + [False] + [True] * 5
-    b = [False] * 9 + [True] + [True] * 5
-    t = mcnemar_exact(a, b)
-    assert (t["only_a"], t["only_b"]) == (9, 1) and t["p_value"] == pytest.approx(22 / 1024)
-    assert mcnemar_exact([True, False], [True, False])["p_value"] == 1.0  # no discordant pairs
-    assert mcnemar_exact([True] * 3, [False] * 3)["p_value"] == pytest.approx(0.25)
-    with pytest.raises(ValueError):
-        mcnemar_exact([True], [True, False])
+from llmkd.evaluate import Accuracy, EvalRun, Fidelity, GenerationAgreement
+from llmkd.report import write_report
 
 
 def _write_samples(eval_dir, tag, shots, correct):
@@ -30,18 +19,86 @@ def _acc(tag, k, n):
                     strict_ci95=(0.0, 1.0), flexible_ci95=(0.0, 1.0), generated_tokens=1, seconds=1.0, tokens_per_s=1.0)
 
 
-def test_report_marks_significance_and_writes_all_files(tmp_path):
+def _agreement(tag, exact, flexible, vs_base=None):
+    return GenerationAgreement(tag=tag, shots=0, questions=20, exact_match=exact, prefix_tokens_mean=12.5,
+                               prefix_tokens_median=9.0, teacher_tokens_mean=40.0, strict_answer_agreement=0.1,
+                               flexible_answer_agreement=flexible, vs_base=vs_base or {})
+
+
+FIDELITY = [Fidelity("student", 10, 500, 0.27, 0.8), Fidelity("distilled", 10, 500, 0.06, 0.9)]
+AGREEMENT = [_agreement("student", 0.05, 0.2),
+             _agreement("distilled", 0.35, 0.6, {"strict": {"only_a": 1, "only_b": 1, "p_value": 1.0},
+                                                 "flexible": {"only_a": 0, "only_b": 8, "p_value": 2 / 256}})]
+
+
+def _metrics(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps({"step": s, "loss": 1 / s, "ce": 2.0, "kl": 0.1 / s}) + "\n"
+                               for s in range(1, 5)))
+    return metrics
+
+
+def test_report_leads_with_fidelity_and_agreement_and_writes_all_files(tmp_path):
     eval_dir = tmp_path / "eval"
     _write_samples(eval_dir, "student", 0, [False] * 20)
     _write_samples(eval_dir, "distilled", 0, [True] * 12 + [False] * 8)
-    run = EvalRun(accuracy=[_acc("student", 0, 20), _acc("distilled", 12, 20)],
-                  fidelity=[Fidelity("student", 10, 500, 0.27, 0.8), Fidelity("distilled", 10, 500, 0.06, 0.9)])
-    metrics = tmp_path / "metrics.jsonl"
-    metrics.write_text("".join(json.dumps({"step": s, "loss": 1 / s, "kl": 1 / s}) + "\n" for s in range(1, 5)))
-    report = write_report(run, eval_dir, tmp_path / "report", train_metrics=metrics)
+    run = EvalRun(accuracy=[_acc("student", 0, 20), _acc("distilled", 12, 20)], fidelity=FIDELITY, agreement=AGREEMENT)
+    report = write_report(run, eval_dir, tmp_path / "report", train_metrics=_metrics(tmp_path))
     text = report.read_text()
-    assert "student → distilled | +60.0 pts | 0 / 12 |" in text and "significant" in text
+    sections = [line for line in text.splitlines() if line.startswith("## ")]
+    assert [s.split(" (")[0] for s in sections] == ["## Fidelity to the teacher", "## Generation agreement with the teacher",
+                                                   "## GSM8K accuracy"]
+    assert "| distilled | 500 | 0.0600 | 90.0% |" in text
+    assert "| distilled | 0 | 20 | 35.0% | 12.5 / 9 (40.0) | 10.0% | 60.0% | 1 / 0.00781 |" in text
+    assert "| 0 | flexible | student → distilled | +40.0 pts | 0 / 8 | 0.00781 | significant |" in text
+    assert "student → distilled | +60.0 pts | 0 / 12 |" in text  # accuracy, paired
+    assert "0% under both filters" not in text
+    assert "](loss.png)" in text and "](models.png)" in text
     data = json.loads((tmp_path / "report" / "report.json").read_text())
     assert data["paired_tests"][0]["p_value"] == pytest.approx(2 / 4096)
+    assert [g["tag"] for g in data["agreement"]] == ["student", "distilled"]
+    assert data["agreement"][1]["vs_base"]["flexible"]["only_b"] == 8
+    assert data["agreement_tests"][1]["b_minus_a"] == pytest.approx(0.4) and data["accuracy_at_floor"] is False
     for png in ("loss.png", "models.png"):
         assert (tmp_path / "report" / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_accuracy_at_the_floor_is_a_table_not_empty_bars(tmp_path, monkeypatch):
+    from llmkd import report as report_module
+
+    eval_dir = tmp_path / "eval"
+    for tag in ("teacher", "student", "distilled"):
+        _write_samples(eval_dir, tag, 0, [False] * 20)
+    run = EvalRun(accuracy=[_acc(t, 0, 20) for t in ("teacher", "student", "distilled")], fidelity=FIDELITY,
+                  agreement=AGREEMENT)
+    drawn = []
+    monkeypatch.setattr(report_module, "_accuracy_panel", lambda ax, run: drawn.append(run))
+    text = write_report(run, eval_dir, tmp_path / "report").read_text()
+    assert "Every model scores 0% under both filters" in text
+    assert "| teacher | 0 | 20 | 0.0% [0.0, 100.0] |" in text  # the accuracy table is still there
+    assert drawn == [] and (tmp_path / "report" / "models.png").exists()  # no accuracy bars in the figure
+    assert not (tmp_path / "report" / "loss.png").exists() and "loss.png" not in text  # no metrics given
+    assert json.loads((tmp_path / "report" / "report.json").read_text())["accuracy_at_floor"] is True
+
+
+def test_figures_give_each_loss_part_an_axis_and_write_values_and_the_teacher_reference(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    saved = {}
+    original = matplotlib.figure.Figure.savefig
+
+    def savefig(fig, path, **kw):
+        saved[Path(path).name] = fig
+        return original(fig, path, **kw)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    write_report(EvalRun(fidelity=FIDELITY, agreement=AGREEMENT), tmp_path, tmp_path / "report",
+                 train_metrics=_metrics(tmp_path))
+    loss = saved["loss.png"]
+    assert [ax.get_title() for ax in loss.axes] == ["loss", "kl", "ce"]  # each part on its own scale
+    assert all(len(ax.lines) == 1 and ax.get_legend() is None for ax in loss.axes)  # no legend over a curve
+    kl, top1, agreement, prefix = saved["models.png"].axes
+    assert {"0.270", "0.060", "teacher = 0"} <= {t.get_text() for t in kl.texts}  # values on the bars
+    assert {"80.0", "90.0", "teacher = 100%"} <= {t.get_text() for t in top1.texts}
+    assert {"35.0", "60.0", "teacher = 100%"} <= {t.get_text() for t in agreement.texts}
+    assert {"12.5", "teacher 40"} <= {t.get_text() for t in prefix.texts}

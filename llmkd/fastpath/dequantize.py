@@ -1,10 +1,12 @@
-"""NF4 weights dequantized once for a block of work, on the CPU, where bitsandbytes would do it per call.
+"""Frozen quantised weights dequantized once for a block of work, on the CPU, where the library would
+do it per call.
 
-bitsandbytes' CPU matmul (`matmul_4bit`) dequantizes the weight on every forward and again in
-backward, then runs a plain matmul: dequantizing once gives the same numbers (tests check bitwise
-equal logits) for less work. bitsandbytes has a second CPU path: with AVX512-BF16, an inference
-forward (module in eval mode, input without grad) repacks the weight for a fused kernel instead.
-The block then leaves those layers to bitsandbytes, so the numbers stay bitsandbytes' own.
+bitsandbytes' CPU 4-bit matmul (`matmul_4bit`) and HQQ's PyTorch backend dequantize the weight on
+every forward and again in backward, then run a plain matmul: dequantizing once gives the same
+numbers (tests check bitwise equal logits) for less work. bitsandbytes has a second CPU path: with
+AVX512-BF16, an inference forward (module in eval mode, input without grad) repacks the weight for a
+fused kernel instead. The block then leaves those layers to bitsandbytes, so the numbers stay
+bitsandbytes' own. LLM.int8 layers quantise their inputs too: they are left alone.
 """
 
 from __future__ import annotations
@@ -39,25 +41,30 @@ def dequantized_once(model, *, enabled: bool = True) -> Iterator[dict]:
     from bitsandbytes.nn import Linear4bit
 
     all_4bit = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    hqq = [m for m in model.modules() if type(m).__name__ == "HQQLinear" and m.W_q.device.type == "cpu"]
     layers = [m for m in all_4bit if _dequantizes_per_call(m, model.training)]
     size = sum(m.weight.quant_state.shape.numel() * m.compute_dtype.itemsize for m in layers)
+    size += sum(_numel(m.meta["shape"]) * m.compute_dtype.itemsize for m in hqq)
     if not enabled:
         reason = "fast_paths off"
-    elif not all_4bit:
-        reason = "no 4-bit layers"
-    elif not layers:
+    elif not all_4bit and not hqq:
+        reason = "no 4-bit or HQQ layers"
+    elif not layers and not hqq:
         reason = "bitsandbytes runs its own kernel here (GPU, or the CPU's fused AVX512-BF16 inference path)"
     elif size > MAX_BYTES:
         reason = f"the dequantized copy would take {size / 2**30:.1f} GiB"
     else:
-        reason = "bitsandbytes dequantizes per call here; dequantized once instead"
-    status = {"dequantized_once": len(layers) if reason.endswith("instead") else 0, "reason": reason}
+        reason = f"{'HQQ' if hqq else 'bitsandbytes'} dequantizes per call here; dequantized once instead"
+    status = {"dequantized_once": len(layers) + len(hqq) if reason.endswith("instead") else 0, "reason": reason}
     if not status["dequantized_once"]:
         yield status
         return
     for m in layers:
         weight = dequantize_4bit(m.weight.data, m.weight.quant_state).to(m.compute_dtype)
         m.forward = _dense_forward(m, weight)  # an instance attribute shadows the class's forward
+    for m in hqq:
+        m.forward = _hqq_dense_forward(m, m.dequantize().detach())
+    layers += hqq
     try:
         yield status
     finally:
@@ -71,3 +78,20 @@ def _dense_forward(layer, weight: torch.Tensor):
         return torch.nn.functional.linear(x.to(layer.compute_dtype), weight, bias).to(x.dtype)
 
     return forward
+
+
+def _hqq_dense_forward(layer, weight: torch.Tensor):
+    def forward(x: torch.Tensor) -> torch.Tensor:  # HQQMatmulNoCacheMul.forward with the weight dequantized
+        out = torch.matmul(x, weight.t())
+        if layer.bias is not None:
+            out += layer.bias
+        return out
+
+    return forward
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n

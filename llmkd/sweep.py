@@ -1,0 +1,212 @@
+"""`llmkd sweep RECIPE --quant nf4,fp4,int8,hqq2,hqq3,hqq4,hqq8`: the bit-width frontier.
+
+One transfer set (it depends only on the teacher) and one teacher evaluation serve every point. A
+point is the recipe with `model.quant` set, run as its own recipe `<name>-<quant>` (outputs under
+runs/<name>-<quant>/): train, then score the quantised base (PTQ) and the distilled student, with
+fidelity and generation agreement. A finished point records its settings and figures in
+`runs/<name>-<quant>/sweep-point.json` and is reused while its settings stay the same; a killed
+point resumes its training from its newest checkpoint. The sweep's own outputs go to
+runs/<name>/sweep/: sweep.json, sweep.md and frontier.png.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+from llmkd import atomic, builder, checkpoint, models, plan, quantize, train
+from llmkd.config import Recipe
+from llmkd.errors import LlmkdError
+from llmkd.evaluate import run_eval
+from llmkd.provenance import provenance
+
+POINT_FILE = "sweep-point.json"
+
+
+def parse_quants(text: str) -> list[str]:
+    quants = [q.strip() for q in text.split(",") if q.strip()]
+    unknown = [q for q in quants if q not in quantize.QUANTIZERS]
+    if unknown or not quants:
+        raise LlmkdError(f"--quant: unknown quantizer {unknown[0] if unknown else text!r}; "
+                         f"choose from {','.join(quantize.QUANTIZERS)}")
+    return list(dict.fromkeys(quants))
+
+
+def point_recipe(recipe: Recipe, quant: str) -> Recipe:
+    """The recipe of one point: its own name (so its own train/eval folders), the sweep's transfer set."""
+    raw = recipe.model_dump()
+    raw["name"] = f"{recipe.name}-{quant}"
+    raw["model"]["quant"] = quant
+    raw["transfer_set"]["out"] = str(recipe.layout.transfer_set)
+    raw["train"]["out"] = None
+    return Recipe.model_validate(raw)
+
+
+def sweep_dir(recipe: Recipe) -> Path:
+    return recipe.layout.run / "sweep"
+
+
+def dry_run(recipe: Recipe, quants: Sequence[str]) -> str:
+    """Each point's training memory plan, loading no weights."""
+    gib = 2**30
+    lines = [f"llmkd sweep --dry-run: {recipe.model.name}, nothing loaded, nothing written", "",
+             "| quant | bits | quantised weights GiB | estimated training peak GiB per process |", "|---|---:|---:|---:|"]
+    for q in quants:
+        point = point_recipe(recipe, q)
+        model_plan = plan.plan_model(point)
+        lines.append(f"| {q} | {quantize.QUANTIZERS[q].bits} | {model_plan.quantized_bytes / gib:.2f} | "
+                     f"{plan.estimated_peak_bytes(point, model_plan) / gib:.2f} |")
+    lines += ["", f"each point's full plan: llmkd train RECIPE model.quant=QUANT --dry-run"]
+    return "\n".join(lines)
+
+
+def run(recipe: Recipe, quants: Sequence[str], *, progress: bool = True, say: Callable[[str], None] = print) -> Path:
+    """Every point of the sweep (reusing finished ones); returns sweep.md's path."""
+    out = sweep_dir(recipe)
+    say(f"[sweep] transfer set -> {recipe.layout.transfer_set}")
+    builder.build(recipe, progress=progress)
+    teacher_eval = out / "teacher"
+    say(f"[sweep] teacher -> {teacher_eval}")
+    teacher_run = run_eval(recipe, shots=recipe.eval.shots, tags=["teacher"], out_dir=teacher_eval,
+                           progress=progress, teacher_from=teacher_eval)
+    points = []
+    for i, q in enumerate(quants, 1):
+        say(f"[sweep {i}/{len(quants)}] {q}")
+        points.append(run_point(point_recipe(recipe, q), teacher_eval, progress=progress, say=say))
+    teacher = _teacher_figures(recipe, teacher_run)
+    lengths = [p["distilled"]["teacher_tokens_mean"] for p in points if "teacher_tokens_mean" in p["distilled"]]
+    if lengths:  # the teacher's common prefix with itself is its whole output
+        teacher["gen_prefix_mean"] = lengths[0]
+    result = {
+        "points": points,
+        "teacher": teacher,
+        "recipe": recipe.model_dump(),
+        **provenance(),
+    }
+    atomic.write_json(out / "sweep.json", result)
+    atomic.write_text(out / "sweep.md", format_sweep(result))
+    _plot(result, out / "frontier.png")
+    say(format_sweep(result))
+    say(f"written: {out / 'sweep.md'}")
+    return out / "sweep.md"
+
+
+def run_point(point: Recipe, teacher_eval: Path, *, progress: bool, say: Callable[[str], None]) -> dict:
+    marker = point.layout.run / POINT_FILE
+    settings = point.flat()
+    try:
+        done = json.loads(marker.read_text())
+        if done["settings"] == json.loads(json.dumps(settings)):
+            say(f"  finished earlier: {marker}")
+            return done["point"]
+    except (OSError, ValueError, KeyError):
+        pass
+    resume = checkpoint.latest(point.layout.checkpoints) is not None
+    trained = train.train(point, resume=resume, progress=progress)
+    say("  " + train.summary_line(trained))
+    start = time.perf_counter()
+    evaluation = run_eval(point, shots=point.eval.shots, tags=["teacher", "student", "distilled"],
+                          adapter=trained.adapter, with_fidelity=True, out_dir=point.layout.eval,
+                          progress=progress, teacher_from=teacher_eval)
+    summary = json.loads((point.layout.eval / "eval-summary.json").read_text())
+    figures = point_figures(point, evaluation, summary, trained, time.perf_counter() - start)
+    atomic.write_json(marker, {"settings": settings, "point": figures})
+    return figures
+
+
+def _model_figures(evaluation, tag: str) -> dict:
+    fidelity = next(f for f in evaluation.fidelity if f.tag == tag)
+    figures = {"kl": fidelity.kl, "top1": fidelity.top1_agreement}
+    agreement = [g for g in evaluation.agreement if g.tag == tag]
+    if agreement:  # the lowest shot count the teacher was scored at
+        g = agreement[0]
+        figures.update(gen_shots=g.shots, gen_exact=g.exact_match, gen_prefix_mean=g.prefix_tokens_mean,
+                       gen_prefix_median=g.prefix_tokens_median, teacher_tokens_mean=g.teacher_tokens_mean,
+                       answer_agreement_flexible=g.flexible_answer_agreement,
+                       answer_agreement_strict=g.strict_answer_agreement)
+    accuracy = [a for a in evaluation.accuracy if a.tag == tag]
+    figures["accuracy"] = {f"{a.shots}shot": {"strict": a.strict, "flexible": a.flexible} for a in accuracy}
+    figures["eval_tokens_per_s"] = accuracy[0].tokens_per_s if accuracy else None
+    return figures
+
+
+def point_figures(point: Recipe, evaluation, summary: dict, trained, eval_seconds: float) -> dict:
+    q = quantize.quantizer(point.model)
+    held = summary["student_quantization"]["weight_bytes"]
+    base, distilled = _model_figures(evaluation, "student"), _model_figures(evaluation, "distilled")
+    agreement = next((g for g in evaluation.agreement if g.tag == "distilled"), None)
+    return {
+        "quant": q.name, "bits": q.bits, "name": point.name,
+        "weight_bytes": held["total"], "quantized_linear_bytes": held["quantized_linears"],
+        "load_seconds": summary["student_load_seconds"],
+        "train_tokens_per_s": trained.tokens_per_s, "train_seconds": trained.seconds, "eval_seconds": round(eval_seconds, 1),
+        "base": base, "distilled": distilled,
+        "gap_closed": 1 - distilled["kl"] / base["kl"] if base["kl"] > 0 else None,
+        "answer_agreement_vs_base": agreement.vs_base if agreement else None,
+    }
+
+
+def _teacher_figures(recipe: Recipe, teacher_run) -> dict:
+    model_plan = plan.plan_model(recipe)  # parameter count without loading; teacher bytes = params x dtype
+    dtype = models.teacher_dtype(recipe.model)
+    return {
+        "kl": 0.0, "top1": 1.0, "gen_exact": 1.0, "dtype": str(dtype).removeprefix("torch."),
+        "weight_bytes": model_plan.total_params * dtype.itemsize,
+        "accuracy": {f"{a.shots}shot": {"strict": a.strict, "flexible": a.flexible} for a in teacher_run.accuracy},
+    }
+
+
+def format_sweep(result: dict) -> str:
+    t = result["teacher"]
+    lines = [
+        "# Bit-width frontier", "",
+        f"Teacher: {result['recipe']['model']['name']} ({t['dtype']}, {t['weight_bytes'] / 2**20:.0f} MiB of weights).",
+        "Held-out fidelity: per-token KL(teacher || model) and top-1 agreement, teacher-forced; generation: "
+        "greedy outputs against the teacher's on the evaluation questions.", "",
+        "| quant | bits | MiB held | base KL | distilled KL | gap closed | base top-1 | distilled top-1 | "
+        "base gen prefix | distilled gen prefix | base exact | distilled exact | train tok/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for p in result["points"]:
+        b, d = p["base"], p["distilled"]
+        gap = f"{100 * p['gap_closed']:.1f}%" if p["gap_closed"] is not None else "n/a"
+        lines.append(
+            f"| {p['quant']} | {p['bits']} | {p['weight_bytes'] / 2**20:.0f} | {b['kl']:.4f} | {d['kl']:.4f} | {gap} | "
+            f"{100 * b['top1']:.1f}% | {100 * d['top1']:.1f}% | {b.get('gen_prefix_mean', float('nan')):.1f} | "
+            f"{d.get('gen_prefix_mean', float('nan')):.1f} | {100 * b.get('gen_exact', 0):.0f}% | "
+            f"{100 * d.get('gen_exact', 0):.0f}% | {p['train_tokens_per_s']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = sorted(result["points"], key=lambda p: (p["bits"], p["weight_bytes"]))
+    if not points:
+        return
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    panels = [("bits", "bits per weight", "kl", "held-out KL(teacher‖model), nats/token", 0.0),
+              ("bits", "bits per weight", "top1", "top-1 agreement with the teacher", 1.0),
+              ("weight_bytes", "model bytes held (MiB)", "kl", "held-out KL(teacher‖model), nats/token", 0.0)]
+    for ax, (xkey, xlabel, ykey, ylabel, teacher) in zip(axes, panels):
+        xs = [p[xkey] / 2**20 if xkey == "weight_bytes" else p[xkey] for p in points]
+        for which, marker in (("base", "o"), ("distilled", "s")):
+            ys = [p[which][ykey] for p in points]
+            ax.scatter(xs, ys, marker=marker, label="PTQ base" if which == "base" else "distilled")
+            for x, y, p in zip(xs, ys, points):
+                ax.annotate(p["quant"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.axhline(teacher, color="grey", linestyle="--", linewidth=1)
+        ax.text(ax.get_xlim()[0], teacher, " teacher", va="bottom", fontsize=8, color="grey")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+    axes[0].legend(loc="upper right", fontsize=8)
+    fig.suptitle("bit-width frontier: quantised base vs distilled student")
+    fig.tight_layout()
+    with atomic.open_for_write(path) as f:
+        fig.savefig(f, dpi=120, format="png")
+    plt.close(fig)

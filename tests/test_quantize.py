@@ -1,0 +1,141 @@
+"""Every student quantizer (`model.quant`) on a small random model of the embedded default's shape
+(2 layers, the embedded tokenizer): it loads, reports what runs and the bytes it holds as planned,
+its dequantized-once fast path changes no number, and HQQ trains with LoRA through the real trainer."""
+
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO
+from llmkd import fastpath, models, plan, quantize, train
+from llmkd.config import ModelConfig, load_recipe
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import gpu_check  # noqa: E402
+
+HQQ = ["hqq2", "hqq3", "hqq4", "hqq8"]
+
+
+@pytest.fixture(scope="module")
+def stand_in(tmp_path_factory):
+    return gpu_check.random_stand_in(models.embedded_model_dir(), tmp_path_factory.mktemp("stand-in") / "m", layers=2)
+
+
+def config(stand_in, quant, **kw) -> ModelConfig:
+    return ModelConfig(name=str(stand_in), quant=quant, teacher_dtype="float32", compute_dtype="float32", **kw)
+
+
+@pytest.mark.parametrize("quant", list(quantize.QUANTIZERS))
+def test_each_quantizer_loads_reports_itself_and_holds_the_planned_bytes(stand_in, quant):
+    cfg = config(stand_in, quant)
+    student = models.load_student(cfg)
+    report = quantize.quantization_report(student)
+    assert report["quant_type"] == [quant]
+    linears = [m for m in models.load_teacher(cfg).modules() if isinstance(m, torch.nn.Linear)][:-1]  # not lm_head
+    assert report["weight_bytes"]["quantized_layers"] == len(linears) == 14
+    planned = sum(m.weight.numel() * quantize.planned_bytes_per_weight(cfg, m.in_features, 4) for m in linears)
+    # The plan counts weights and constants; the measurement adds small per-layer tensors (quant maps, biases).
+    assert report["weight_bytes"]["quantized_linears"] == pytest.approx(planned, rel=0.02), report
+    ids = torch.tensor([[1, 200, 3000, 40]])
+    assert torch.isfinite(student(input_ids=ids).logits).all()
+
+
+def test_fewer_bits_hold_fewer_bytes(stand_in):
+    held = [quantize.weight_bytes(models.load_student(config(stand_in, q)))["quantized_linears"] for q in HQQ]
+    assert held == sorted(held) and len(set(held)) == 4, held
+
+
+def test_a_group_size_that_does_not_divide_a_layer_is_a_one_line_error(stand_in):
+    from llmkd.errors import LlmkdError
+
+    with pytest.raises(LlmkdError, match="model.hqq_group_size: 40 does not divide"):
+        models.load_student(config(stand_in, "hqq4", hqq_group_size=40))
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_hqq_dequantized_once_gives_bitwise_the_same_logits_and_gradients(stand_in, mode):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(models.load_quantized(config(stand_in, "hqq3"), {"": "cpu"}),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights=False))
+    model.train(mode == "train")
+    ids = torch.tensor([[1, 200, 3000, 40, 5], [1, 7, 8, 9, 10]])
+
+    def run():
+        model.zero_grad()
+        logits = model(input_ids=ids).logits
+        logits.float().logsumexp(-1).sum().backward()
+        return logits.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    per_call = run()
+    with fastpath.dequantized_once(model) as status:
+        assert status["dequantized_once"] == 14 and status["reason"].startswith("HQQ"), status
+        once = run()
+    assert torch.equal(once[0], per_call[0])
+    for a, b in zip(once[1], per_call[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)  # autograd's matmul backward vs hqq's own
+    assert not any("forward" in vars(m) for m in model.modules() if type(m).__name__ == "HQQLinear")
+
+
+def test_hqq_student_trains_with_lora_through_the_trainer_and_the_dry_run_plans_it(stand_in, tmp_path):
+    from llmkd.builder import build
+
+    recipe = load_recipe(REPO / "recipes/smollm2-cpu.yaml", [
+        f"model.name={stand_in}", "model.quant=hqq3", "model.teacher_dtype=float32", "model.compute_dtype=float32",
+        "transfer_set.response=gold", "transfer_set.start=746", "transfer_set.count=4", "transfer_set.batch_size=4",
+        f"transfer_set.out={tmp_path / 'set'}", f"train.out={tmp_path / 'train'}",
+        "train.batch_size=4", "train.max_steps=3", "train.warmup_steps=0", "train.schedule=constant", "train.lr=1e-3",
+    ])
+    build(recipe, progress=False)
+    result = train.train(recipe, progress=False)
+    losses = [m["loss"] for m in map(__import__("json").loads, recipe.layout.metrics.read_text().splitlines())]
+    assert len(losses) == 3 and losses[-1] < losses[0], losses
+    summary = __import__("json").loads(recipe.layout.train_summary.read_text())
+    assert summary["student_quantization"]["quant_type"] == ["hqq3"]
+    assert summary["fast_paths"]["dequantized_once"] == 14
+
+    distilled = models.load_student(recipe.model, result.adapter)
+    ids = torch.tensor([[1, 200, 3000, 40]])
+    with torch.no_grad():
+        trained = distilled(input_ids=ids).logits
+        with distilled.disable_adapter():
+            base = distilled(input_ids=ids).logits
+    assert (trained - base).abs().max() > 1e-3  # the saved adapter loads onto a fresh HQQ base and matters
+
+    text = plan.dry_run(recipe)
+    assert "-> hqq3" in text and "HQQ" in text
+
+
+def test_sweep_scores_every_point_once_and_a_rerun_reuses_them(stand_in, tmp_path):
+    import json
+
+    from llmkd import sweep
+
+    recipe = load_recipe(REPO / "recipes/smollm2-sweep.yaml", [
+        f"model.name={stand_in}", "model.teacher_dtype=float32", "model.compute_dtype=float32",
+        "transfer_set.start=746", "transfer_set.count=4", "transfer_set.batch_size=4", f"transfer_set.out={tmp_path / 'set'}",
+        "train.batch_size=4", "train.max_steps=2", "train.warmup_steps=0", "train.checkpoint_every=1",
+        "eval.limit=2", "eval.batch_size=2", "eval.max_new_tokens=4", "eval.fidelity_count=2",
+    ])
+    said = []
+    path = sweep.run(recipe, ["nf4", "hqq4"], progress=False, say=said.append)
+    result = json.loads((path.parent / "sweep.json").read_text())
+    assert [p["quant"] for p in result["points"]] == ["nf4", "hqq4"] and (path.parent / "frontier.png").is_file()
+    for p in result["points"]:
+        assert {"quant", "bits", "weight_bytes", "base", "distilled", "gap_closed"} <= p.keys()
+        assert p["gap_closed"] == pytest.approx(1 - p["distilled"]["kl"] / p["base"]["kl"])
+        assert {"kl", "top1", "gen_prefix_mean", "gen_exact"} <= p["base"].keys() and p["weight_bytes"] > 0
+        assert (tmp_path / "runs" / p["name"] / "train" / "adapter" / "adapter_config.json").is_file()
+    assert result["teacher"]["kl"] == 0.0 and {"recipe", "teacher", "points"} <= result.keys()
+    # The teacher generated once: each point's teacher cell is the sweep's copy.
+    teacher_cell = path.parent / "teacher" / "teacher-0shot" / "samples.jsonl"
+    for p in result["points"]:
+        copied = tmp_path / "runs" / p["name"] / "eval" / "teacher-0shot" / "samples.jsonl"
+        assert copied.read_bytes() == teacher_cell.read_bytes()
+
+    said.clear()
+    sweep.run(recipe, ["nf4", "hqq4"], progress=False, say=said.append)
+    assert sum("finished earlier" in s for s in said) == 2, said
+    assert json.loads((path.parent / "sweep.json").read_text())["points"] == result["points"]
