@@ -108,10 +108,17 @@ class LossConfig(Section):
     """Weight of the hard-label cross-entropy: loss = alpha*CE + (1-alpha)*T^2*divergence."""
     temperature: float = Field(1.0, gt=0)
     """Distillation temperature T applied to teacher and student (not the sampling temperature)."""
-    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
-    """forward_kl = KL(teacher||student); reverse_kl = KL(student||teacher); jsd = generalized JSD."""
+    divergence: Literal["forward_kl", "reverse_kl", "jsd", "tv", "cakld", "dkd"] = "forward_kl"
+    """forward_kl = KL(teacher||student); reverse_kl = KL(student||teacher); jsd = generalized JSD; tv = total
+    variation; cakld = BitDistiller's confidence-aware mix of reverse and forward KL; dkd = decoupled KD (llmkd/losses.py)."""
     jsd_beta: float = Field(0.5, gt=0, lt=1)
     """Teacher weight in the JSD mixture (divergence: jsd)."""
+    cakld_gamma: Optional[float] = Field(None, ge=0, le=1)
+    """Reverse-KL weight of cakld; null: the teacher's mean probability of the response tokens in the transfer set."""
+    dkd_alpha: float = Field(1.0, ge=0)
+    """Weight of the target-class term (TCKD) of dkd."""
+    dkd_beta: float = Field(1.0, ge=0)
+    """Weight of the non-target-class term (NCKD) of dkd."""
 
 
 class TrainConfig(Section):
@@ -170,6 +177,9 @@ class EvalConfig(Section):
     """First test question of the held-out fidelity set (teacher-forced gold solutions)."""
     fidelity_count: int = Field(100, gt=0)
     """Questions in the held-out fidelity set."""
+    fidelity_renderings: list[Literal["llmkd", "plain_chat"]] = Field(["llmkd", "plain_chat"], min_length=1)
+    """Renderings the fidelity is measured in: llmkd's training format, and plain_chat (the bare question,
+    GSM8K's answer as shipped with its calculator notes): text unlike the training data."""
     backend: Literal["llmkd", "lm-eval"] = "llmkd"
     """llmkd's own batched generation, or lm-eval's gsm8k harness with the same prompts."""
 

@@ -70,6 +70,7 @@ class Fidelity:
     tokens: int
     kl: float  # mean per response token, nats, KL(teacher || model)
     top1_agreement: float
+    rendering: str = "llmkd"  # prompts.RENDERINGS: llmkd's format (in-format) or plain_chat (off-format)
 
 
 @dataclass
@@ -334,14 +335,13 @@ def generation_agreement(accuracy: Sequence[Accuracy], eval_dir: Path, tokenizer
 FIDELITY_BATCH = 16  # teacher-forced batches: bigger ones only add padding and (N, V) logits memory
 
 
-def fidelity_batches(tokenizer, questions, batch_size: int):
-    """Right-padded (input_ids, attention_mask, keep) batches of 0-shot prompt + gold solution, sorted
-    by length so that little is padding (the metrics are sums: order does not matter). `keep` marks
-    the positions whose next token is a response token."""
+def fidelity_batches(tokenizer, questions, batch_size: int, rendering: str = "llmkd"):
+    """Right-padded (input_ids, attention_mask, keep) batches of 0-shot prompt + gold solution in
+    `rendering` (`prompts.render_example`), sorted by length so that little is padding (the metrics
+    are sums: order does not matter). `keep` marks the positions whose next token is a response token."""
     examples = []
     for r in questions:
-        prompt = prompts.render_prompt(tokenizer, r["question"])
-        response = prompts.render_response(tokenizer, r["question"], prompts.assistant_turn(r["answer"]))
+        prompt, response = prompts.render_example(tokenizer, r["question"], r["answer"], rendering)
         ids, mask = prompts.tokenize_example(tokenizer, prompt, response)
         examples.append((ids, mask.index(1)))
     examples.sort(key=lambda e: len(e[0]))
@@ -357,13 +357,14 @@ def adapter_off(model, tag: str):
 
 @torch.no_grad()
 def score_fidelity(teacher, student, tokenizer, questions, *, tags: Sequence[str], batch_size: int = FIDELITY_BATCH,
-                   share_prefix: bool = True, progress: bool = True) -> list[Fidelity]:
+                   share_prefix: bool = True, progress: bool = True, rendering: str = "llmkd") -> list[Fidelity]:
     """KL(teacher || model) and top-1 agreement of `student` as each of `tags` ("student": adapter off,
-    "distilled"/other: as given); the teacher's forward runs once per batch for all of them."""
+    "distilled"/other: as given) on `questions` in `rendering`; the teacher's forward runs once per
+    batch for all of them."""
     sums = {tag: [0.0, 0] for tag in tags}  # KL sum, agreements
     tokens = 0
     device = next(student.parameters()).device
-    batches = list(fidelity_batches(tokenizer, questions, batch_size))
+    batches = list(fidelity_batches(tokenizer, questions, batch_size, rendering))
     rows = [row for input_ids, _, _ in batches for row in input_ids.tolist()]
     first_kept = min(int(keep.float().argmax(1).min()) for _, _, keep in batches)  # a prefix keeps no logits
     prefix = shared_prefix.usable_prefix_length(rows, teacher, limit=first_kept) if share_prefix else 0
@@ -374,7 +375,8 @@ def score_fidelity(teacher, student, tokenizer, questions, *, tags: Sequence[str
             caches[key] = shared_prefix.prefix_cache(model, rows[0][:prefix])
         return shared_prefix.forward(model, input_ids, attention, keep, prefix, caches.get(key)).logits
 
-    with progress_bar(total=len(batches), desc=f"fidelity {'/'.join(tags)}", unit="batch", disable=not progress) as bar:
+    desc = f"fidelity {'/'.join(tags)} ({rendering})"
+    with progress_bar(total=len(batches), desc=desc, unit="batch", disable=not progress) as bar:
         for input_ids, attention, keep in batches:
             input_ids, attention, keep = input_ids.to(device), attention.to(device), keep.to(device)
             t_logits = forward(teacher, None, input_ids, attention, keep)  # (N, V) at the response positions
@@ -387,7 +389,7 @@ def score_fidelity(teacher, student, tokenizer, questions, *, tags: Sequence[str
             tokens += int(n)
             bar.update(1)
     return [Fidelity(tag=tag, questions=len(questions), tokens=tokens, kl=kl / max(tokens, 1),
-                     top1_agreement=agree / max(tokens, 1)) for tag, (kl, agree) in sums.items()]
+                     top1_agreement=agree / max(tokens, 1), rendering=rendering) for tag, (kl, agree) in sums.items()]
 
 
 def fidelity_questions(recipe: Recipe):
@@ -446,9 +448,11 @@ def run_eval(
                 with adapter_off(student, tag):
                     accuracy(student, tag)
             if held_out is not None:
-                run.fidelity = score_fidelity(teacher, student, tokenizer, held_out, tags=students,
-                                              batch_size=min(recipe.eval.batch_size, FIDELITY_BATCH),
-                                              share_prefix=recipe.fast_paths, progress=progress)
+                for rendering in recipe.eval.fidelity_renderings:
+                    run.fidelity += score_fidelity(teacher, student, tokenizer, held_out, tags=students,
+                                                   batch_size=min(recipe.eval.batch_size, FIDELITY_BATCH),
+                                                   share_prefix=recipe.fast_paths, progress=progress,
+                                                   rendering=rendering)
     run.agreement = generation_agreement(run.accuracy, out_dir, tokenizer)
     atomic.write_json(out_dir / "eval-summary.json", {
         "accuracy": [asdict(a) for a in run.accuracy],
@@ -481,13 +485,22 @@ def accuracy_table(run: EvalRun) -> str:
     return "\n".join(lines)
 
 
+RENDERING_LABELS = {"llmkd": "in-format (llmkd's prompt)", "plain_chat": "off-format (bare question, answer as shipped)"}
+
+
 def fidelity_table(run: EvalRun) -> str:
     if not run.fidelity:
         return ""
-    lines = ["| model | held-out tokens | KL(teacher‖model) | top-1 agreement |", "|---|---:|---:|---:|"]
+    lines = ["| model | text | held-out tokens | KL(teacher‖model) | top-1 agreement |", "|---|---|---:|---:|---:|"]
     for f in run.fidelity:
-        lines.append(f"| {f.tag} | {f.tokens} | {f.kl:.4f} | {100 * f.top1_agreement:.1f}% |")
+        lines.append(f"| {f.tag} | {RENDERING_LABELS.get(f.rendering, f.rendering)} | {f.tokens} | {f.kl:.4f} | "
+                     f"{100 * f.top1_agreement:.1f}% |")
     return "\n".join(lines)
+
+
+def in_format(fidelity: Sequence[Fidelity]) -> list[Fidelity]:
+    """The fidelity rows measured in llmkd's own format (the training format)."""
+    return [f for f in fidelity if f.rendering == "llmkd"]
 
 
 def agreement_table(run: EvalRun) -> str:

@@ -21,10 +21,18 @@ temperature the transfer set was generated with). Fold first, then temper, both 
     kl     forward_kl  KL(p || q) = sum_b p(b) (log p(b) - log q(b))   (a true KL, not cross-entropy)
            reverse_kl  KL(q || p)
            jsd         beta KL(p || m) + (1 - beta) KL(q || m),  m = beta p + (1 - beta) q
+           tv          total variation, 1/2 sum_b |p(b) - q(b)|
+           cakld       gamma KL(q || p) + (1 - gamma) KL(p || q)   (BitDistiller's confidence-aware KL;
+                       gamma: the teacher's mean probability of the response tokens, set by the trainer)
+           dkd         a TCKD + b NCKD   (decoupled KD, Zhao et al. 2022), with t the label's bucket (its
+                       top-k bucket, or the tail when the label is not among the top-k):
+                       TCKD = KL([p(t), 1 - p(t)] || [q(t), 1 - q(t)]),
+                       NCKD = KL(p(.|not t) || q(.|not t)) over the other buckets, renormalised.
+                       forward_kl = TCKD + (1 - p(t)) NCKD: dkd frees the non-target weight.
     ce     -log softmax(z)[label], at T = 1 over the full vocabulary
     loss   alpha * ce + (1 - alpha) * T^2 * kl
 
-Tempering is a bijection of bucket distributions, so kl = 0 exactly when p1 = q1, at every T. The
+Tempering is a bijection of bucket distributions, so every divergence is 0 exactly when p1 = q1, at every T. The
 tail is one bucket on both sides, never tempered token by token: the cache does not hold its tokens.
 
 `alpha` weights the CE (hard-label) term; 1 - alpha weights the distillation term.
@@ -46,7 +54,7 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import once_differentiable
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tv", "cakld", "dkd")
 
 # Floor of the stored tail log mass: log(1e-30) = -69.08. A tail below 1e-30 changes a KL by less
 # than 1e-28 nats, so the floor loses nothing, while a finite value keeps fp16 storage, sums and
@@ -242,12 +250,44 @@ def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return torch.where(present, log_p.exp() * (log_p - log_q), 0.0).sum(-1)
 
 
-def _divergence(log_p: torch.Tensor, log_q: torch.Tensor, divergence: str, jsd_beta: float) -> torch.Tensor:
-    """Per-token divergence between teacher p and student q, given as log-probs (..., B) -> (...)."""
+@dataclass(frozen=True)
+class DivergenceOptions:
+    """The parameters of the divergences that have any (see the module docstring)."""
+
+    jsd_beta: float = 0.5
+    cakld_gamma: float = 0.5
+    dkd_alpha: float = 1.0
+    dkd_beta: float = 1.0
+
+
+def _decoupled(log_p: torch.Tensor, log_q: torch.Tensor, target: torch.Tensor, a: float, b: float) -> torch.Tensor:
+    """DKD per token: a * TCKD + b * NCKD, `target` (N,) the label's bucket."""
+    onehot = torch.zeros_like(log_p, dtype=torch.bool).scatter_(-1, target[:, None], True)
+
+    def split(log_x):  # (binary [target, rest], non-target buckets renormalised)
+        rest = log_x.masked_fill(onehot, float("-inf"))
+        log_rest = torch.logsumexp(rest, dim=-1, keepdim=True)  # log(1 - x(t)), without cancellation
+        return torch.cat([log_x.gather(-1, target[:, None]), log_rest], dim=-1), rest - log_rest
+
+    (p_bin, p_rest), (q_bin, q_rest) = split(log_p), split(log_q)
+    return a * _kl(p_bin, q_bin) + b * _kl(p_rest, q_rest)
+
+
+def _divergence(log_p: torch.Tensor, log_q: torch.Tensor, divergence: str, options: DivergenceOptions,
+                target: torch.Tensor) -> torch.Tensor:
+    """Per-token divergence between teacher p and student q, given as log-probs (N, B) -> (N,);
+    `target` (N,) is the label's bucket (dkd only)."""
     if divergence == "forward_kl":
         return _kl(log_p, log_q)
     if divergence == "reverse_kl":
         return _kl(log_q, log_p)
+    if divergence == "tv":
+        return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
+    if divergence == "cakld":
+        return options.cakld_gamma * _kl(log_q, log_p) + (1.0 - options.cakld_gamma) * _kl(log_p, log_q)
+    if divergence == "dkd":
+        return _decoupled(log_p, log_q, target, options.dkd_alpha, options.dkd_beta)
+    jsd_beta = options.jsd_beta
     # Generalized JSD as in TRL's GKDTrainer.generalized_jsd_loss (Agarwal et al. 2024, "On-Policy
     # Distillation of Language Models", eq. for D_JSD(beta)): m = beta p + (1 - beta) q. It tends to 0
     # at beta -> 0 and beta -> 1 (TRL maps those two to forward and reverse KL), so jsd takes 0 < beta < 1.
@@ -279,6 +319,9 @@ def sparse_kd_loss(
     temperature: float,
     divergence: str = "forward_kl",
     jsd_beta: float = 0.5,
+    cakld_gamma: float = 0.5,
+    dkd_alpha: float = 1.0,
+    dkd_beta: float = 1.0,
     num_tokens: float | torch.Tensor | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> KDTerms:
@@ -295,8 +338,11 @@ def sparse_kd_loss(
         mask: (N,) bool, True on response tokens.
         alpha: weight of the CE term, in [0, 1]; the divergence gets 1 - alpha.
         temperature: the loss temperature T > 0 (not the sampling temperature).
-        divergence: "forward_kl" KL(p_t || q_s), "reverse_kl" KL(q_s || p_t) or "jsd".
+        divergence: one of DIVERGENCES (module docstring): "forward_kl" KL(p_t || q_s), "reverse_kl"
+            KL(q_s || p_t), "jsd", "tv", "cakld" or "dkd".
         jsd_beta: the generalized JSD's beta, 0 < beta < 1 (see `_divergence`); used only by "jsd".
+        cakld_gamma: the reverse-KL weight of "cakld", in [0, 1].
+        dkd_alpha, dkd_beta: the TCKD and NCKD weights of "dkd", >= 0.
         num_tokens: the divisor: the response-token count of the whole accumulated batch (across
             ranks). Default: mask.sum() of this call. Clamped to at least 1.
         chunk_size: vocabulary slice for the full-vocab logsumexps.
@@ -314,6 +360,10 @@ def sparse_kd_loss(
     A call whose mask is all False returns zeros with zero (finite) gradients.
     """
     problems = _option_problems(alpha, temperature, divergence, jsd_beta, num_tokens, chunk_size)
+    if not (isinstance(cakld_gamma, (int, float)) and 0.0 <= cakld_gamma <= 1.0):
+        problems.append(f"cakld_gamma must be in [0, 1], got {cakld_gamma!r}")
+    if not all(isinstance(w, (int, float)) and w >= 0 for w in (dkd_alpha, dkd_beta)):
+        problems.append(f"dkd_alpha and dkd_beta must be >= 0, got {dkd_alpha!r}, {dkd_beta!r}")
     problems += _tensor_problems(student_logits, labels, topk_ids, topk_logprobs, tail_logmass, mask)
     if problems:
         raise ValueError("sparse_kd_loss: " + "; ".join(problems))
@@ -343,7 +393,10 @@ def sparse_kd_loss(
         # re-round them, so it is skipped there.
         log_q = _temper(log_q, temperature)  # (N, B) student buckets at T
 
-    kl_tok = _divergence(log_p, log_q, divergence, jsd_beta)  # (N,)
+    match = ids == labels[:, None]  # the label's bucket: its top-k bucket, else the tail (K)
+    target = torch.where(match.any(-1), match.to(torch.int8).argmax(-1), k)  # (N,)
+    options = DivergenceOptions(jsd_beta, cakld_gamma, dkd_alpha, dkd_beta)
+    kl_tok = _divergence(log_p, log_q, divergence, options, target)  # (N,)
     ce_tok = lse - z_label  # (N,)
 
     if num_tokens is None:
@@ -399,7 +452,7 @@ def dense_kd_metrics(
         keep = mask[start : start + chunk_rows]
         t = teacher[start : start + chunk_rows][keep].to(_upcast(teacher.dtype))  # (n, V), masked rows only
         s = student[start : start + chunk_rows][keep].to(_upcast(student.dtype))  # (n, V)
-        kl_tok = _divergence(torch.log_softmax(t, -1), torch.log_softmax(s, -1), "forward_kl", 0.5)  # (n,)
+        kl_tok = _kl(torch.log_softmax(t, -1), torch.log_softmax(s, -1))  # (n,)
         kl_sum += kl_tok.sum().double()
         top1_agree += (t.argmax(-1) == s.argmax(-1)).sum()
     return kl_sum, top1_agree, mask.sum()

@@ -196,10 +196,19 @@ def _reference(ax, y: float, text: str, x0: float | None = None, x1: float | Non
                     fontsize=7, color="0.3")
 
 
+def _fidelity_cells(run: EvalRun):
+    """(tags, renderings, value lookup) of the fidelity rows: one bar group per rendering."""
+    tags = list(dict.fromkeys(f.tag for f in run.fidelity))
+    renderings = list(dict.fromkeys(f.rendering for f in run.fidelity))
+    cell = {(f.tag, f.rendering): f for f in run.fidelity}
+    names = [{"llmkd": "in-format", "plain_chat": "off-format"}.get(r, r) for r in renderings]
+    return tags, renderings, cell, names
+
+
 def _kl_panel(ax, run: EvalRun) -> None:
-    tags = [f.tag for f in run.fidelity]
-    bars = ax.bar([LABELS.get(t, t) for t in tags], [f.kl for f in run.fidelity], color=[_color(t) for t in tags])
-    ax.bar_label(bars, fmt="%.3f", fontsize=8)
+    tags, renderings, cell, names = _fidelity_cells(run)
+    _grouped(ax, names, tags, lambda tag, i: cell[tag, renderings[i]].kl if (tag, renderings[i]) in cell else 0.0,
+             fmt="%.3f")
     _reference(ax, 0.0, "teacher = 0")
     ax.set_ylim(0, 1.2 * max(f.kl for f in run.fidelity) or 1)
     ax.set_ylabel("nats / response token")
@@ -207,24 +216,23 @@ def _kl_panel(ax, run: EvalRun) -> None:
 
 
 def _top1_panel(ax, run: EvalRun) -> None:
-    tags = [f.tag for f in run.fidelity]
-    bars = ax.bar([LABELS.get(t, t) for t in tags], [100 * f.top1_agreement for f in run.fidelity],
-                  color=[_color(t) for t in tags])
-    ax.bar_label(bars, fmt="%.1f", fontsize=8)
+    tags, renderings, cell, names = _fidelity_cells(run)
+    _grouped(ax, names, tags,
+             lambda tag, i: 100 * cell[tag, renderings[i]].top1_agreement if (tag, renderings[i]) in cell else 0.0)
     _reference(ax, 100.0, "teacher = 100%")
     ax.set_ylim(0, 112)
     ax.set_ylabel("% of response tokens")
     ax.set_title("held-out top-1 agreement with the teacher", fontsize=9)
 
 
-def _grouped(ax, groups: list[str], tags: list[str], value) -> list[float]:
+def _grouped(ax, groups: list[str], tags: list[str], value, fmt: str = "%.1f") -> list[float]:
     """Bars of `value(tag, group_index)` for each tag side by side in each group; the group centres."""
     width = 0.8 / len(tags)
     xs = list(range(len(groups)))
     for j, tag in enumerate(tags):
         offsets = [x - 0.4 + width * (j + 0.5) for x in xs]
         bars = ax.bar(offsets, [value(tag, i) for i in xs], width=width, color=_color(tag))
-        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+        ax.bar_label(bars, fmt=fmt, fontsize=7)
     ax.set_xticks(xs, groups, fontsize=8)
     return xs
 

@@ -64,6 +64,8 @@ def dry_run(recipe: Recipe, quants: Sequence[str]) -> str:
 
 def run(recipe: Recipe, quants: Sequence[str], *, progress: bool = True, say: Callable[[str], None] = print) -> Path:
     """Every point of the sweep (reusing finished ones); returns sweep.md's path."""
+    if "llmkd" not in recipe.eval.fidelity_renderings:
+        raise LlmkdError("eval.fidelity_renderings: a sweep compares points in-format, so it must include llmkd")
     out = sweep_dir(recipe)
     say(f"[sweep] transfer set -> {recipe.layout.transfer_set}")
     builder.build(recipe, progress=progress)
@@ -117,8 +119,10 @@ def run_point(point: Recipe, teacher_eval: Path, *, progress: bool, say: Callabl
 
 
 def _model_figures(evaluation, tag: str) -> dict:
-    fidelity = next(f for f in evaluation.fidelity if f.tag == tag)
-    figures = {"kl": fidelity.kl, "top1": fidelity.top1_agreement}
+    cells = {f.rendering: f for f in evaluation.fidelity if f.tag == tag}
+    figures = {"kl": cells["llmkd"].kl, "top1": cells["llmkd"].top1_agreement}  # in-format: the training format
+    if "plain_chat" in cells:
+        figures.update(kl_off_format=cells["plain_chat"].kl, top1_off_format=cells["plain_chat"].top1_agreement)
     agreement = [g for g in evaluation.agreement if g.tag == tag]
     if agreement:  # the lowest shot count the teacher was scored at
         g = agreement[0]
@@ -144,6 +148,8 @@ def point_figures(point: Recipe, evaluation, summary: dict, trained, eval_second
         "train_tokens_per_s": trained.tokens_per_s, "train_seconds": trained.seconds, "eval_seconds": round(eval_seconds, 1),
         "base": base, "distilled": distilled,
         "gap_closed": 1 - distilled["kl"] / base["kl"] if base["kl"] > 0 else None,
+        "gap_closed_off_format": 1 - distilled["kl_off_format"] / base["kl_off_format"]
+        if base.get("kl_off_format") else None,
         "answer_agreement_vs_base": agreement.vs_base if agreement else None,
     }
 
@@ -163,17 +169,19 @@ def format_sweep(result: dict) -> str:
     lines = [
         "# Bit-width frontier", "",
         f"Teacher: {result['recipe']['model']['name']} ({t['dtype']}, {t['weight_bytes'] / 2**20:.0f} MiB of weights).",
-        "Held-out fidelity: per-token KL(teacher || model) and top-1 agreement, teacher-forced; generation: "
-        "greedy outputs against the teacher's on the evaluation questions.", "",
-        "| quant | bits | MiB held | base KL | distilled KL | gap closed | base top-1 | distilled top-1 | "
-        "base gen prefix | distilled gen prefix | base exact | distilled exact | train tok/s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "Held-out fidelity: per-token KL(teacher || model) and top-1 agreement, teacher-forced in llmkd's "
+        "prompt format (off-format: the bare question with GSM8K's answer as shipped); generation: greedy "
+        "outputs against the teacher's on the evaluation questions.", "",
+        "| quant | bits | MiB held | base KL | distilled KL | gap closed | off-format gap closed | base top-1 | "
+        "distilled top-1 | base gen prefix | distilled gen prefix | base exact | distilled exact | train tok/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for p in result["points"]:
         b, d = p["base"], p["distilled"]
         gap = f"{100 * p['gap_closed']:.1f}%" if p["gap_closed"] is not None else "n/a"
+        off = f"{100 * p['gap_closed_off_format']:.1f}%" if p.get("gap_closed_off_format") is not None else "n/a"
         lines.append(
-            f"| {p['quant']} | {p['bits']} | {p['weight_bytes'] / 2**20:.0f} | {b['kl']:.4f} | {d['kl']:.4f} | {gap} | "
+            f"| {p['quant']} | {p['bits']} | {p['weight_bytes'] / 2**20:.0f} | {b['kl']:.4f} | {d['kl']:.4f} | {gap} | {off} | "
             f"{100 * b['top1']:.1f}% | {100 * d['top1']:.1f}% | {b.get('gen_prefix_mean', float('nan')):.1f} | "
             f"{d.get('gen_prefix_mean', float('nan')):.1f} | {100 * b.get('gen_exact', 0):.0f}% | "
             f"{100 * d.get('gen_exact', 0):.0f}% | {p['train_tokens_per_s']:.0f} |")

@@ -183,6 +183,17 @@ class TrainingData:
     def rows(self, indices) -> list[dict]:
         return [self.dataset[int(i)] for i in indices]
 
+    def teacher_confidence(self) -> float:
+        """The teacher's mean probability of the response tokens (0 where a token is outside its
+        top-k, so a lower bound there): BitDistiller's gamma for the cakld divergence."""
+        total, tokens = 0.0, 0
+        for r in self.dataset:
+            labels = np.asarray(r["input_ids"][int(r["response_start"]):])[:, None]
+            hit = np.asarray(r["topk_ids"]) == labels  # (n, K)
+            total += float(np.where(hit, np.exp(np.asarray(r["topk_logprobs"], dtype=np.float64)), 0.0).sum())
+            tokens += len(labels)
+        return total / max(tokens, 1)
+
 
 # --- Model, optimizer, schedule -------------------------------------------------------------------
 
@@ -267,7 +278,8 @@ def loss_step(model, batch: Batch, loss_cfg, num_tokens: float, accelerator=None
         logits, batch.labels, batch.topk_ids, batch.topk_logprobs, batch.tail_logmass,
         torch.ones_like(batch.labels, dtype=torch.bool),
         alpha=loss_cfg.alpha, temperature=loss_cfg.temperature, divergence=loss_cfg.divergence,
-        jsd_beta=loss_cfg.jsd_beta, num_tokens=num_tokens,
+        jsd_beta=loss_cfg.jsd_beta, dkd_alpha=loss_cfg.dkd_alpha, dkd_beta=loss_cfg.dkd_beta, num_tokens=num_tokens,
+        **({"cakld_gamma": loss_cfg.cakld_gamma} if loss_cfg.divergence == "cakld" else {}),
     )
 
 
@@ -311,6 +323,7 @@ class Session:
     start_step: int = 0
     resumed_from: Path | None = None
     progress: bool = True
+    loss: Any = None  # train.loss with cakld_gamma resolved from the data where it is null
 
 
 def setup(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> Session:
@@ -338,6 +351,9 @@ def setup(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> Ses
             f"{tr.batch_size} x train.grad_accum {tr.grad_accum} x {world} processes = {plan.effective_batch})"
         )
     total_steps = tr.max_steps if tr.max_steps is not None else tr.epochs * plan.steps_per_epoch
+    loss = tr.loss
+    if loss.divergence == "cakld" and loss.cakld_gamma is None:
+        loss = loss.model_copy(update={"cakld_gamma": data.teacher_confidence()})
     state = None
     if resume_from is not None:
         state = checkpoint.read_state(resume_from)
@@ -362,7 +378,7 @@ def setup(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> Ses
         checkpoint.restore(resume_from, accelerator, model, optimizer, scheduler)
         start_step = state["step"]
     return Session(recipe, layout, accelerator, tokenizer, data, plan, total_steps, model, optimizer, scheduler,
-                   params, start_step, resume_from, progress)
+                   params, start_step, resume_from, progress, loss)
 
 
 # --- Fit ------------------------------------------------------------------------------------------
@@ -422,7 +438,7 @@ def fit(s: Session) -> TrainResult:
                 input_tokens = int(s.data.input_lengths[examples].sum())
                 batches = [collate(s.data.rows(mb), s.tokenizer.pad_token_id).to(acc.device) for mb in examples[rank]]
                 lr = s.scheduler.get_last_lr()[0]
-                local = accumulate_gradients(s.model, batches, tr.loss, num_tokens, accelerator=acc,
+                local = accumulate_gradients(s.model, batches, s.loss, num_tokens, accelerator=acc,
                                              world_size=world)
                 loss, ce, kl = acc.reduce(local.to(acc.device), reduction="sum").cpu().tolist()
                 grad_norm = _clip(acc, s.params, tr.max_grad_norm)
@@ -474,7 +490,7 @@ def fit(s: Session) -> TrainResult:
     )
     if main:
         atomic.write_json(s.layout.train_summary, {
-            **_jsonable(asdict(result)), "fast_paths": fast,
+            **_jsonable(asdict(result)), "fast_paths": fast, "loss": s.loss.model_dump(),
             "student_quantization": quantize.quantization_report(acc.unwrap_model(s.model)),
             "recipe": s.recipe.model_dump(), **provenance()})
     return result

@@ -169,16 +169,19 @@ def test_real_evaluation_of_teacher_student_and_distilled(smol_recipe, smol_teac
         assert samples[0]["prompt"].count("Question:") == a.shots + 1
     # One student model serves both tags: adapter off it must score exactly as a plain NF4 student,
     # and the NF4 copy differs from its parent, but not wildly (measured here: KL ~0.3, agreement ~80%).
-    base, distilled = run.fidelity
+    base, distilled, base_off, distilled_off = run.fidelity
     (plain,) = score_fidelity(smol_teacher, smol_student, smol_tokenizer, fidelity_questions(short),
                               tags=["student"], progress=False)
-    assert (base.tag, distilled.tag) == ("student", "distilled")
+    assert [(f.tag, f.rendering) for f in run.fidelity] == [
+        ("student", "llmkd"), ("distilled", "llmkd"), ("student", "plain_chat"), ("distilled", "plain_chat")]
+    # Off-format: other tokens (calculator notes, no instruction), the same kind of gap.
+    assert base_off.tokens != base.tokens and 0.05 < base_off.kl < 1.0 and abs(distilled_off.kl - base_off.kl) > 1e-3
     assert base.tokens == distilled.tokens == plain.tokens > 100
     assert base.kl == pytest.approx(plain.kl, rel=1e-6) and base.top1_agreement == plain.top1_agreement
     assert 0.05 < base.kl < 1.0 and 0.6 < base.top1_agreement < 0.97
     assert abs(distilled.kl - base.kl) > 1e-3  # the adapter is on for "distilled"
     overall = json.loads((tmp_path / "eval-summary.json").read_text())
-    assert len(overall["accuracy"]) == 6 and len(overall["fidelity"]) == 2
+    assert len(overall["accuracy"]) == 6 and len(overall["fidelity"]) == 4
     # Agreement with the teacher's greedy outputs, from the same generations: each student, each shot count.
     assert [(g.tag, g.shots) for g in run.agreement] == [("student", 0), ("student", 2), ("distilled", 0), ("distilled", 2)]
     assert overall["agreement"] == [asdict(g) for g in run.agreement]

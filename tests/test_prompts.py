@@ -3,6 +3,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from llmkd.data.answer import extract_strict
+from llmkd.data import prompts
 from llmkd.errors import LlmkdError
 from llmkd.data.gsm8k import load_gsm8k
 from llmkd.data.prompts import (
@@ -254,3 +255,17 @@ def test_a_tokenizer_without_bos_gets_none(chat_tokenizer, plain_tokenizer):
     for tok in (chat_tokenizer, plain_tokenizer):
         text = render_prompt(tok, "What is 2+2?")
         assert not adds_bos(tok) and encode(tok, text) == tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_the_off_format_rendering_is_the_bare_question_and_the_answer_as_shipped(smol_tokenizer):
+    row = {"question": "Natalia sold 48 clips in April. How many in May, half as many?",
+           "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 24"}
+    prompt, response = prompts.render_example(smol_tokenizer, row["question"], row["answer"], "plain_chat")
+    assert prompts.INSTRUCTION not in prompt and "Question:" not in prompt and row["question"] in prompt
+    assert "<<48/2=24>>" in response and response.lstrip().startswith("Natalia sold")
+    ours = prompts.render_example(smol_tokenizer, row["question"], row["answer"])
+    assert ours == (prompts.render_prompt(smol_tokenizer, row["question"]),
+                    prompts.render_response(smol_tokenizer, row["question"], prompts.assistant_turn(row["answer"])))
+    assert "<<" not in ours[1]
+    with pytest.raises(ValueError, match="rendering must be one of"):
+        prompts.render_example(smol_tokenizer, row["question"], row["answer"], "nope")

@@ -1,14 +1,15 @@
 """Every student quantizer (`model.quant`) on a small random model of the embedded default's shape
 (2 layers, the embedded tokenizer): it loads, reports what runs and the bytes it holds as planned,
-its dequantized-once fast path changes no number, and HQQ trains with LoRA through the real trainer."""
+its dequantized-once fast path changes no number; `llmkd sweep` trains and scores HQQ and NF4 points."""
 
+import math
 import sys
 
 import pytest
 import torch
 
 from conftest import REPO
-from llmkd import fastpath, models, plan, quantize, train
+from llmkd import fastpath, models, plan, quantize
 from llmkd.config import ModelConfig, load_recipe
 
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -79,36 +80,8 @@ def test_hqq_dequantized_once_gives_bitwise_the_same_logits_and_gradients(stand_
     assert not any("forward" in vars(m) for m in model.modules() if type(m).__name__ == "HQQLinear")
 
 
-def test_hqq_student_trains_with_lora_through_the_trainer_and_the_dry_run_plans_it(stand_in, tmp_path):
-    from llmkd.builder import build
-
-    recipe = load_recipe(REPO / "recipes/smollm2-cpu.yaml", [
-        f"model.name={stand_in}", "model.quant=hqq3", "model.teacher_dtype=float32", "model.compute_dtype=float32",
-        "transfer_set.response=gold", "transfer_set.start=746", "transfer_set.count=4", "transfer_set.batch_size=4",
-        f"transfer_set.out={tmp_path / 'set'}", f"train.out={tmp_path / 'train'}",
-        "train.batch_size=4", "train.max_steps=3", "train.warmup_steps=0", "train.schedule=constant", "train.lr=1e-3",
-    ])
-    build(recipe, progress=False)
-    result = train.train(recipe, progress=False)
-    losses = [m["loss"] for m in map(__import__("json").loads, recipe.layout.metrics.read_text().splitlines())]
-    assert len(losses) == 3 and losses[-1] < losses[0], losses
-    summary = __import__("json").loads(recipe.layout.train_summary.read_text())
-    assert summary["student_quantization"]["quant_type"] == ["hqq3"]
-    assert summary["fast_paths"]["dequantized_once"] == 14
-
-    distilled = models.load_student(recipe.model, result.adapter)
-    ids = torch.tensor([[1, 200, 3000, 40]])
-    with torch.no_grad():
-        trained = distilled(input_ids=ids).logits
-        with distilled.disable_adapter():
-            base = distilled(input_ids=ids).logits
-    assert (trained - base).abs().max() > 1e-3  # the saved adapter loads onto a fresh HQQ base and matters
-
-    text = plan.dry_run(recipe)
-    assert "-> hqq3" in text and "HQQ" in text
-
-
-def test_sweep_scores_every_point_once_and_a_rerun_reuses_them(stand_in, tmp_path):
+def test_sweep_trains_and_scores_every_point_once_and_a_rerun_reuses_them(stand_in, tmp_path):
+    """`llmkd sweep` over nf4 and hqq4: HQQ LoRA trains on the CPU through the real trainer."""
     import json
 
     from llmkd import sweep
@@ -129,6 +102,14 @@ def test_sweep_scores_every_point_once_and_a_rerun_reuses_them(stand_in, tmp_pat
         assert {"kl", "top1", "gen_prefix_mean", "gen_exact"} <= p["base"].keys() and p["weight_bytes"] > 0
         assert (tmp_path / "runs" / p["name"] / "train" / "adapter" / "adapter_config.json").is_file()
     assert result["teacher"]["kl"] == 0.0 and {"recipe", "teacher", "points"} <= result.keys()
+    hqq = sweep.point_recipe(recipe, "hqq4")
+    losses = [json.loads(line)["loss"] for line in hqq.layout.metrics.read_text().splitlines()]
+    trained = json.loads(hqq.layout.train_summary.read_text())
+    assert len(losses) == 2 and all(map(math.isfinite, losses)), losses
+    assert trained["student_quantization"]["quant_type"] == ["hqq4"] and trained["fast_paths"]["dequantized_once"] == 14
+    assert result["points"][1]["distilled"]["kl"] != result["points"][1]["base"]["kl"]  # the adapter loads and acts
+    assert "-> hqq4 (HQQ 4-bit, group 64" in plan.dry_run(hqq)
+    assert "| hqq4 | 4 |" in sweep.dry_run(recipe, ["nf4", "hqq4"])
     # The teacher generated once: each point's teacher cell is the sweep's copy.
     teacher_cell = path.parent / "teacher" / "teacher-0shot" / "samples.jsonl"
     for p in result["points"]:

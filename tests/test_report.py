@@ -25,7 +25,8 @@ def _agreement(tag, exact, flexible, vs_base=None):
                                flexible_answer_agreement=flexible, vs_base=vs_base or {})
 
 
-FIDELITY = [Fidelity("student", 10, 500, 0.27, 0.8), Fidelity("distilled", 10, 500, 0.06, 0.9)]
+FIDELITY = [Fidelity("student", 10, 500, 0.27, 0.8), Fidelity("distilled", 10, 500, 0.06, 0.9),
+            Fidelity("student", 10, 520, 0.29, 0.79, "plain_chat"), Fidelity("distilled", 10, 520, 0.12, 0.87, "plain_chat")]
 AGREEMENT = [_agreement("student", 0.05, 0.2),
              _agreement("distilled", 0.35, 0.6, {"strict": {"only_a": 1, "only_b": 1, "p_value": 1.0},
                                                  "flexible": {"only_a": 0, "only_b": 8, "p_value": 2 / 256}})]
@@ -48,7 +49,8 @@ def test_report_leads_with_fidelity_and_agreement_and_writes_all_files(tmp_path)
     sections = [line for line in text.splitlines() if line.startswith("## ")]
     assert [s.split(" (")[0] for s in sections] == ["## Fidelity to the teacher", "## Generation agreement with the teacher",
                                                    "## GSM8K accuracy"]
-    assert "| distilled | 500 | 0.0600 | 90.0% |" in text
+    assert "| distilled | in-format (llmkd's prompt) | 500 | 0.0600 | 90.0% |" in text
+    assert "| distilled | off-format (bare question, answer as shipped) | 520 | 0.1200 | 87.0% |" in text
     assert "| distilled | 0 | 20 | 35.0% | 12.5 / 9 (40.0) | 10.0% | 60.0% | 1 / 0.00781 |" in text
     assert "| 0 | flexible | student → distilled | +40.0 pts | 0 / 8 | 0.00781 | significant |" in text
     assert "student → distilled | +60.0 pts | 0 / 12 |" in text  # accuracy, paired

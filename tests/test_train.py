@@ -307,3 +307,12 @@ def test_dry_run_counts_the_cpu_fast_paths_dense_copy_only_when_it_is_on():
         rows[fast] = dict((name, b) for name, b, _ in plan.memory_estimate(recipe, plan.plan_model(recipe), 400, 200))
     dense = "4-bit weights dequantized once (CPU fast path)"
     assert rows["true"][dense] == plan.plan_model(recipe).quantized_params * 4 and dense not in rows["false"]
+
+
+def test_cakld_gamma_is_the_teachers_mean_probability_of_the_response_tokens(transfer_set, smol_tokenizer):
+    data = train.TrainingData.open(small_recipe(transfer_set, Path("unused")), smol_tokenizer)
+    batch = train.collate(data.rows(range(len(data.input_lengths))), smol_tokenizer.pad_token_id)
+    hit = batch.topk_ids == batch.labels[:, None]  # at most one hit per token: top-k ids are distinct
+    expected = (batch.topk_logprobs.double().exp() * hit).sum() / len(batch.labels)
+    assert 0.3 < data.teacher_confidence() < 1.0  # gold text the teacher mostly agrees with
+    assert data.teacher_confidence() == pytest.approx(expected.item(), rel=1e-6)

@@ -12,6 +12,10 @@ user turn. Every user turn carries the instruction, so 0-shot and k-shot ask the
 Chat models get these turns through their own chat template (`tokenizer.apply_chat_template`).
 Base models (no template) get the same text joined plainly: turns separated by a blank line, each
 assistant turn prefixed with "Answer:" (see `render_plain`).
+
+For fidelity on text unlike the training data, `render_example` also has an off-format rendering,
+`plain_chat`: the bare question as the user turn (no instruction, no "Question:") and GSM8K's answer
+as shipped (calculator notes kept).
 """
 
 from __future__ import annotations
@@ -80,9 +84,12 @@ def render_prompt(tokenizer, question: str, exemplars: Sequence[dict] = ()) -> s
 
     Turn it into token ids with `encode` (every stage does), never with the tokenizer's defaults.
     """
-    messages = build_messages(question, exemplars)
+    return _render_turns(tokenizer, build_messages(question, exemplars))
+
+
+def _render_turns(tokenizer, messages: Sequence[dict]) -> str:
     if has_chat_template(tokenizer):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
     return render_plain(messages)
 
 
@@ -94,12 +101,29 @@ def render_response(tokenizer, question: str, response: str, exemplars: Sequence
     the marker, so nothing after it is ever predicted). Derived from the template itself, not
     hard-coded per model family.
     """
+    return _render_reply(tokenizer, build_messages(question, exemplars), response)
+
+
+RENDERINGS = ("llmkd", "plain_chat")
+
+
+def render_example(tokenizer, question: str, answer: str, rendering: str = "llmkd") -> tuple[str, str]:
+    """(prompt, response) of a 0-shot example with GSM8K's `answer`: llmkd's own format, or
+    `plain_chat`, the bare question and the answer as shipped (see the module docstring)."""
+    if rendering == "llmkd":
+        return render_prompt(tokenizer, question), render_response(tokenizer, question, assistant_turn(answer))
+    if rendering != "plain_chat":
+        raise ValueError(f"rendering must be one of {RENDERINGS}, got {rendering!r}")
+    messages = [{"role": "user", "content": question.strip()}]
+    return _render_turns(tokenizer, messages), _render_reply(tokenizer, messages, answer)
+
+
+def _render_reply(tokenizer, messages: Sequence[dict], response: str) -> str:
     if not has_chat_template(tokenizer):
         return " " + response.strip() + "\n\n"
-    messages = build_messages(question, exemplars)
-    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
     full = tokenizer.apply_chat_template(
-        messages + [{"role": "assistant", "content": response.strip()}], tokenize=False
+        [*messages, {"role": "assistant", "content": response.strip()}], tokenize=False
     )
     if not full.startswith(prompt):
         raise ValueError("the chat template renders an assistant turn that does not extend the prompt")
