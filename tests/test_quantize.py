@@ -15,8 +15,6 @@ from llmkd.config import ModelConfig, load_recipe
 sys.path.insert(0, str(REPO / "benchmarks"))
 import gpu_check  # noqa: E402
 
-HQQ = ["hqq2", "hqq3", "hqq4", "hqq8"]
-
 
 @pytest.fixture(scope="module")
 def stand_in(tmp_path_factory):
@@ -37,14 +35,10 @@ def test_each_quantizer_loads_reports_itself_and_holds_the_planned_bytes(stand_i
     assert report["weight_bytes"]["quantized_layers"] == len(linears) == 14
     planned = sum(m.weight.numel() * quantize.planned_bytes_per_weight(cfg, m.in_features, 4) for m in linears)
     # The plan counts weights and constants; the measurement adds small per-layer tensors (quant maps, biases).
+    # Within 2%: far closer than one bit width to the next (hqq2 0.38, hqq3 0.53, hqq4 0.63 B/weight at fp32).
     assert report["weight_bytes"]["quantized_linears"] == pytest.approx(planned, rel=0.02), report
     ids = torch.tensor([[1, 200, 3000, 40]])
     assert torch.isfinite(student(input_ids=ids).logits).all()
-
-
-def test_fewer_bits_hold_fewer_bytes(stand_in):
-    held = [quantize.weight_bytes(models.load_student(config(stand_in, q)))["quantized_linears"] for q in HQQ]
-    assert held == sorted(held) and len(set(held)) == 4, held
 
 
 def test_a_group_size_that_does_not_divide_a_layer_is_a_one_line_error(stand_in):
