@@ -58,7 +58,7 @@ def dry_run(recipe: Recipe, quants: Sequence[str]) -> str:
         model_plan = plan.plan_model(point)
         lines.append(f"| {q} | {quantize.QUANTIZERS[q].bits} | {model_plan.quantized_bytes / gib:.2f} | "
                      f"{plan.estimated_peak_bytes(point, model_plan) / gib:.2f} |")
-    lines += ["", f"each point's full plan: llmkd train RECIPE model.quant=QUANT --dry-run"]
+    lines += ["", "each point's full plan: llmkd train RECIPE model.quant=QUANT --dry-run"]
     return "\n".join(lines)
 
 

@@ -11,13 +11,14 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from faults import fault_seed, kill_at_random_moment, timed_run
+from faults import fault_seed, kill_at_random_moment
 from llmkd import checkpoint, plan, train
 from llmkd.cli import main
 from llmkd.config import load_recipe
@@ -161,7 +162,11 @@ def test_training_killed_at_a_random_moment_resumes_to_the_uninterrupted_run(tra
         return [sys.executable, "llmkd/train.py", "recipes/smollm2-cpu.yaml", *small_overrides(transfer_set, out, *extra)]
 
     run = dict(cwd=REPO, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})  # the script finds llmkd
-    span = timed_run(script(whole), out=whole, **run)
+    # The uninterrupted run here, in this process: the killed script's steps and the resume (here too)
+    # must match it bitwise.
+    start = time.monotonic()
+    train.train(small_recipe(transfer_set, whole, *extra), progress=False)
+    span = time.monotonic() - start
     what = kill_at_random_moment(script(broken), out=broken, span=span, seed=fault_seed(), **run)
     last_complete = checkpoint.latest(broken / "checkpoints")
 
