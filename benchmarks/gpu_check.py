@@ -4,7 +4,7 @@
 
 1. The embedded model end to end in bf16, teacher mode: build 64 questions (max_new_tokens 256),
    train 40 steps under bf16 mixed precision, evaluate 0- and 8-shot on 50 questions with fidelity.
-2. FSDP-QLoRA with 2 processes, where there are 2 GPUs (recipes/accelerate/fsdp_qlora.yaml).
+2. FSDP-QLoRA with 2 processes, where there are 2 GPUs (recipes/accelerate/fsdp_qlora.yaml, train.sharding=fsdp).
 3. The 8B reference recipe's dry run.
 
 Prints one table (per stage: seconds, tokens/s, peak GPU memory against the dry-run estimate) and
@@ -134,7 +134,8 @@ def main(argv=None) -> int:
     def fsdp():
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(ROOT / "recipes/accelerate/fsdp_qlora.yaml"), "--num_processes", "2", str(ROOT / "llmkd/train.py"),
-               str(ROOT / "recipes/smollm2-cpu.yaml"), *CHECK, f"model.name={name}", "model.quant_storage=bfloat16",
+               str(ROOT / "recipes/smollm2-cpu.yaml"), *CHECK, f"model.name={name}", "train.sharding=fsdp",
+               "model.quant_storage=bfloat16",
                "train.max_steps=10", f"train.out={work / 'fsdp-train'}"]
         subprocess.run(cmd, check=True, timeout=900)
         return None, None

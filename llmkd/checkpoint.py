@@ -13,6 +13,11 @@ fsynced, one rename, then COMPLETE). Resuming restores adapter, optimizer, sched
 state and the data position, so that on CPU (bitwise deterministic) the loss curve and the final
 adapter equal those of an uninterrupted run. A checkpoint whose training settings or transfer set
 differ from the run's is refused, naming the key. Torch files are read with `weights_only=True`.
+
+Under `train.sharding: fsdp` every rank joins in gathering the LoRA weights and the optimizer state
+into full tensors (`llmkd.sharding`); the adapter is then the same PEFT folder, optimizer.pt the
+full state keyed by parameter name. Such a checkpoint resumes with the same sharding and number
+of processes (both are training settings).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmkd import __version__, atomic, models
+from llmkd import __version__, atomic, models, sharding
 from llmkd.config import Recipe, RunLayout
 from llmkd.errors import LlmkdError
 
@@ -160,10 +165,12 @@ def save(folder: Path, step: int, *, accelerator, model, optimizer, scheduler, s
         atomic.temporary_dir(final, "ranks")
     accelerator.wait_for_everyone()
     torch.save(rng_state(), tmp / f"rng-rank{accelerator.process_index}.pt")
+    weights = sharding.adapter_state_dict(model)  # collectives under FSDP: on every rank
+    optimizer_state = sharding.optimizer_state_dict(model, optimizer)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(str(tmp))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        accelerator.unwrap_model(model).save_pretrained(str(tmp), state_dict=weights)
+        torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         if accelerator.scaler is not None:
             torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
@@ -188,16 +195,23 @@ def prune(folder: Path, keep: int = KEEP) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def restore(path: Path, accelerator, model, optimizer, scheduler) -> None:
-    """Load a checkpoint into the prepared model/optimizer and the scheduler; RNG states last."""
+def restore_adapter(path: Path, model) -> None:
+    """Load a checkpoint's LoRA weights into the student before it is wrapped or sharded (read on the
+    CPU, copied to wherever the parameters are)."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    weights = load_file(str(path / "adapter_model.safetensors"), device=str(accelerator.device))
-    result = set_peft_model_state_dict(accelerator.unwrap_model(model), weights)
+    weights = load_file(str(path / "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(model, weights)
     if getattr(result, "unexpected_keys", None):
         raise LlmkdError(f"{path}: adapter weights do not fit this model (e.g. {result.unexpected_keys[0]})")
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=accelerator.device, weights_only=True))
+
+
+def restore(path: Path, accelerator, model, optimizer, scheduler) -> None:
+    """Load a checkpoint's optimizer, scheduler (and scaler) into the prepared run; RNG states last.
+    The adapter went in before (`restore_adapter`); every rank calls this."""
+    state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)  # loading moves it to the params
+    sharding.load_optimizer_state_dict(model, optimizer, state)
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     if accelerator.scaler is not None and (path / "scaler.pt").is_file():
         accelerator.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))

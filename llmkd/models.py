@@ -225,14 +225,6 @@ def _matmul_gflops(dtype: torch.dtype, n: int = 512, seconds: float = 0.25) -> f
     return 2 * n**3 * reps / elapsed / 1e9
 
 
-def device_map(dev: torch.device) -> dict | None:
-    """The whole model on this process's device, unless FSDP or DeepSpeed ZeRO-3 shards it: they place
-    the weights themselves and refuse a model that is already placed."""
-    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
-    zero3 = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
-    return None if fsdp or zero3 else {"": str(dev)}
-
-
 def load_pretrained(cfg: ModelConfig, **kwargs):
     """`from_pretrained` on the resolved reference; an unreachable hub id is a one-line error."""
     from transformers import AutoModelForCausalLM

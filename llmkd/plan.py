@@ -156,8 +156,9 @@ def memory_estimate(recipe: Recipe, plan: ModelPlan, seq_len: int, response_len:
         dense = 0  # the fast path stands aside for a copy this big
     extra = [(f"{q.name} weights dequantized once (CPU fast path)", plan.quantized_params * dense,
               f"{plan.quantized_params:,} params x {dense} B (fast_paths: false drops it)")] if dense else []
-    # peft's prepare_model_for_kbit_training upcasts what bitsandbytes leaves unquantised to fp32; HQQ's it leaves.
-    kept = 4 if q.library == "bitsandbytes" else compute
+    # peft's prepare_model_for_kbit_training upcasts what bitsandbytes leaves unquantised to fp32; HQQ's it
+    # leaves, and train.sharding fsdp skips it. Sharding itself is not modelled: the whole student per process.
+    kept = 4 if q.library == "bitsandbytes" and tr.sharding != "fsdp" else compute
     return [
         (f"{q.name} weights + quant constants", plan.quantized_bytes,
          f"{plan.quantized_params:,} params x {plan.quantized_bytes / plan.quantized_params:.4f} B"),

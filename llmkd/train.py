@@ -8,6 +8,8 @@ teacher is never loaded, its top-k + tail targets come from the transfer set.
 
 Student: the base quantised as `model.quant` says (`models.load_quantized`), `prepare_model_for_kbit_training`
 (gradient checkpointing only if asked), then LoRA from peft, in train mode (LoRA dropout acts).
+Under `train.sharding: fsdp` there is no kbit fp32 upcast and llmkd shards the student itself
+(`llmkd.sharding`); otherwise a multi-process launch runs DDP.
 
 Data: an example's target row i belongs to token input_ids[response_start + i], predicted at the
 position before it; only those positions go through the lm_head (boolean `logits_to_keep`). Epoch e
@@ -17,7 +19,7 @@ its own contiguous share. A step's batches are a function of (seed, epoch, step)
 records only the position (`llmkd.checkpoint`).
 
 Loss: `losses.sparse_kd_loss`, normalised by the response tokens of the whole effective batch (all
-micro-batches, all ranks); DDP averages over ranks, so each rank back-propagates world_size * loss.
+micro-batches, all ranks); DDP and FSDP average over ranks, so each rank back-propagates world_size * loss.
 A non-finite loss or gradient norm stops training before the optimizer step.
 
 Outputs (train.out): metrics.jsonl (one row per step, `_metrics_line`), tensorboard/, checkpoints/,
@@ -42,7 +44,7 @@ if __name__ == "__main__":  # run as a script, sys.path[0] is llmkd/ itself: its
 import numpy as np
 import torch
 
-from llmkd import atomic, checkpoint, fastpath, models, quantize
+from llmkd import atomic, checkpoint, fastpath, models, quantize, sharding
 from llmkd.config import Recipe, RunLayout
 from llmkd.data import prompts
 from llmkd.errors import LlmkdError
@@ -199,16 +201,22 @@ class TrainingData:
 
 
 def build_student(recipe: Recipe, device: torch.device):
-    """Quantised base + prepare_model_for_kbit_training + LoRA, in train mode (LoRA dropout active)."""
+    """Quantised base + prepare_model_for_kbit_training (not under FSDP) + LoRA, in train mode (LoRA
+    dropout active). Not yet sharded."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     cfg, tr = recipe.model, recipe.train
-    base = models.load_quantized(cfg, models.device_map(device))
+    base = models.load_quantized(cfg, {"": str(device)})
     base.config.use_cache = False
-    # prepare_model_for_kbit_training turns gradient checkpointing on by default: only if asked.
-    base = prepare_model_for_kbit_training(
-        base, use_gradient_checkpointing=tr.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},  # DDP-safe; no input-grad hook needed
-    )
+    checkpointing = {"use_reentrant": False}  # DDP- and FSDP-safe; no input-grad hook needed
+    if tr.sharding == "fsdp":
+        # As the peft and TRL FSDP-QLoRA recipes: norms and embeddings keep the compute dtype (no fp32
+        # upcast); get_peft_model freezes the base.
+        if tr.gradient_checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+    else:
+        # prepare_model_for_kbit_training turns gradient checkpointing on by default: only if asked.
+        base = prepare_model_for_kbit_training(
+            base, use_gradient_checkpointing=tr.gradient_checkpointing, gradient_checkpointing_kwargs=checkpointing)
     lora = LoraConfig(
         r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
         target_modules=list(recipe.lora.target_modules), bias="none", task_type="CAUSAL_LM",
@@ -222,13 +230,16 @@ def build_student(recipe: Recipe, device: torch.device):
 
 
 def prepare(accelerator, model, optimizer):
-    """accelerator.prepare, without its fp32 outputs under mixed precision.
+    """accelerator.prepare, without its fp32 outputs under mixed precision; a sharded model is not
+    handed to accelerate at all (only its optimizer).
 
     accelerate wraps the forward of a bf16/fp16 run in autocast plus a conversion of every output
     to fp32: an fp32 (N, V) copy of the logits, and in backward fp32 and half gradients side by
     side. `unwrap_model(keep_fp32_wrapper=False)` puts the plain forward back; `loss_step` runs it
     in the same autocast itself.
     """
+    if sharding.is_sharded(model):
+        return model, accelerator.prepare(optimizer)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     return model, optimizer
@@ -293,10 +304,10 @@ def accumulate_gradients(model, batches: Sequence[Batch], loss_cfg, num_tokens: 
     totals = torch.zeros(3, dtype=torch.float32)
     for j, batch in enumerate(batches):
         last = j == len(batches) - 1
-        sync = nullcontext() if last or accelerator is None else accelerator.no_sync(model)
+        sync = nullcontext() if last or accelerator is None else sharding.no_sync(model, accelerator)
         with sync:
             terms = loss_step(model, batch, loss_cfg, num_tokens, accelerator)
-            scaled = terms.loss * world_size  # DDP averages over ranks; each rank holds a share of the sum
+            scaled = terms.loss * world_size  # DDP and FSDP average over ranks; each rank holds a share of the sum
             accelerator.backward(scaled) if accelerator is not None else scaled.backward()
         totals += torch.stack([terms.loss, terms.ce, terms.kl]).detach().float().cpu()
     return totals
@@ -316,7 +327,7 @@ class Session:
     data: TrainingData
     plan: DataPlan
     total_steps: int
-    model: Any  # possibly DDP-wrapped PeftModel
+    model: Any  # PeftModel: DDP-wrapped, or sharded in place (train.sharding fsdp), or plain
     optimizer: Any
     scheduler: Any
     params: list
@@ -324,6 +335,7 @@ class Session:
     resumed_from: Path | None = None
     progress: bool = True
     loss: Any = None  # train.loss with cakld_gamma resolved from the data where it is null
+    quantization: dict | None = None  # quantize.quantization_report of the student as loaded
 
 
 def setup(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> Session:
@@ -333,6 +345,7 @@ def setup(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> Ses
     tr = recipe.train
     if tr.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise LlmkdError("train.mixed_precision fp16 needs a GPU; use bf16 or no")
+    sharding.check(recipe)
     layout = recipe.layout
     out = layout.train
     resume_from = checkpoint.starting_checkpoint(layout, resume)
@@ -365,20 +378,24 @@ def setup(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> Ses
     vocab = data.transfer_set.manifest.settings.vocab_size
     if out_features != vocab:
         raise LlmkdError(f"{data.path}: teacher vocabulary {vocab}, the student's lm_head has {out_features}")
+    quantization = quantize.quantization_report(model)  # training never repacks: what runs throughout
+    if resume_from is not None:
+        checkpoint.restore_adapter(resume_from, model)  # into the whole, unsharded model
+    if tr.sharding == "fsdp" and world > 1:
+        model = sharding.shard(model, accelerator.device, world)
+    # After sharding, which replaces the parameters (optimizer, clipping and weight decay act on the shards).
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, tr)
     scheduler = make_scheduler(optimizer, tr, total_steps)
     # The scheduler stays unprepared: accelerate's wrapper would step it once per process.
     model, optimizer = prepare(accelerator, model, optimizer)
-    # Clipping and weight decay act on the parameters as prepared: sharding (FSDP) replaces them.
-    params = [p for p in model.parameters() if p.requires_grad]
     set_seed(tr.seed, device_specific=True)  # dropout: a stream per rank
     start_step = 0
     if resume_from is not None:
         checkpoint.restore(resume_from, accelerator, model, optimizer, scheduler)
         start_step = state["step"]
     return Session(recipe, layout, accelerator, tokenizer, data, plan, total_steps, model, optimizer, scheduler,
-                   params, start_step, resume_from, progress, loss)
+                   params, start_step, resume_from, progress, loss, quantization)
 
 
 # --- Fit ------------------------------------------------------------------------------------------
@@ -476,10 +493,11 @@ def fit(s: Session) -> TrainResult:
 
     seconds = time.perf_counter() - run_start
     adapter = s.layout.adapter
+    weights = sharding.adapter_state_dict(s.model)  # every rank: gathers the shards under FSDP
     if main:
         if final_loss is None:  # resumed at the end: the loss of the last logged step
             final_loss = _last_logged_loss(metrics_path)
-        _write_adapter(acc.unwrap_model(s.model), adapter, s, step, final_loss)
+        _write_adapter(acc.unwrap_model(s.model), weights, adapter, s, step, final_loss)
     acc.wait_for_everyone()
     result = TrainResult(
         out=s.layout.train, adapter=adapter, steps=step, steps_this_run=step - s.start_step, input_tokens=input_total,
@@ -491,7 +509,7 @@ def fit(s: Session) -> TrainResult:
     if main:
         atomic.write_json(s.layout.train_summary, {
             **_jsonable(asdict(result)), "fast_paths": fast, "loss": s.loss.model_dump(),
-            "student_quantization": quantize.quantization_report(acc.unwrap_model(s.model)),
+            "student_quantization": s.quantization,
             "recipe": s.recipe.model_dump(), **provenance()})
     return result
 
@@ -499,7 +517,7 @@ def fit(s: Session) -> TrainResult:
 def _clip(accelerator, params, max_norm: float | None) -> float:
     """Clip to max_norm (None: only measure) and return the total norm before clipping."""
     norm = accelerator.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
-    return float(norm)
+    return float(sharding.full(norm))  # sharded gradients: a DTensor of the global norm
 
 
 @torch.no_grad()
@@ -558,7 +576,8 @@ def _print_header(s: Session) -> None:
     dropped = plan.examples - plan.steps_per_epoch * plan.effective_batch
     print(
         f"llmkd train: {plan.examples} examples from {s.data.path} (top-{s.data.transfer_set.manifest.settings.top_k}); "
-        f"{acc.num_processes} process(es) on {acc.device} ({acc.distributed_type.value}); effective batch "
+        f"{acc.num_processes} process(es) on {acc.device} ({acc.distributed_type.value}"
+        f"{', the student sharded by FSDP2' if sharding.is_sharded(s.model) else ''}); effective batch "
         f"{tr.batch_size} x {tr.grad_accum} x {acc.num_processes} = {plan.effective_batch}; "
         f"{plan.steps_per_epoch} steps/epoch, {s.total_steps} steps"
         + (f"; {dropped} example(s) per epoch left out (less than one batch)" if dropped else "")
@@ -595,10 +614,11 @@ def save_checkpoint(s: Session, step: int) -> Path:
     })
 
 
-def _write_adapter(model, adapter: Path, s: Session, step: int, final_loss: float | None) -> None:
-    """The final adapter in PEFT format (+ llmkd.json), published atomically."""
+def _write_adapter(model, weights: dict | None, adapter: Path, s: Session, step: int, final_loss: float | None) -> None:
+    """The final adapter in PEFT format (+ llmkd.json), published atomically. weights: the gathered
+    `sharding.adapter_state_dict` (None: the model's own)."""
     tmp = atomic.temporary_dir(adapter)
-    model.save_pretrained(str(tmp))
+    model.save_pretrained(str(tmp), state_dict=weights)
     atomic.write_json(tmp / "llmkd.json", {
         "steps": step, "final_loss": final_loss, "recipe": s.recipe.model_dump(),
         "transfer_set": s.data.transfer_set.identity(), **provenance(),

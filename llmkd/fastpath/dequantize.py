@@ -16,6 +16,8 @@ from typing import Iterator
 
 import torch
 
+from llmkd import sharding
+
 MAX_BYTES = 4 << 30  # a CPU-sized model; beyond this the copy costs more memory than it saves time
 
 
@@ -40,13 +42,16 @@ def dequantized_once(model, *, enabled: bool = True) -> Iterator[dict]:
     from bitsandbytes.functional import dequantize_4bit
     from bitsandbytes.nn import Linear4bit
 
+    sharded = sharding.is_sharded(model)  # each rank holds shards, gathered for every forward
     all_4bit = [m for m in model.modules() if isinstance(m, Linear4bit)]
     hqq = [m for m in model.modules() if type(m).__name__ == "HQQLinear" and m.W_q.device.type == "cpu"]
-    layers = [m for m in all_4bit if _dequantizes_per_call(m, model.training)]
+    layers = [] if sharded else [m for m in all_4bit if _dequantizes_per_call(m, model.training)]
     size = sum(m.weight.quant_state.shape.numel() * m.compute_dtype.itemsize for m in layers)
     size += sum(_numel(m.meta["shape"]) * m.compute_dtype.itemsize for m in hqq)
     if not enabled:
         reason = "fast_paths off"
+    elif sharded:
+        reason = "the student is sharded (train.sharding fsdp): its weights are gathered for each forward"
     elif not all_4bit and not hqq:
         reason = "no 4-bit or HQQ layers"
     elif not layers and not hqq:

@@ -1,0 +1,165 @@
+"""train.sharding fsdp: two FSDP2 ranks (gloo, CPU) on a 2-layer random stand-in of the embedded model,
+against one process accumulating the same batches; gathered adapter and checkpoints; resume; refusals.
+
+fp32 throughout (compute and the 4-bit storage): the sharded and the plain run compute the same function,
+so their curves agree up to the order in which gloo sums the ranks' gradients.
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO
+from llmkd import checkpoint, models, sharding, train
+from llmkd.config import load_recipe
+from llmkd.errors import LlmkdError
+from test_train import adapter_tensors, curve
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import gpu_check  # noqa: E402
+
+RECIPE = REPO / "recipes/smollm2-cpu.yaml"
+EXACT = ("step", "epoch", "tokens", "input_tokens")
+CLOSE = ("loss", "ce", "lr", "grad_norm")  # equal up to the order in which gloo sums the ranks' gradients
+
+
+def overrides(stand_in, transfer_set, out, *extra) -> list[str]:
+    return [
+        f"model.name={stand_in}", "model.teacher_dtype=float32", "model.compute_dtype=float32",
+        "model.quant_storage=float32",
+        "transfer_set.start=746", "transfer_set.count=4", "transfer_set.batch_size=4", f"transfer_set.out={transfer_set}",
+        "train.batch_size=1", "train.max_steps=3", "train.checkpoint_every=1", "train.optimizer=adamw",
+        "train.lr=1e-3", "train.warmup_steps=1", f"train.out={out}",
+        "train.loss.alpha=0.5",  # with CE: on random weights teacher and 4-bit student agree almost exactly
+        *extra,
+    ]
+
+
+def rows(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def launch_two_ranks(args: list[str]) -> subprocess.CompletedProcess:
+    """`accelerate launch --multi_gpu --num_processes 2 llmkd/train.py RECIPE ARGS`: two gloo ranks on CPU."""
+    with socket.socket() as sock:  # a free port: other jobs on the machine may use accelerate's default
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+           "llmkd/train.py", str(RECIPE), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # the same kernels as this process
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def stand_in(tmp_path_factory):
+    return gpu_check.random_stand_in(models.embedded_model_dir(), tmp_path_factory.mktemp("stand-in") / "m", layers=2)
+
+
+@pytest.fixture(scope="module")
+def transfer_set(stand_in, tmp_path_factory):
+    from llmkd.builder import build
+
+    out = tmp_path_factory.mktemp("stand-in-set") / "set"
+    build(load_recipe(RECIPE, overrides(stand_in, out, out.parent / "unused")), progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def sharded_run(stand_in, transfer_set, tmp_path_factory):
+    """3 steps on 2 FSDP ranks, batch 1 each, gradient checkpointing on, a checkpoint after every step."""
+    out = tmp_path_factory.mktemp("fsdp") / "run"
+    proc = launch_two_ranks(overrides(stand_in, transfer_set, out, "train.sharding=fsdp",
+                                      "train.gradient_checkpointing=true"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "(MULTI_CPU, the student sharded by FSDP2); effective batch 1 x 1 x 2 = 2" in proc.stdout, proc.stdout
+    return out
+
+
+def test_two_fsdp_ranks_equal_one_process_accumulating_their_batches(stand_in, transfer_set, sharded_run, tmp_path):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    single = tmp_path / "single"
+    recipe = load_recipe(RECIPE, overrides(stand_in, transfer_set, single, "train.grad_accum=2"))  # sharding none
+    train.train(recipe, progress=False)
+    for a, b in zip(rows(sharded_run), rows(single), strict=True):
+        assert [a[k] for k in EXACT] == [b[k] for k in EXACT]
+        assert [a[k] for k in CLOSE] == pytest.approx([b[k] for k in CLOSE], rel=1e-5)  # grad_norm: the global norm
+        # kl is tiny here (teacher and student nearly agree): a difference of two losses, so as close as they are
+        assert a["kl"] == pytest.approx(b["kl"], abs=1e-5 * b["loss"])
+    x, y = adapter_tensors(sharded_run / "adapter"), adapter_tensors(single / "adapter")
+    assert x.keys() == y.keys() and len(x) == 2 * 7 * 2  # lora_A and lora_B of 7 modules in 2 layers
+    for k in x:
+        assert x[k].shape == y[k].shape, k  # gathered, not a shard
+        torch.testing.assert_close(x[k], y[k], rtol=0, atol=1e-5)
+    summary = json.loads((sharded_run / "summary.json").read_text())
+    assert summary["fast_paths"]["dequantized_once"] == 0 and "sharded" in summary["fast_paths"]["reason"]
+    assert summary["student_quantization"]["quant_type"] == ["nf4"]
+
+    # Checkpoints hold full tensors too: the last one's adapter is the final adapter, its optimizer state whole.
+    last = sharded_run / "checkpoints" / "step-000003"
+    ckpt = adapter_tensors(last)
+    assert ckpt.keys() == x.keys() and all(torch.equal(ckpt[k], x[k]) for k in x)
+    state = torch.load(last / "optimizer.pt", weights_only=True)["state"]
+    assert len(state) == len(x)
+    for name, s in state.items():  # keyed by parameter name: the adapter's key with peft's adapter name
+        assert s["exp_avg"].shape == s["exp_avg_sq"].shape == x[name.replace(".default.", ".")].shape, name
+
+    # A plain PEFT adapter: it loads with peft on a freshly quantised base (default uint8 storage).
+    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(str(stand_in), quantization_config=nf4, dtype=torch.float32)
+    loaded = PeftModel.from_pretrained(base, str(sharded_run / "adapter"))
+    files = load_file(str(sharded_run / "adapter" / "adapter_model.safetensors"))
+    weights = {n.replace(".default.", "."): p for n, p in loaded.named_parameters() if "lora_" in n}
+    assert weights.keys() == files.keys() and all(torch.equal(weights[k], files[k]) for k in files)
+
+
+def test_two_fsdp_ranks_resume_to_the_uninterrupted_run(stand_in, transfer_set, sharded_run, tmp_path):
+    resumed = tmp_path / "resumed"
+    shutil.copytree(sharded_run, resumed)  # as if killed after the checkpoint of step 2
+    shutil.rmtree(resumed / "checkpoints" / "step-000003")
+    shutil.rmtree(resumed / "adapter")
+    (resumed / "summary.json").unlink()
+    args = overrides(stand_in, transfer_set, resumed, "train.sharding=fsdp", "train.gradient_checkpointing=true")
+    proc = launch_two_ranks([*args, "--resume"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming from" in proc.stdout and "at step 2" in proc.stdout, proc.stdout
+    assert curve(resumed) == curve(sharded_run)  # bitwise: the same ranks and kernels
+    a, b = adapter_tensors(resumed / "adapter"), adapter_tensors(sharded_run / "adapter")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    # What cannot resume is refused in one line: another process count, another sharding.
+    with pytest.raises(LlmkdError, match="processes was 2, now 1"):
+        train.setup(load_recipe(RECIPE, args), resume=True)
+    last = checkpoint.latest(resumed / "checkpoints")
+    recipe = load_recipe(RECIPE, overrides(stand_in, transfer_set, resumed))
+    with pytest.raises(LlmkdError, match="train.sharding was 'fsdp', now 'none'"):
+        checkpoint.check_resumable(checkpoint.read_state(last), recipe, checkpoint.read_state(last)["transfer_set"], 2,
+                                   last)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.quant_storage=uint8", "needs a floating-point model.quant_storage"),
+    ("model.quant=hqq4", "model.quant nf4 or fp4"),
+    ("train.mixed_precision=fp16", "fp16 is not supported"),
+])
+def test_what_fsdp_cannot_shard_is_a_one_line_error(override, message):
+    recipe = load_recipe(RECIPE, ["train.sharding=fsdp", "model.quant_storage=bfloat16", override])
+    with pytest.raises(LlmkdError, match=message):
+        sharding.check(recipe)
+    sharding.check(load_recipe(RECIPE, ["train.sharding=fsdp", "model.quant_storage=bfloat16"]))
+
+
+@pytest.mark.parametrize("variable", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
+def test_accelerates_own_sharding_configs_are_refused(monkeypatch, variable):
+    monkeypatch.setenv(variable, "true")  # what `accelerate launch --config_file` sets for them
+    with pytest.raises(LlmkdError, match="set train.sharding=fsdp"):
+        sharding.check(load_recipe(RECIPE))
