@@ -50,7 +50,7 @@ class LogLine:
         self.postfix = {**(ordered_dict or {}), **kwargs}
 
     def close(self) -> None:
-        if self.closed:
+        if self.closed or self.disable:
             return
         self.closed = True
         seconds = time.perf_counter() - self.start

@@ -488,6 +488,9 @@ def fit(s: Session) -> TrainResult:
                             step=step)
                 if step % tr.checkpoint_every == 0 or step == s.total_steps:
                     save_checkpoint(s, step)
+    except BaseException:
+        bar.disable = True  # no summary line for a failed run: its one-line error says what happened
+        raise
     finally:
         bar.close()
 

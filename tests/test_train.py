@@ -310,7 +310,7 @@ def test_dry_run_counts_the_cpu_fast_paths_dense_copy_only_when_it_is_on():
     for fast in ("true", "false"):
         recipe = load_recipe("recipes/smollm2-cpu.yaml", [f"fast_paths={fast}", "model.compute_dtype=float32"])
         rows[fast] = dict((name, b) for name, b, _ in plan.memory_estimate(recipe, plan.plan_model(recipe), 400, 200))
-    dense = "4-bit weights dequantized once (CPU fast path)"
+    dense = "nf4 weights dequantized once (CPU fast path)"
     assert rows["true"][dense] == plan.plan_model(recipe).quantized_params * 4 and dense not in rows["false"]
 
 
