@@ -86,7 +86,6 @@ def _hqq_quantize(model, bits: int, group_size: int, compute_dtype: torch.dtype)
         setattr(parent, name, HQQLinear(child, quant_config=config, compute_dtype=compute_dtype, device=device,
                                         del_orig=True))
     model.hqq_quantized = True  # peft's prepare_model_for_kbit_training: no fp32 upcast, no re-quantisation
-    model.llmkd_quant = {"library": "hqq", "bits": bits, "group_size": group_size}
     return model
 
 
@@ -173,21 +172,15 @@ def quantization_report(model) -> dict:
     eight = [m for m in model.modules() if isinstance(m, Linear8bitLt)]
     if eight:
         report.update({"linear8bit_layers": len(eight), "quant_type": ["int8"]})
-    hqq = getattr(_unwrapped(model), "llmkd_quant", None)
-    if hqq:
-        metas = [m.meta for m in model.modules() if type(m).__name__ == "HQQLinear"]
+    metas = [m.meta for m in model.modules() if type(m).__name__ == "HQQLinear"]
+    if metas:
+        bits = sorted({int(m["nbits"]) for m in metas})
         report.update({
-            "hqq_layers": len(metas), "quant_type": [f"hqq{hqq['bits']}"],
-            "bits": sorted({int(m["nbits"]) for m in metas}), "group_size": sorted({int(m["group_size"]) for m in metas}),
+            "hqq_layers": len(metas), "quant_type": [f"hqq{b}" for b in bits],
+            "bits": bits, "group_size": sorted({int(m["group_size"]) for m in metas}),
             "compute_dtype": sorted({str(m["compute_dtype"]).removeprefix("torch.") for m in metas}),
         })
     return report
-
-
-def _unwrapped(model):
-    """The transformers model under a peft wrapper (where `llmkd_quant` was set)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
 
 
 def planned_bytes_per_weight(cfg: ModelConfig, in_features: int, compute_bytes: int) -> float:
