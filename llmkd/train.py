@@ -354,6 +354,11 @@ def setup(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> Ses
     accelerator = Accelerator(cpu=models.device().type == "cpu", mixed_precision=tr.mixed_precision,
                               log_with=TRACKER_NAME if _has_tensorboard() else None, project_dir=str(out))
     world = accelerator.num_processes
+    if resume and accelerator.is_main_process and layout.checkpoints.is_dir():
+        # A crash mid-save leaves a temporary or unmarked folder; a resume with no step left to run
+        # writes no checkpoint that would prune it.
+        checkpoint.prune(layout.checkpoints)
+    accelerator.wait_for_everyone()
     tokenizer = models.load_tokenizer(recipe.model)
     data = TrainingData.open(recipe, tokenizer)
     plan = DataPlan(len(data.input_lengths), tr.batch_size, tr.grad_accum, world, tr.seed,

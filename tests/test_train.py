@@ -192,6 +192,13 @@ def test_training_killed_at_a_random_moment_resumes_to_the_uninterrupted_run(tra
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-000002", "step-000003"], what  # the last 2
     assert (ckpts / "step-000003" / checkpoint.COMPLETE).is_file(), what  # a fake was replaced by a real one
 
+    # A resume with no step left writes no checkpoint, and still clears what a crash left.
+    (ckpts / ".tmp-step-000004").mkdir()
+    (ckpts / "step-000004").mkdir()
+    again = train.train(small_recipe(transfer_set, broken, *extra), resume=True, progress=False)
+    assert again.steps_this_run == 0 and curve(broken) == curve(whole)
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-000002", "step-000003"]
+
     # A training setting that differs from the checkpoint's is refused, naming the key.
     with pytest.raises(LlmkdError, match=r"train\.lr was 0\.001, now 0\.002"):
         train.setup(small_recipe(transfer_set, broken, *extra, "train.lr=2e-3"), resume=True)
