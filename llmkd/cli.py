@@ -126,15 +126,17 @@ def add_sweep_args(p: argparse.ArgumentParser) -> None:
     from llmkd.quantize import QUANTIZERS
 
     add_recipe_args(p)
-    p.add_argument("--quant", default=",".join(QUANTIZERS), metavar="Q1,Q2,...",
-                   help=f"student quantizers, one point each (default: all of {','.join(QUANTIZERS)})")
+    p.add_argument("--quant", default=None, metavar="Q1,Q2,...",
+                   help=f"student quantizers, one point each, from {','.join(QUANTIZERS)} "
+                        "(default: the recipe's sweep.quants, all of them unless set)")
     p.add_argument("--dry-run", action="store_true", help="print each point's memory plan; load nothing")
 
 
 def cmd_sweep(args) -> int:
     from llmkd import sweep
 
-    recipe, quants = recipe_from_cli(args.recipe), sweep.parse_quants(args.quant)
+    recipe = recipe_from_cli(args.recipe)
+    quants = sweep.parse_quants(args.quant) if args.quant is not None else list(recipe.sweep.quants)
     if args.dry_run:
         print(sweep.dry_run(recipe, quants))
         return 0

@@ -10,6 +10,7 @@ A recipe is a YAML file of these sections (all optional; omitted keys take the d
     lora:         {r, alpha, dropout, target_modules}
     train:        {epochs, batch_size, grad_accum, optimizer, lr, ..., loss: {alpha, temperature, ...}}
     eval:         {split, start, limit, shots, batch_size, max_new_tokens, fidelity_*, backend}
+    sweep:        {quants, point_overrides}
 
 Validation is strict and up front: an unknown key, a wrong type or an out-of-range value is a
 one-line `LlmkdError` naming the file and the dotted key. Command-line overrides use the same dotted
@@ -35,6 +36,9 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
+Quant = Literal["nf4", "fp4", "int8", "hqq2", "hqq3", "hqq4", "hqq8"]
+
+
 class ModelConfig(Section):
     name: str = "smollm2-135m-instruct"
     """Teacher and student base: a Hugging Face id, a local folder, or `smollm2-135m-instruct` (the embedded default)."""
@@ -44,7 +48,7 @@ class ModelConfig(Section):
     """Run model code shipped with the checkpoint. Off unless you trust the checkpoint."""
     teacher_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     """Teacher weights' dtype. auto: bfloat16 on a GPU; on CPU bfloat16 where a matmul probe finds it faster than float32, else float32."""
-    quant: Literal["nf4", "fp4", "int8", "hqq2", "hqq3", "hqq4", "hqq8"] = "nf4"
+    quant: Quant = "nf4"
     """The student's quantizer: bitsandbytes nf4, fp4 (4-bit) or int8 (LLM.int8), or HQQ at 2/3/4/8 bits (llmkd/quantize.py)."""
     double_quant: bool = True
     """Quantise the quantisation constants too (QLoRA's double quantisation; nf4 and fp4)."""
@@ -194,6 +198,29 @@ class EvalConfig(Section):
         return self
 
 
+# What a sweep point may change: how its student is quantised and trained, never what it is compared on.
+POINT_SECTIONS = ("lora.", "train.")
+POINT_MODEL_KEYS = ("model.double_quant", "model.hqq_group_size", "model.compute_dtype", "model.quant_storage")
+
+
+class SweepConfig(Section):
+    quants: list[Quant] = Field(["nf4", "fp4", "int8", "hqq2", "hqq3", "hqq4", "hqq8"], min_length=1)
+    """The points of `llmkd sweep`, one per student quantizer (`--quant` overrides)."""
+    point_overrides: dict[Quant, list[str]] = {}
+    """Per point, dotted `key=value` overrides of how its student is quantised and trained (model.*
+    except name, quant and teacher_dtype; lora.*; train.*), e.g. `int8: [train.lr=2.5e-4]`."""
+
+    @model_validator(mode="after")
+    def _point_keys(self):
+        for quant, items in self.point_overrides.items():
+            for item in items:
+                key = item.partition("=")[0]
+                if not (key.startswith(POINT_SECTIONS) or key in POINT_MODEL_KEYS):
+                    raise ValueError(f"{quant}: {key!r} is not a setting a point may change (lora.*, train.*, "
+                                     f"{', '.join(POINT_MODEL_KEYS)}); points share the teacher, data and evaluation")
+        return self
+
+
 class Recipe(Section):
     name: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     """Names the run folder: every output goes under runs/<name>/ (transfer_set, train, eval, report) unless its path is set."""
@@ -206,6 +233,7 @@ class Recipe(Section):
     lora: LoraConfig = LoraConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    sweep: SweepConfig = SweepConfig()
 
     @property
     def layout(self) -> "RunLayout":
@@ -231,6 +259,7 @@ class RunLayout:
     train: Path  # train.out, or runs/<name>/train
     eval: Path  # runs/<name>/eval
     report: Path  # runs/<name>/report
+    sweep: Path  # runs/<name>/sweep (llmkd sweep; each point is its own recipe <name>-<quant>)
 
     @classmethod
     def of(cls, recipe: Recipe) -> "RunLayout":
@@ -241,6 +270,7 @@ class RunLayout:
             train=Path(recipe.train.out or run / "train"),
             eval=run / "eval",
             report=run / "report",
+            sweep=run / "sweep",
         )
 
     # Inside train/ (the trainer's and the checkpoint module's files).
@@ -290,11 +320,11 @@ def load_recipe(path: str | Path | None, overrides: Sequence[str] = ()) -> Recip
         if not isinstance(raw, dict):
             raise LlmkdError(f"{path}: a recipe is a mapping of sections, got {type(raw).__name__}")
     for item in overrides:
-        _apply_override(raw, item, Recipe)
+        apply_override(raw, item, Recipe)
     try:
         return Recipe.model_validate(raw)
     except ValidationError as e:
-        raise LlmkdError(f"{source}: {_describe(e)}") from None
+        raise LlmkdError(f"{source}: {describe(e)}") from None
 
 
 def recipe_from_cli(items: Sequence[str], extra_overrides: Sequence[str] = ()) -> Recipe:
@@ -307,7 +337,7 @@ def recipe_from_cli(items: Sequence[str], extra_overrides: Sequence[str] = ()) -
     return load_recipe(path, [*items, *extra_overrides])
 
 
-def _apply_override(raw: dict, item: str, schema: type[BaseModel]) -> None:
+def apply_override(raw: dict, item: str, schema: type[BaseModel]) -> None:
     key, sep, text = item.partition("=")
     if not sep or not key:
         raise LlmkdError(f"override {item!r} is not key=value (e.g. train.lr=1e-4)")
@@ -332,7 +362,7 @@ def _apply_override(raw: dict, item: str, schema: type[BaseModel]) -> None:
         model = sub
 
 
-def _describe(error: ValidationError) -> str:
+def describe(error: ValidationError) -> str:
     """All problems of a validation, one line: `train.lr: Input should be a valid number (got 'x')`."""
     problems = []
     for err in error.errors():

@@ -335,6 +335,30 @@ def generation_agreement(accuracy: Sequence[Accuracy], eval_dir: Path, tokenizer
 FIDELITY_BATCH = 16  # teacher-forced batches: bigger ones only add padding and (N, V) logits memory
 
 
+@dataclass
+class TeacherLogits:
+    """The teacher's logits at the response positions of the held-out fidelity batches, kept in CPU
+    memory so that several students scored on the same questions (`llmkd sweep`) run the teacher once.
+    Bitwise what the teacher's forward gives again: a forward is deterministic for the same batch."""
+
+    max_bytes: int = 8 * 2**30  # beyond it the teacher runs again for each student
+    batches: dict = field(default_factory=dict)  # (rendering, batch index) -> (input_ids, logits)
+    complete: set = field(default_factory=set)  # renderings whose every batch is held
+    held_bytes: int = 0
+
+    def get(self, rendering: str, index: int, input_ids):
+        hit = self.batches.get((rendering, index))
+        return hit[1] if hit is not None and torch.equal(hit[0], input_ids.cpu()) else None
+
+    def put(self, rendering: str, index: int, input_ids, logits) -> bool:
+        size = logits.numel() * logits.element_size()
+        if self.held_bytes + size > self.max_bytes:
+            return False
+        self.batches[rendering, index] = (input_ids.cpu(), logits.cpu())
+        self.held_bytes += size
+        return True
+
+
 def fidelity_batches(tokenizer, questions, batch_size: int, rendering: str = "llmkd"):
     """Right-padded (input_ids, attention_mask, keep) batches of 0-shot prompt + gold solution in
     `rendering` (`prompts.render_example`), sorted by length so that little is padding (the metrics
@@ -357,17 +381,19 @@ def adapter_off(model, tag: str):
 
 @torch.no_grad()
 def score_fidelity(teacher, student, tokenizer, questions, *, tags: Sequence[str], batch_size: int = FIDELITY_BATCH,
-                   share_prefix: bool = True, progress: bool = True, rendering: str = "llmkd") -> list[Fidelity]:
+                   share_prefix: bool = True, progress: bool = True, rendering: str = "llmkd",
+                   teacher_logits: TeacherLogits | None = None) -> list[Fidelity]:
     """KL(teacher || model) and top-1 agreement of `student` as each of `tags` ("student": adapter off,
     "distilled"/other: as given) on `questions` in `rendering`; the teacher's forward runs once per
-    batch for all of them."""
+    batch for all of them, or not at all for the batches `teacher_logits` holds (then `teacher` may be
+    None if it holds them all)."""
     sums = {tag: [0.0, 0] for tag in tags}  # KL sum, agreements
     tokens = 0
     device = next(student.parameters()).device
     batches = list(fidelity_batches(tokenizer, questions, batch_size, rendering))
     rows = [row for input_ids, _, _ in batches for row in input_ids.tolist()]
     first_kept = min(int(keep.float().argmax(1).min()) for _, _, keep in batches)  # a prefix keeps no logits
-    prefix = shared_prefix.usable_prefix_length(rows, teacher, limit=first_kept) if share_prefix else 0
+    prefix = shared_prefix.usable_prefix_length(rows, student, limit=first_kept) if share_prefix else 0
     caches: dict = {}  # the prefix's KV per model (and adapter state), computed once
 
     def forward(model, key, input_ids, attention, keep):
@@ -377,9 +403,16 @@ def score_fidelity(teacher, student, tokenizer, questions, *, tags: Sequence[str
 
     desc = f"fidelity {'/'.join(tags)} ({rendering})"
     with progress_bar(total=len(batches), desc=desc, unit="batch", disable=not progress) as bar:
-        for input_ids, attention, keep in batches:
+        held = teacher_logits is not None
+        for i, (input_ids, attention, keep) in enumerate(batches):
+            t_logits = teacher_logits.get(rendering, i, input_ids) if held else None
             input_ids, attention, keep = input_ids.to(device), attention.to(device), keep.to(device)
-            t_logits = forward(teacher, None, input_ids, attention, keep)  # (N, V) at the response positions
+            if t_logits is None:
+                if teacher is None:
+                    raise ValueError(f"score_fidelity: no teacher, and no held logits for {rendering} batch {i}")
+                t_logits = forward(teacher, None, input_ids, attention, keep)  # (N, V) at the response positions
+                held = held and teacher_logits.put(rendering, i, input_ids, t_logits)
+            t_logits = t_logits.to(device)
             mask = torch.ones(t_logits.shape[0], dtype=torch.bool, device=device)
             for tag in tags:
                 with adapter_off(student, tag):
@@ -388,6 +421,8 @@ def score_fidelity(teacher, student, tokenizer, questions, *, tags: Sequence[str
                 sums[tag][1] += int(a)
             tokens += int(n)
             bar.update(1)
+    if held:
+        teacher_logits.complete.add(rendering)
     return [Fidelity(tag=tag, questions=len(questions), tokens=tokens, kl=kl / max(tokens, 1),
                      top1_agreement=agree / max(tokens, 1), rendering=rendering) for tag, (kl, agree) in sums.items()]
 
@@ -401,13 +436,16 @@ def run_eval(
     recipe: Recipe, *, shots: Sequence[int], tags: Sequence[str], adapter: str | Path | None = None,
     limit: int | None = None, with_fidelity: bool = False, backend: str | None = None,
     out_dir: Path | None = None, progress: bool = True, teacher_from: Path | None = None,
+    teacher_logits: TeacherLogits | None = None,
 ) -> EvalRun:
     """Score each model in `tags` ("teacher", "student", "distilled" = student + `adapter`) at each shot count.
 
     At most two models are loaded: the teacher, then one quantised student. With an adapter, the base
     student is that model with its adapter disabled. The teacher is kept only for fidelity.
     `teacher_from`: an evaluation folder whose teacher cells, scored under the same settings, are
-    copied instead of generated again (`llmkd sweep` scores the teacher once for every point).
+    copied instead of generated again (`llmkd sweep` scores the teacher once for every point);
+    `teacher_logits`: the teacher's fidelity logits held from an earlier student's evaluation, and
+    filled by this one.
     """
     out_dir = Path(out_dir or recipe.layout.eval)
     atomic.remove_temporaries(out_dir, recursive=True)  # a killed earlier run's unfinished writes
@@ -431,10 +469,13 @@ def run_eval(
     if reused is not None:
         run.accuracy += reused
     generate_teacher = "teacher" in tags and reused is None
-    teacher = models.load_teacher(recipe.model) if generate_teacher or held_out is not None else None
+    renderings = recipe.eval.fidelity_renderings
+    held = teacher_logits is not None and set(renderings) <= teacher_logits.complete
+    teacher_forward = held_out is not None and not held
+    teacher = models.load_teacher(recipe.model) if generate_teacher or teacher_forward else None
     if generate_teacher:
         accuracy(teacher, "teacher")
-    if held_out is None:
+    if not teacher_forward:
         teacher = None
         gc.collect()
     load_seconds = None
@@ -448,11 +489,11 @@ def run_eval(
                 with adapter_off(student, tag):
                     accuracy(student, tag)
             if held_out is not None:
-                for rendering in recipe.eval.fidelity_renderings:
+                for rendering in renderings:
                     run.fidelity += score_fidelity(teacher, student, tokenizer, held_out, tags=students,
                                                    batch_size=min(recipe.eval.batch_size, FIDELITY_BATCH),
                                                    share_prefix=recipe.fast_paths, progress=progress,
-                                                   rendering=rendering)
+                                                   rendering=rendering, teacher_logits=teacher_logits)
     run.agreement = generation_agreement(run.accuracy, out_dir, tokenizer)
     atomic.write_json(out_dir / "eval-summary.json", {
         "accuracy": [asdict(a) for a in run.accuracy],

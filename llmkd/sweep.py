@@ -16,10 +16,12 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
+from pydantic import ValidationError
+
 from llmkd import atomic, builder, checkpoint, models, plan, quantize, train
-from llmkd.config import Recipe
+from llmkd.config import Recipe, apply_override, describe
 from llmkd.errors import LlmkdError
-from llmkd.evaluate import run_eval
+from llmkd.evaluate import TeacherLogits, run_eval
 from llmkd.provenance import provenance
 
 POINT_FILE = "sweep-point.json"
@@ -35,17 +37,22 @@ def parse_quants(text: str) -> list[str]:
 
 
 def point_recipe(recipe: Recipe, quant: str) -> Recipe:
-    """The recipe of one point: its own name (so its own train/eval folders), the sweep's transfer set."""
-    raw = recipe.model_dump()
+    """The recipe of one point: its own name (so its own train/eval folders), the sweep's transfer set,
+    and its `sweep.point_overrides`. The point's recipe holds no sweep section: its settings are its own."""
+    raw = recipe.model_dump(exclude={"sweep"})
     raw["name"] = f"{recipe.name}-{quant}"
     raw["model"]["quant"] = quant
     raw["transfer_set"]["out"] = str(recipe.layout.transfer_set)
     raw["train"]["out"] = None
-    return Recipe.model_validate(raw)
-
-
-def sweep_dir(recipe: Recipe) -> Path:
-    return recipe.layout.run / "sweep"
+    for item in recipe.sweep.point_overrides.get(quant, []):
+        try:
+            apply_override(raw, item, Recipe)
+        except LlmkdError as e:
+            raise LlmkdError(f"sweep.point_overrides.{quant}: {e}") from None
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise LlmkdError(f"sweep.point_overrides.{quant}: {describe(e)}") from None
 
 
 def dry_run(recipe: Recipe, quants: Sequence[str]) -> str:
@@ -66,7 +73,8 @@ def run(recipe: Recipe, quants: Sequence[str], *, progress: bool = True, say: Ca
     """Every point of the sweep (reusing finished ones); returns sweep.md's path."""
     if "llmkd" not in recipe.eval.fidelity_renderings:
         raise LlmkdError("eval.fidelity_renderings: a sweep compares points in-format, so it must include llmkd")
-    out = sweep_dir(recipe)
+    out = recipe.layout.sweep
+    point_recipes = [point_recipe(recipe, q) for q in quants]  # a bad override fails before any work
     say(f"[sweep] transfer set -> {recipe.layout.transfer_set}")
     builder.build(recipe, progress=progress)
     teacher_eval = out / "teacher"
@@ -74,9 +82,10 @@ def run(recipe: Recipe, quants: Sequence[str], *, progress: bool = True, say: Ca
     teacher_run = run_eval(recipe, shots=recipe.eval.shots, tags=["teacher"], out_dir=teacher_eval,
                            progress=progress, teacher_from=teacher_eval)
     points = []
-    for i, q in enumerate(quants, 1):
+    teacher_logits = TeacherLogits()  # every point is scored on the same held-out batches
+    for i, (q, point) in enumerate(zip(quants, point_recipes), 1):
         say(f"[sweep {i}/{len(quants)}] {q}")
-        points.append(run_point(point_recipe(recipe, q), teacher_eval, progress=progress, say=say))
+        points.append(run_point(point, teacher_eval, teacher_logits, progress=progress, say=say))
     teacher = _teacher_figures(recipe, teacher_run)
     lengths = [p["distilled"]["teacher_tokens_mean"] for p in points if "teacher_tokens_mean" in p["distilled"]]
     if lengths:  # the teacher's common prefix with itself is its whole output
@@ -95,7 +104,8 @@ def run(recipe: Recipe, quants: Sequence[str], *, progress: bool = True, say: Ca
     return out / "sweep.md"
 
 
-def run_point(point: Recipe, teacher_eval: Path, *, progress: bool, say: Callable[[str], None]) -> dict:
+def run_point(point: Recipe, teacher_eval: Path, teacher_logits: TeacherLogits, *, progress: bool,
+              say: Callable[[str], None]) -> dict:
     marker = point.layout.run / POINT_FILE
     settings = point.flat()
     try:
@@ -111,7 +121,7 @@ def run_point(point: Recipe, teacher_eval: Path, *, progress: bool, say: Callabl
     start = time.perf_counter()
     evaluation = run_eval(point, shots=point.eval.shots, tags=["teacher", "student", "distilled"],
                           adapter=trained.adapter, with_fidelity=True, out_dir=point.layout.eval,
-                          progress=progress, teacher_from=teacher_eval)
+                          progress=progress, teacher_from=teacher_eval, teacher_logits=teacher_logits)
     summary = json.loads((point.layout.eval / "eval-summary.json").read_text())
     figures = point_figures(point, evaluation, summary, trained, time.perf_counter() - start)
     atomic.write_json(marker, {"settings": settings, "point": figures})

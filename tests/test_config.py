@@ -101,3 +101,25 @@ def test_every_output_path_follows_the_name_unless_set():
     assert shipped.transfer_set == Path("transfer_sets/smollm2-cpu") and shipped.train == Path("runs/foo/train")
     with pytest.raises(LlmkdError, match="name"):
         load_recipe(None, ["name=../up"])
+
+
+def test_a_sweep_point_takes_its_own_overrides_and_only_settings_a_point_may_change(tmp_path):
+    from llmkd.sweep import point_recipe
+
+    r = load_recipe("recipes/smollm2-sweep.yaml", ["sweep.point_overrides={int8: [train.lr=2.5e-4, lora.r=4]}"])
+    int8, nf4 = point_recipe(r, "int8"), point_recipe(r, "nf4")
+    assert (int8.train.lr, int8.lora.r, int8.model.quant, int8.name) == (2.5e-4, 4, "int8", "smollm2-sweep-int8")
+    assert (nf4.train.lr, nf4.lora.r) == (r.train.lr, r.lora.r)
+    # A point's settings are its own: another point's overrides do not touch them (nor its reuse).
+    other = load_recipe("recipes/smollm2-sweep.yaml", ["sweep.point_overrides={hqq8: [train.lr=1e-5]}"])
+    assert point_recipe(other, "nf4").flat() == nf4.flat() and nf4.sweep == Recipe().sweep
+    assert int8.layout.transfer_set == nf4.layout.transfer_set == r.layout.transfer_set  # one set for all points
+
+    with pytest.raises(LlmkdError, match=r"int8: 'eval.limit' is not a setting a point may change"):
+        load_recipe("recipes/smollm2-sweep.yaml", ["sweep.point_overrides={int8: [eval.limit=3]}"])
+    with pytest.raises(LlmkdError, match=r"sweep.point_overrides.int8: override train.lrr: unknown key 'train.lrr'"):
+        point_recipe(load_recipe("recipes/smollm2-sweep.yaml", ["sweep.point_overrides={int8: [train.lrr=1]}"]), "int8")
+    with pytest.raises(LlmkdError, match=r"sweep.point_overrides.int8: train.lr: .*greater than 0"):
+        point_recipe(load_recipe("recipes/smollm2-sweep.yaml", ["sweep.point_overrides={int8: [train.lr=-1]}"]), "int8")
+    with pytest.raises(LlmkdError, match=r"sweep.point_overrides.hqq9"):
+        load_recipe("recipes/smollm2-sweep.yaml", ["sweep.point_overrides={hqq9: [train.lr=1e-4]}"])

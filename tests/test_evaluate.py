@@ -191,3 +191,33 @@ def test_real_evaluation_of_teacher_student_and_distilled(smol_recipe, smol_teac
     table = format_table(run)
     assert "| teacher | 0 | 2 |" in table and "| distilled | 2 | 2 |" in table and "KL(teacher‖model)" in table
     assert "same output as teacher" in table
+
+
+def test_held_teacher_logits_give_the_same_fidelity_without_loading_the_teacher(smol_recipe, random_adapter,
+                                                                               tmp_path, monkeypatch):
+    """`llmkd sweep` scores many students on the same held-out batches: the second evaluation reads
+    the teacher's logits the first one held, loads no teacher, and gets bitwise the same figures."""
+    from llmkd import models
+    from llmkd.evaluate import TeacherLogits
+
+    short = smol_recipe.model_copy(update={"eval": smol_recipe.eval.model_copy(update={"max_new_tokens": 4,
+                                                                                     "fidelity_count": 3})})
+    held = TeacherLogits()
+    first = run_eval(short, shots=[0], tags=["student", "distilled"], adapter=random_adapter, limit=1,
+                     with_fidelity=True, out_dir=tmp_path / "a", progress=False, teacher_logits=held)
+    assert held.complete == {"llmkd", "plain_chat"} and held.held_bytes > 0
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("the teacher was loaded although its logits are held")
+
+    monkeypatch.setattr(models, "load_teacher", no_teacher)
+    again = run_eval(short, shots=[0], tags=["student", "distilled"], adapter=random_adapter, limit=1,
+                     with_fidelity=True, out_dir=tmp_path / "b", progress=False, teacher_logits=held)
+    assert [asdict(f) for f in again.fidelity] == [asdict(f) for f in first.fidelity]
+    assert first.fidelity[0].kl != first.fidelity[1].kl  # base and distilled: the held logits serve both
+
+    # Other questions are other batches: nothing held matches them, and without a teacher that is an error.
+    other = short.model_copy(update={"eval": short.eval.model_copy(update={"fidelity_start": 1100})})
+    with pytest.raises(ValueError, match="no held logits"):
+        score_fidelity(None, models.load_student(short.model), models.load_tokenizer(short.model),
+                       fidelity_questions(other), tags=["student"], progress=False, teacher_logits=held)
