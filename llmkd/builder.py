@@ -103,6 +103,7 @@ def make_settings(recipe: Recipe, tokenizer, teacher: dict, rows: Sequence[dict]
                                    seed=ts.seed) if teacher_mode else None,
         batch_size=ts.batch_size,
         shots=ts.shots,
+        renderings=list(ts.renderings),
         exemplar_seed=recipe.data.exemplar_seed if ts.shots else None,
         exemplar_ids=[e["id"] for e in exemplars],
         instruction_sha256=sha256_text(prompts.INSTRUCTION),
@@ -285,7 +286,10 @@ def _build_shard(job: _Job, index: int, rows: Sequence[dict]) -> dict:
     ts, tok, k = job.recipe.transfer_set, job.tokenizer, job.settings.top_k
     teacher = job.load_teacher()
     t0 = time.perf_counter()
-    texts = [prompts.render_prompt(tok, r["question"], job.exemplars) for r in rows]
+    # Example j of the set (j = index * shard_size + i) is written in renderings[j % n].
+    renderings = [ts.renderings[(index * ts.shard_size + i) % len(ts.renderings)] for i in range(len(rows))]
+    texts = [prompts.render_prompt(tok, r["question"], job.exemplars) if how == "llmkd"
+             else prompts.render_example_prompt(tok, r["question"], how) for r, how in zip(rows, renderings)]
     sequences, starts, finishes = [None] * len(rows), [0] * len(rows), [""] * len(rows)
     targets: list = [None] * len(rows)
     progress = partial(_advance, job)  # per teacher-forward batch
@@ -313,7 +317,10 @@ def _build_shard(job: _Job, index: int, rows: Sequence[dict]) -> dict:
                 targets[i] = t
     else:
         for i, r in enumerate(rows):
-            response = prompts.render_response(tok, r["question"], prompts.assistant_turn(r["answer"]), job.exemplars)
+            if renderings[i] == "llmkd":  # k-shot too
+                response = prompts.render_response(tok, r["question"], prompts.assistant_turn(r["answer"]), job.exemplars)
+            else:
+                response = prompts.render_example(tok, r["question"], r["answer"], renderings[i])[1]
             ids, mask = prompts.tokenize_example(tok, texts[i], response)
             sequences[i], starts[i], finishes[i] = ids, mask.index(1), "gold"
         targets = teacher_targets(teacher, sequences, starts, k, pad_id=tok.pad_token_id, batch_size=ts.batch_size,

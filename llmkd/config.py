@@ -37,6 +37,7 @@ class Section(BaseModel):
 
 
 Quant = Literal["nf4", "fp4", "int8", "hqq2", "hqq3", "hqq4", "hqq8"]
+Rendering = Literal["llmkd", "bare", "notes", "plain_chat", "plain_text"]  # llmkd/data/prompts.py: RENDERINGS
 
 
 class ModelConfig(Section):
@@ -80,6 +81,9 @@ class TransferSetConfig(Section):
     """teacher: the teacher's own generation; gold: the dataset's solution, teacher-forced."""
     shots: int = Field(0, ge=0)
     """Exemplars in each transfer-set prompt."""
+    renderings: list[Rendering] = Field(["llmkd"], min_length=1)
+    """How the examples are written (llmkd/data/prompts.py RENDERINGS), taken in turn: example i gets
+    renderings[i % n]. More than llmkd's own format trains on varied text (0-shot only)."""
     top_k: int = Field(64, gt=0)
     """Teacher logprobs kept per token; the rest of the mass is one tail bucket."""
     max_new_tokens: int = Field(256, gt=0)
@@ -94,6 +98,13 @@ class TransferSetConfig(Section):
     """Questions generated together."""
     shard_size: int = Field(256, gt=0)
     """Examples per shard; a shard is the unit of resume."""
+
+    @model_validator(mode="after")
+    def _renderings_are_zero_shot(self):
+        if self.shots > 0 and list(self.renderings) != ["llmkd"]:
+            raise ValueError(f"renderings {self.renderings} are 0-shot renderings; k-shot prompts (shots "
+                             f"{self.shots}) are llmkd's format only")
+        return self
 
 
 class LoraConfig(Section):
@@ -185,9 +196,9 @@ class EvalConfig(Section):
     """First test question of the held-out fidelity set (teacher-forced gold solutions)."""
     fidelity_count: int = Field(100, gt=0)
     """Questions in the held-out fidelity set."""
-    fidelity_renderings: list[Literal["llmkd", "plain_chat"]] = Field(["llmkd", "plain_chat"], min_length=1)
-    """Renderings the fidelity is measured in: llmkd's training format, and plain_chat (the bare question,
-    GSM8K's answer as shipped with its calculator notes): text unlike the training data."""
+    fidelity_renderings: list[Rendering] = Field(["llmkd", "plain_chat"], min_length=1)
+    """Renderings the fidelity is measured in (llmkd/data/prompts.py RENDERINGS): llmkd's training format,
+    and plain_chat (the bare question, GSM8K's answer as shipped with its calculator notes): other text."""
     backend: Literal["llmkd", "lm-eval"] = "llmkd"
     """llmkd's own batched generation, or lm-eval's gsm8k harness with the same prompts."""
 

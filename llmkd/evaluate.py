@@ -70,7 +70,7 @@ class Fidelity:
     tokens: int
     kl: float  # mean per response token, nats, KL(teacher || model)
     top1_agreement: float
-    rendering: str = "llmkd"  # prompts.RENDERINGS: llmkd's format (in-format) or plain_chat (off-format)
+    rendering: str = "llmkd"  # prompts.RENDERINGS: llmkd's format (in-format), plain_chat (off-format), ...
 
 
 @dataclass
@@ -526,15 +526,12 @@ def accuracy_table(run: EvalRun) -> str:
     return "\n".join(lines)
 
 
-RENDERING_LABELS = {"llmkd": "in-format (llmkd's prompt)", "plain_chat": "off-format (bare question, answer as shipped)"}
-
-
 def fidelity_table(run: EvalRun) -> str:
     if not run.fidelity:
         return ""
     lines = ["| model | text | held-out tokens | KL(teacher‖model) | top-1 agreement |", "|---|---|---:|---:|---:|"]
     for f in run.fidelity:
-        lines.append(f"| {f.tag} | {RENDERING_LABELS.get(f.rendering, f.rendering)} | {f.tokens} | {f.kl:.4f} | "
+        lines.append(f"| {f.tag} | {prompts.rendering_label(f.rendering)} | {f.tokens} | {f.kl:.4f} | "
                      f"{100 * f.top1_agreement:.1f}% |")
     return "\n".join(lines)
 

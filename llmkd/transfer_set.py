@@ -20,7 +20,7 @@ from llmkd import atomic, models
 from llmkd.config import Recipe
 from llmkd.errors import LlmkdError
 
-FORMAT_VERSION = 2  # 2: settings.decoding
+FORMAT_VERSION = 3  # 2: settings.decoding; 3: settings.renderings
 MANIFEST = "manifest.json"  # written last: a folder without it is not a transfer set
 BUILD_FILE = "build.json"  # a folder with it and no manifest is an unfinished build
 SHARD_DIR = "shards"
@@ -108,6 +108,7 @@ class Settings:
     decoding: dict | None
     batch_size: int
     shots: int
+    renderings: list[str]
     exemplar_seed: int | None
     exemplar_ids: list[str]
     instruction_sha256: str

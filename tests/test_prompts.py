@@ -269,3 +269,26 @@ def test_the_off_format_rendering_is_the_bare_question_and_the_answer_as_shipped
     assert "<<" not in ours[1]
     with pytest.raises(ValueError, match="rendering must be one of"):
         prompts.render_example(smol_tokenizer, row["question"], row["answer"], "nope")
+
+
+@pytest.mark.parametrize("rendering", list(prompts.RENDERINGS))
+def test_each_rendering_shows_what_it_says(smol_tokenizer, rendering):
+    """The instruction, the calculator notes and the chat template are each there exactly when the
+    rendering's row says so; the prompt is what a model answering it would see."""
+    instructed, notes, chat, _ = prompts.RENDERINGS[rendering]
+    row = {"question": "Natalia sold 48 clips in April. How many in May, half as many?",
+           "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 24"}
+    prompt, response = prompts.render_example(smol_tokenizer, row["question"], row["answer"], rendering)
+    assert prompt == prompts.render_example_prompt(smol_tokenizer, row["question"], rendering)
+    assert (prompts.INSTRUCTION in prompt) == instructed and row["question"] in prompt
+    assert ("<<48/2=24>>" in response) == notes and response.strip().startswith("Natalia sold")
+    assert ("<|im_start|>" in prompt) == chat and ("<|im_end|>" in response) == chat
+    assert extract_strict(response) == "24"  # every rendering keeps the final answer line
+
+
+def test_the_recipe_accepts_exactly_the_renderings_prompts_defines():
+    import typing
+
+    from llmkd.config import Rendering
+
+    assert typing.get_args(Rendering) == tuple(prompts.RENDERINGS)

@@ -13,9 +13,11 @@ Chat models get these turns through their own chat template (`tokenizer.apply_ch
 Base models (no template) get the same text joined plainly: turns separated by a blank line, each
 assistant turn prefixed with "Answer:" (see `render_plain`).
 
-For fidelity on text unlike the training data, `render_example` also has an off-format rendering,
-`plain_chat`: the bare question as the user turn (no instruction, no "Question:") and GSM8K's answer
-as shipped (calculator notes kept).
+A 0-shot example (question + GSM8K answer) can also be rendered otherwise (`render_example`), to
+train on varied text (`transfer_set.renderings`) and to measure fidelity on text unlike the
+training data (`eval.fidelity_renderings`). RENDERINGS holds each rendering and what it is; the
+off-format yardstick is `plain_chat`, the bare question as the user turn (no instruction, no
+"Question:") and the answer as shipped (calculator notes kept).
 """
 
 from __future__ import annotations
@@ -27,6 +29,15 @@ from typing import Sequence
 import torch
 
 from llmkd.errors import LlmkdError
+
+# rendering -> (instruction and "Question:" in the user turn, calculator notes kept, chat template, label)
+RENDERINGS = {
+    "llmkd": (True, False, True, "in-format (llmkd's prompt)"),
+    "bare": (False, False, True, "bare question, notes removed"),
+    "notes": (True, True, True, "llmkd's prompt, answer with calculator notes"),
+    "plain_chat": (False, True, True, "off-format (bare question, answer as shipped)"),
+    "plain_text": (False, True, False, "no chat template: Question:/Answer: text, answer as shipped"),
+}
 
 INSTRUCTION = (
     "Solve the math problem step by step. "
@@ -104,18 +115,34 @@ def render_response(tokenizer, question: str, response: str, exemplars: Sequence
     return _render_reply(tokenizer, build_messages(question, exemplars), response)
 
 
-RENDERINGS = ("llmkd", "plain_chat")
+def rendering_label(rendering: str) -> str:
+    return RENDERINGS[rendering][3]
+
+
+def _example_messages(question: str, rendering: str) -> list[dict]:
+    if rendering not in RENDERINGS:
+        raise ValueError(f"rendering must be one of {', '.join(RENDERINGS)}, got {rendering!r}")
+    instructed = RENDERINGS[rendering][0]
+    return [{"role": "user", "content": user_turn(question) if instructed else question.strip()}]
+
+
+def render_example_prompt(tokenizer, question: str, rendering: str = "llmkd") -> str:
+    """The prompt of a 0-shot example in `rendering`, ending where the answer begins."""
+    messages = _example_messages(question, rendering)
+    if not RENDERINGS[rendering][2]:
+        return f"Question: {question.strip()}\nAnswer:"
+    return _render_turns(tokenizer, messages)
 
 
 def render_example(tokenizer, question: str, answer: str, rendering: str = "llmkd") -> tuple[str, str]:
-    """(prompt, response) of a 0-shot example with GSM8K's `answer`: llmkd's own format, or
-    `plain_chat`, the bare question and the answer as shipped (see the module docstring)."""
-    if rendering == "llmkd":
-        return render_prompt(tokenizer, question), render_response(tokenizer, question, assistant_turn(answer))
-    if rendering != "plain_chat":
-        raise ValueError(f"rendering must be one of {RENDERINGS}, got {rendering!r}")
-    messages = [{"role": "user", "content": question.strip()}]
-    return _render_turns(tokenizer, messages), _render_reply(tokenizer, messages, answer)
+    """(prompt, response) of a 0-shot example with GSM8K's `answer` in `rendering` (RENDERINGS).
+    `llmkd` is exactly `render_prompt` + `render_response`, the format every stage uses."""
+    messages = _example_messages(question, rendering)
+    _, notes, chat, _ = RENDERINGS[rendering]
+    reply = answer.strip() if notes else assistant_turn(answer)
+    if not chat:
+        return render_example_prompt(tokenizer, question, rendering), " " + reply + "\n\n"
+    return _render_turns(tokenizer, messages), _render_reply(tokenizer, messages, reply)
 
 
 def _render_reply(tokenizer, messages: Sequence[dict], response: str) -> str:
