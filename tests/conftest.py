@@ -57,3 +57,52 @@ def smol_student(smol_recipe):
     from llmkd import models
 
     return models.load_student(smol_recipe.model)
+
+
+# --- The 2-layer random stand-in of the embedded model ------------------------------------------------
+# For tests about mechanics (stages run, outputs land where the layout says, reuse, kill-and-resume equals
+# uninterrupted, two ranks equal one process, fast paths on == off): the embedded model's architecture and
+# tokenizer with 2 random layers, so a forward costs a fraction of the real 30 layers'. Tests that need the
+# real model's behaviour (an eos, sensible answers, the NF4 gap's size) stay on the smol_* fixtures above.
+
+# fp32 teacher and compute: the same numbers on every CPU, whatever the dtype probe picks.
+STAND_IN_MODEL = ["model.teacher_dtype=float32", "model.compute_dtype=float32"]
+# The 4 shortest consecutive GSM8K train questions (prompt + gold solution), in one batch.
+STAND_IN_SET = ["transfer_set.start=746", "transfer_set.count=4", "transfer_set.batch_size=4"]
+
+
+@pytest.fixture(scope="session")
+def stand_in(tmp_path_factory):
+    """benchmarks/gpu_check.py's random stand-in (the embedded tokenizer, 2 random layers), built once."""
+    import sys
+
+    from llmkd import models
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_check
+
+    return gpu_check.random_stand_in(models.embedded_model_dir(), tmp_path_factory.mktemp("stand-in") / "m", layers=2)
+
+
+def stand_in_overrides(stand_in, *extra) -> list[str]:
+    """Recipe overrides that put the stand-in in place of the embedded model."""
+    return [f"model.name={stand_in}", *STAND_IN_MODEL, *extra]
+
+
+@pytest.fixture(scope="session")
+def stand_in_transfer_set(stand_in, tmp_path_factory):
+    """A gold-mode transfer set of STAND_IN_SET built by the stand-in teacher (top-64)."""
+    from llmkd.builder import build
+
+    out = tmp_path_factory.mktemp("stand-in-set") / "set"
+    build(load_recipe(REPO / "recipes/smollm2-cpu.yaml", stand_in_overrides(stand_in, *STAND_IN_SET)), out=out,
+          progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def stand_in_teacher(stand_in):
+    from llmkd import models
+    from llmkd.config import ModelConfig
+
+    return models.load_teacher(ModelConfig(name=str(stand_in), teacher_dtype="float32"))

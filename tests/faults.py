@@ -11,6 +11,7 @@ import random
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -38,6 +39,31 @@ def timed_run(cmd, *, out: Path, done: Path | None = None, timeout: float = 600,
     _, err = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, err.decode()[-2000:]
     return (end if done is not None else time.monotonic()) - start
+
+
+def timed_call(fn, *, out: Path) -> tuple[object, float]:
+    """Call `fn()` in this process; returns (its result, seconds from `out` appearing to its return).
+
+    The span `timed_run` measures of a subprocess, without starting one: for a killed subprocess whose
+    uninterrupted reference may run in the test's own process (its imports done, its teardown not timed)."""
+    appeared: list[float] = []
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set() and not out.exists():
+            time.sleep(0.001)
+        appeared.append(time.monotonic())
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        result = fn()
+    finally:
+        end = time.monotonic()
+        stop.set()
+        watcher.join()
+    assert out.exists(), f"{out} never appeared"
+    return result, end - min(appeared[0], end)
 
 
 def kill_at_random_moment(cmd, *, out: Path, span: float, seed: int, done: Path | None = None,

@@ -2,6 +2,7 @@ import json
 from dataclasses import asdict
 
 import pytest
+import torch
 
 from llmkd.data.gsm8k import load_gsm8k, select_range
 from llmkd.evaluate import (Accuracy, EvalRun, agreement_rows, answers_agree, common_prefix_length, fidelity_questions,
@@ -121,30 +122,42 @@ def test_generation_agreement_reads_the_written_samples_and_skips_shots_without_
     assert "| distilled | 0 | 2 | 50.0% | 3.0 / 3 (4.5) | 0.0% | 100.0% | 1 / 0.5 |" in table
 
 
-def test_fidelity_of_a_model_to_itself_is_perfect(smol_teacher, smol_tokenizer):
+def test_fidelity_of_a_model_to_itself_is_perfect(stand_in_teacher, smol_tokenizer):
+    # On the random stand-in of the embedded model (its tokenizer): identity does not depend on the weights.
     rows = select_range(load_gsm8k("test"), 1000, 2)
-    (f,) = score_fidelity(smol_teacher, smol_teacher, smol_tokenizer, rows, tags=["self"], progress=False)
+    (f,) = score_fidelity(stand_in_teacher, stand_in_teacher, smol_tokenizer, rows, tags=["self"], progress=False)
     assert f.kl == pytest.approx(0.0, abs=1e-6) and f.top1_agreement == 1.0 and f.tokens > 100
 
 
 @pytest.fixture(scope="module")
-def random_adapter(smol_recipe, tmp_path_factory):
-    """A LoRA adapter with non-zero weights for the NF4 student (what training would save)."""
+def random_adapter(smol_teacher, tmp_path_factory):
+    """A LoRA adapter with non-zero weights for the NF4 student (what training would save).
+
+    Made on a copy of the session's 16-bit teacher rather than a freshly quantised student: the same
+    base model, the same module names and shapes, so the same adapter file, without quantising again."""
+    import copy
+
     from peft import LoraConfig, get_peft_model
 
-    from llmkd import models
-
     path = tmp_path_factory.mktemp("adapter")
-    model = get_peft_model(models.load_student(smol_recipe.model),
+    torch.manual_seed(0)
+    model = get_peft_model(copy.deepcopy(smol_teacher),
                            LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["q_proj", "v_proj"]))
     model.save_pretrained(path)
     return path
 
 
 def test_real_evaluation_of_teacher_student_and_distilled(smol_recipe, smol_teacher, smol_student, smol_tokenizer,
-                                                          random_adapter, tmp_path):
-    short = smol_recipe.model_copy(update={"eval": smol_recipe.eval.model_copy(update={"max_new_tokens": 16,
+                                                          random_adapter, tmp_path, monkeypatch):
+    from llmkd import models
+
+    short = smol_recipe.model_copy(update={"eval": smol_recipe.eval.model_copy(update={"max_new_tokens": 8,
                                                                                      "fidelity_count": 2})})
+    # The session's teacher (loaded from the same recipe.model) instead of a second copy; the student
+    # run_eval loads itself (with the adapter, quantised afresh).
+    real_load_teacher = models.load_teacher
+    monkeypatch.setattr(models, "load_teacher",
+                        lambda cfg, *a, **k: smol_teacher if cfg == short.model and not (a or k) else real_load_teacher(cfg, *a, **k))
     run = run_eval(short, shots=[0, 2], tags=["teacher", "student", "distilled"], adapter=random_adapter, limit=2,
                    with_fidelity=True, out_dir=tmp_path, progress=False)
     assert [(a.tag, a.shots) for a in run.accuracy] == [
@@ -186,7 +199,7 @@ def test_real_evaluation_of_teacher_student_and_distilled(smol_recipe, smol_teac
     assert [(g.tag, g.shots) for g in run.agreement] == [("student", 0), ("student", 2), ("distilled", 0), ("distilled", 2)]
     assert overall["agreement"] == [asdict(g) for g in run.agreement]
     for g in run.agreement:
-        assert g.questions == 2 and 0 <= g.exact_match <= 1 and 0 <= g.prefix_tokens_mean <= 16
+        assert g.questions == 2 and 0 <= g.exact_match <= 1 and 0 <= g.prefix_tokens_mean <= 8
         assert set(g.vs_base) == (set() if g.tag == "student" else {"strict", "flexible"})
     table = format_table(run)
     assert "| teacher | 0 | 2 |" in table and "| distilled | 2 | 2 |" in table and "KL(teacher‖model)" in table

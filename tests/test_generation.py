@@ -9,12 +9,13 @@ def test_truncate_at_first_stop_string():
     assert truncate_at_stop("no stop", ["Question:"]) == ("no stop", False)
 
 
-def test_batched_generation_equals_one_at_a_time(smol_teacher, smol_tokenizer):
-    # Left padding and the attention mask must make batching invisible to greedy decoding.
+def test_batched_generation_equals_one_at_a_time(stand_in_teacher, smol_tokenizer):
+    # Left padding and the attention mask must make batching invisible to greedy decoding. On the random
+    # stand-in of the embedded model (its architecture and tokenizer): equality is all that is asserted.
     rows = list(load_gsm8k("test"))[:3]
     texts = [prompts.render_prompt(smol_tokenizer, r["question"]) for r in rows]
-    batched, stats = generate(smol_teacher, smol_tokenizer, texts, batch_size=3, max_new_tokens=24, progress=False)
-    single = [generate(smol_teacher, smol_tokenizer, [t], batch_size=1, max_new_tokens=24, progress=False)[0][0]
+    batched, stats = generate(stand_in_teacher, smol_tokenizer, texts, batch_size=3, max_new_tokens=24, progress=False)
+    single = [generate(stand_in_teacher, smol_tokenizer, [t], batch_size=1, max_new_tokens=24, progress=False)[0][0]
               for t in texts]
     assert [c.token_ids for c in batched] == [c.token_ids for c in single]
     assert stats.generated_tokens == sum(c.tokens for c in batched) > 0

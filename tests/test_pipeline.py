@@ -1,13 +1,14 @@
-"""`llmkd run` (llmkd.pipeline) on the embedded model, shrunk to seconds: every stage, its outputs
-where the layout says, a training that lowers the loss into an adapter plain peft loads, the reuse of
-finished stages, and the fast paths off against on."""
+"""`llmkd run` (llmkd.pipeline), shrunk to seconds: every stage, its outputs where the layout says, a
+training that lowers the loss into an adapter plain peft loads, the reuse of finished stages, and the fast
+paths off against on. All mechanics: it runs on the 2-layer random stand-in of the embedded model (its
+tokenizer, its architecture), not on the real 30 layers."""
 
 import json
 
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, stand_in_overrides
 from llmkd import pipeline
 from llmkd.config import load_recipe
 
@@ -15,16 +16,27 @@ TINY = [
     "name=tiny", "transfer_set.out=", "transfer_set.start=746", "transfer_set.count=4", "transfer_set.batch_size=4",
     # batch 4 = the whole set: every step sees the same batch, so the loss must fall. fp32: the reload
     # below quantises with plain transformers in fp32, whatever dtype the CPU probe would pick.
-    "model.compute_dtype=float32", "train.batch_size=4", "train.max_steps=3", "train.checkpoint_every=1",
-    "train.warmup_steps=0", "train.schedule=constant", "train.lr=1e-3",
+    "train.batch_size=4", "train.max_steps=3", "train.checkpoint_every=1",
+    "train.warmup_steps=0", "train.schedule=constant",
+    # Random weights start at CE ~ ln(vocab) = 10.8: at 1e-3 two updates lower the loss by 9%, at 5e-3 by 16%
+    # (monotonically), at 1e-2 and above the second update overshoots.
+    "train.lr=5e-3",
     "eval.limit=1", "eval.batch_size=1", "eval.max_new_tokens=6", "eval.shots=[0]",
     "eval.fidelity_count=1", "eval.fidelity_start=1000",
+    # With CE on the gold tokens: on random weights teacher and 4-bit student agree almost exactly, so a
+    # KL-only loss would barely move.
+    "train.loss.alpha=0.5",
 ]
 
 
-def test_main_job_runs_every_stage_reuses_finished_ones_and_fast_paths_change_no_result(scratch_dir):
+@pytest.fixture
+def tiny(stand_in):
+    return stand_in_overrides(stand_in, *TINY)
+
+
+def test_main_job_runs_every_stage_reuses_finished_ones_and_fast_paths_change_no_result(scratch_dir, tiny):
     said = []
-    slow = load_recipe(REPO / "recipes/smollm2-cpu.yaml", [*TINY, "fast_paths=false"])
+    slow = load_recipe(REPO / "recipes/smollm2-cpu.yaml", [*tiny, "fast_paths=false"])
     report = pipeline.run(slow, progress=False, say=said.append)
     layout = slow.layout
     assert report == layout.report / "report.md" and report.is_file()
@@ -35,12 +47,13 @@ def test_main_job_runs_every_stage_reuses_finished_ones_and_fast_paths_change_no
     assert summary["fast_paths"]["reason"] == "fast_paths off"
     outputs = {tag: (layout.eval / f"{tag}-0shot/samples.jsonl").read_text() for tag in ("teacher", "student", "distilled")}
     curve = [json.loads(line) for line in layout.metrics.read_text().splitlines()]
-    assert [m["step"] for m in curve] == [1, 2, 3] and curve[-1]["loss"] < 0.8 * curve[0]["loss"], curve
+    # The loss falls: by 16% on the stand-in (the real model's 20% margin is not reachable from CE ~ ln(vocab)).
+    assert [m["step"] for m in curve] == [1, 2, 3] and curve[-1]["loss"] < 0.9 * curve[0]["loss"], curve
     assert sorted(p.name for p in layout.checkpoints.iterdir()) == ["step-000002", "step-000003"]
     assert_plain_peft_loads_what_llmkd_evaluates(slow)
     adapter = (layout.adapter / "adapter_model.safetensors").read_bytes()
 
-    fast = load_recipe(REPO / "recipes/smollm2-cpu.yaml", TINY)
+    fast = load_recipe(REPO / "recipes/smollm2-cpu.yaml", tiny)
     said.clear()
     pipeline.run(fast, progress=False, say=said.append)
     assert any("trained 3 steps (resumed at step 3)" in s for s in said), said  # nothing trained again

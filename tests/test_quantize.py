@@ -3,7 +3,6 @@
 its dequantized-once fast path changes no number; `llmkd sweep` trains and scores HQQ and NF4 points."""
 
 import math
-import sys
 
 import pytest
 import torch
@@ -11,14 +10,6 @@ import torch
 from conftest import REPO
 from llmkd import fastpath, models, plan, quantize
 from llmkd.config import ModelConfig, load_recipe
-
-sys.path.insert(0, str(REPO / "benchmarks"))
-import gpu_check  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def stand_in(tmp_path_factory):
-    return gpu_check.random_stand_in(models.embedded_model_dir(), tmp_path_factory.mktemp("stand-in") / "m", layers=2)
 
 
 def config(stand_in, quant, **kw) -> ModelConfig:

@@ -15,14 +15,11 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO
-from llmkd import checkpoint, models, sharding, train
+from conftest import REPO, STAND_IN_MODEL, STAND_IN_SET
+from llmkd import checkpoint, sharding, train
 from llmkd.config import load_recipe
 from llmkd.errors import LlmkdError
 from test_train import adapter_tensors, curve
-
-sys.path.insert(0, str(REPO / "benchmarks"))
-import gpu_check  # noqa: E402
 
 RECIPE = REPO / "recipes/smollm2-cpu.yaml"
 EXACT = ("step", "epoch", "tokens", "input_tokens")
@@ -31,9 +28,8 @@ CLOSE = ("loss", "ce", "lr", "grad_norm")  # equal up to the order in which gloo
 
 def overrides(stand_in, transfer_set, out, *extra) -> list[str]:
     return [
-        f"model.name={stand_in}", "model.teacher_dtype=float32", "model.compute_dtype=float32",
-        "model.quant_storage=float32",
-        "transfer_set.start=746", "transfer_set.count=4", "transfer_set.batch_size=4", f"transfer_set.out={transfer_set}",
+        f"model.name={stand_in}", *STAND_IN_MODEL, "model.quant_storage=float32",
+        *STAND_IN_SET, f"transfer_set.out={transfer_set}",
         "train.batch_size=1", "train.max_steps=3", "train.checkpoint_every=1", "train.optimizer=adamw",
         "train.lr=1e-3", "train.warmup_steps=1", f"train.out={out}",
         "train.loss.alpha=0.5",  # with CE: on random weights teacher and 4-bit student agree almost exactly
@@ -58,17 +54,9 @@ def launch_two_ranks(args: list[str]) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def stand_in(tmp_path_factory):
-    return gpu_check.random_stand_in(models.embedded_model_dir(), tmp_path_factory.mktemp("stand-in") / "m", layers=2)
-
-
-@pytest.fixture(scope="module")
-def transfer_set(stand_in, tmp_path_factory):
-    from llmkd.builder import build
-
-    out = tmp_path_factory.mktemp("stand-in-set") / "set"
-    build(load_recipe(RECIPE, overrides(stand_in, out, out.parent / "unused")), progress=False)
-    return out
+def transfer_set(stand_in_transfer_set):
+    """conftest's stand-in transfer set: the settings of overrides() below."""
+    return stand_in_transfer_set
 
 
 @pytest.fixture(scope="module")

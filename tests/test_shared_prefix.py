@@ -39,17 +39,19 @@ def test_shared_prefix_attention_equals_full_attention():
     assert model.config._attn_implementation != shared_prefix.ATTENTION_NAME  # restored on exit
 
 
-def test_shared_prefix_generation_equals_plain(smol_teacher, smol_tokenizer):
+def test_shared_prefix_generation_equals_plain(stand_in_teacher, smol_tokenizer):
     # 2-shot prompts share ~200 tokens of exemplars; sharing them must not change greedy outputs.
+    # On the random stand-in of the embedded model (its architecture and tokenizer): equality is all
+    # that is asserted.
     rows = list(load_gsm8k("test"))[:4]
     shots = list(load_gsm8k("train"))[:2]
     texts = [prompts.render_prompt(smol_tokenizer, r["question"], shots) for r in rows]
     ids = [smol_tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     assert shared_prefix.common_prefix_length(ids) >= shared_prefix.MIN_GENERATION_PREFIX_TOKENS
-    assert shared_prefix.supported(smol_teacher)
+    assert shared_prefix.supported(stand_in_teacher)
     kw = dict(batch_size=4, max_new_tokens=24, stop_strings=prompts.STOP_STRINGS, progress=False)
-    shared, _ = generate(smol_teacher, smol_tokenizer, texts, share_prefix=True, **kw)
-    plain, _ = generate(smol_teacher, smol_tokenizer, texts, share_prefix=False, **kw)
+    shared, _ = generate(stand_in_teacher, smol_tokenizer, texts, share_prefix=True, **kw)
+    plain, _ = generate(stand_in_teacher, smol_tokenizer, texts, share_prefix=False, **kw)
     assert [c.token_ids for c in shared] == [c.token_ids for c in plain]
 
 

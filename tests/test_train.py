@@ -4,6 +4,10 @@ The transfer set holds 4 short GSM8K train questions (136-150 tokens, prompt + g
 shortest window of 4 in the split) so that a training step takes about a second on 2 CPU cores.
 The student computes in fp32 here (model.compute_dtype=float32): CPUs without AVX512-BF16 run bf16
 matmuls tens of times slower than fp32, and nothing these tests check depends on the dtype.
+
+The two tests of mechanics across processes (a run killed and resumed equals the uninterrupted one;
+two ranks equal one process accumulating their batches) run on conftest's 2-layer random stand-in of
+the same model and the same 4 questions: what they compare does not depend on the weights.
 """
 
 import json
@@ -18,6 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import stand_in_overrides
 from faults import fault_seed, kill_at_random_moment
 from llmkd import checkpoint, plan, train
 from llmkd.cli import main
@@ -49,6 +54,18 @@ def small_overrides(transfer_set, out, *extra) -> list[str]:
 
 def small_recipe(transfer_set, out, *extra):
     return load_recipe("recipes/smollm2-cpu.yaml", small_overrides(transfer_set, out, *extra))
+
+
+@pytest.fixture(scope="module")
+def on_stand_in(stand_in, stand_in_transfer_set):
+    """SMALL on the random stand-in and its transfer set (the same 4 questions): (overrides, recipe) of (out, *extra).
+
+    With CE on the gold tokens (loss.alpha 0.5): on random weights teacher and 4-bit student agree almost
+    exactly, so a KL-only loss would hardly move the adapter."""
+    def overrides(out, *extra):
+        return stand_in_overrides(stand_in, *small_overrides(stand_in_transfer_set, out, "train.loss.alpha=0.5", *extra))
+
+    return overrides, lambda out, *extra: load_recipe("recipes/smollm2-cpu.yaml", overrides(out, *extra))
 
 
 def curve(out: Path) -> list[tuple]:
@@ -153,19 +170,20 @@ def test_gradient_accumulation_matches_one_big_batch(session):
 # --- Training runs --------------------------------------------------------------------------------
 
 
-def test_training_killed_at_a_random_moment_resumes_to_the_uninterrupted_run(transfer_set, tmp_path):
+def test_training_killed_at_a_random_moment_resumes_to_the_uninterrupted_run(on_stand_in, tmp_path):
     # 3 steps of 2 examples: step 3 starts the second epoch. Dropout on: the RNG must be restored too.
     extra = ["lora.dropout=0.1", "train.max_steps=3"]
     whole, broken = tmp_path / "whole", tmp_path / "broken"
+    overrides, recipe = on_stand_in
 
     def script(out):  # the launcher's entry point, as `accelerate launch llmkd/train.py` runs it
-        return [sys.executable, "llmkd/train.py", "recipes/smollm2-cpu.yaml", *small_overrides(transfer_set, out, *extra)]
+        return [sys.executable, "llmkd/train.py", "recipes/smollm2-cpu.yaml", *overrides(out, *extra)]
 
     run = dict(cwd=REPO, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})  # the script finds llmkd
     # The uninterrupted run here, in this process: the killed script's steps and the resume (here too)
     # must match it bitwise.
     start = time.monotonic()
-    train.train(small_recipe(transfer_set, whole, *extra), progress=False)
+    train.train(recipe(whole, *extra), progress=False)
     span = time.monotonic() - start
     what = kill_at_random_moment(script(broken), out=broken, span=span, seed=fault_seed(), **run)
     last_complete = checkpoint.latest(broken / "checkpoints")
@@ -180,8 +198,8 @@ def test_training_killed_at_a_random_moment_resumes_to_the_uninterrupted_run(tra
     (ckpts / ".tmp-step-000004").mkdir()
 
     with pytest.raises(LlmkdError, match="use --resume"):
-        train.setup(small_recipe(transfer_set, broken, *extra))
-    result = train.train(small_recipe(transfer_set, broken, *extra), resume=True, progress=False)
+        train.setup(recipe(broken, *extra))
+    result = train.train(recipe(broken, *extra), resume=True, progress=False)
     assert result.resumed_from == last_complete, what
     start = int(last_complete.name[-6:]) if last_complete else 0
     assert result.steps == 3 and result.steps_this_run == 3 - start, what
@@ -195,16 +213,18 @@ def test_training_killed_at_a_random_moment_resumes_to_the_uninterrupted_run(tra
     # A resume with no step left writes no checkpoint, and still clears what a crash left.
     (ckpts / ".tmp-step-000004").mkdir()
     (ckpts / "step-000004").mkdir()
-    again = train.train(small_recipe(transfer_set, broken, *extra), resume=True, progress=False)
+    again = train.train(recipe(broken, *extra), resume=True, progress=False)
     assert again.steps_this_run == 0 and curve(broken) == curve(whole)
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-000002", "step-000003"]
 
     # A training setting that differs from the checkpoint's is refused, naming the key.
     with pytest.raises(LlmkdError, match=r"train\.lr was 0\.001, now 0\.002"):
-        train.setup(small_recipe(transfer_set, broken, *extra, "train.lr=2e-3"), resume=True)
+        train.setup(recipe(broken, *extra, "train.lr=2e-3"), resume=True)
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(transfer_set, tmp_path, monkeypatch, capsys):
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(on_stand_in, tmp_path, monkeypatch, capsys):
+    # On the random stand-in: the NaN is injected, what is checked is what the trainer does with it.
+    overrides, _ = on_stand_in
     real, calls = train.sparse_kd_loss, []
 
     def poisoned(*args, **kwargs):  # NaN from the second optimizer step on (one micro-batch per step)
@@ -214,7 +234,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(transfer_set, tmp_p
 
     monkeypatch.setattr(train, "sparse_kd_loss", poisoned)
     out = tmp_path / "run"
-    code = main(["train", "recipes/smollm2-cpu.yaml", *small_overrides(transfer_set, out, "train.batch_size=1", "train.max_steps=3")])
+    code = main(["train", "recipes/smollm2-cpu.yaml", *overrides(out, "train.batch_size=1", "train.max_steps=3")])
     err = capsys.readouterr().err.strip()
     assert code == 1
     assert err.count("\n") == 0 and "non-finite loss nan at step 2" in err and "step-000001 (intact)" in err, err
@@ -244,7 +264,7 @@ def test_an_out_folder_with_checkpoints_needs_resume(tmp_path, capsys):
     assert "use --resume, or another train.out" in capsys.readouterr().err
 
 
-def test_two_ranks_equal_one_process_accumulating_their_batches(transfer_set, tmp_path):
+def test_two_ranks_equal_one_process_accumulating_their_batches(on_stand_in, tmp_path):
     """accelerate launch --multi_gpu --num_processes 2 (two gloo ranks on CPU), batch 1 each, against one
     process with batch 1 x grad_accum 2: the same examples per step, the same token normalisation."""
     import socket
@@ -253,10 +273,11 @@ def test_two_ranks_equal_one_process_accumulating_their_batches(transfer_set, tm
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     ranks, single = tmp_path / "ranks", tmp_path / "single"
+    overrides, recipe = on_stand_in
     extra = ["train.batch_size=1", "train.max_steps=2"]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-           "llmkd/train.py", "recipes/smollm2-cpu.yaml", *small_overrides(transfer_set, ranks, *extra)]
+           "llmkd/train.py", "recipes/smollm2-cpu.yaml", *overrides(ranks, *extra)]
     # Each rank runs as many threads as this process (torchrun would give it one): the same kernels.
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -264,7 +285,7 @@ def test_two_ranks_equal_one_process_accumulating_their_batches(transfer_set, tm
     assert "2 process(es) on cpu" in proc.stdout and "effective batch 1 x 1 x 2 = 2" in proc.stdout, proc.stdout
     assert (ranks / "checkpoints" / "step-000002" / "rng-rank1.pt").is_file()
 
-    train.train(small_recipe(transfer_set, single, *extra, "train.grad_accum=2"), progress=False)
+    train.train(recipe(single, *extra, "train.grad_accum=2"), progress=False)
     for a, b in zip(curve(ranks), curve(single), strict=True):
         assert a[:2] == b[:2] and a[-2:] == b[-2:]  # step, epoch, tokens
         # loss, ce, kl, lr, grad_norm: gloo sums the ranks' gradients in its own order, so equal up to

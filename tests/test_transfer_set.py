@@ -3,7 +3,9 @@
 The stored targets are checked against a fresh teacher forward (one example, no padding); the
 responses against the teacher's own generation and the gold solution; resume against a build
 killed with SIGKILL; the reader against corrupted shards, other tokenizers, foreign folders and
-changed settings.
+changed settings. The two tests of mechanics across processes (a killed build resumes to the
+uninterrupted bytes; two processes build the bytes of one) run on conftest's 2-layer random
+stand-in of the embedded model: byte equality does not depend on the weights.
 """
 
 import copy
@@ -21,6 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from conftest import stand_in_overrides
 from faults import fault_seed, kill_at_random_moment
 from llmkd import builder, models, transfer_set
 from llmkd.config import load_recipe
@@ -201,19 +204,21 @@ def test_limit_caps_count():
 # --- Resume -----------------------------------------------------------------------------------------
 
 
-def test_build_killed_at_a_random_moment_resumes_to_the_uninterrupted_result(tmp_path, smol_teacher, smol_tokenizer):
+def test_build_killed_at_a_random_moment_resumes_to_the_uninterrupted_result(tmp_path, stand_in):
     killed, clean = tmp_path / "killed", tmp_path / "clean"
+    overrides = stand_in_overrides(stand_in, *KILL_OVERRIDES)  # the random stand-in: no eos, 16 tokens each
     code = (
         "import sys\n"
         "from llmkd.config import load_recipe\n"
         "from llmkd.builder import build\n"
-        f"build(load_recipe({RECIPE!r}, {KILL_OVERRIDES!r}), out=sys.argv[1], progress=False)\n"
+        f"build(load_recipe({RECIPE!r}, {overrides!r}), out=sys.argv[1], progress=False)\n"
     )
     run = dict(cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
-    # The uninterrupted reference in this process (its teacher is loaded already); the shards of the
-    # killed subprocess and of the resume here must come out byte-identical to it.
+    # The uninterrupted reference in this process (loading the stand-in as the subprocess does, so that
+    # its span is the subprocess's); the shards of the killed subprocess and of the resume here must
+    # come out byte-identical to it.
     start = time.monotonic()
-    builder.build(recipe(KILL_OVERRIDES), out=clean, progress=False, teacher=smol_teacher, tokenizer=smol_tokenizer)
+    builder.build(recipe(overrides), out=clean, progress=False)
     span = time.monotonic() - start
     what = kill_at_random_moment([sys.executable, "-c", code, str(killed)], out=killed, span=span,
                                  done=killed / "manifest.json", seed=fault_seed(), **run)
@@ -224,7 +229,7 @@ def test_build_killed_at_a_random_moment_resumes_to_the_uninterrupted_result(tmp
     finished = {p.stem: (killed / "shards" / f"{p.stem}.parquet").stat().st_ino
                 for p in (killed / "progress").glob("shard-*.json")} if (killed / "progress").is_dir() else {}
 
-    builder.build(recipe(KILL_OVERRIDES), out=killed, progress=False, teacher=smol_teacher, tokenizer=smol_tokenizer)
+    builder.build(recipe(overrides), out=killed, progress=False)
     assert {name: (killed / "shards" / f"{name}.parquet").stat().st_ino for name in finished} == finished, what
     killed_files, clean_files = folder_files(killed), folder_files(clean)
     assert sorted(killed_files) == sorted(clean_files) == [
@@ -344,25 +349,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_build_equals_one_process(tmp_path, gold_set):
+def test_two_process_build_equals_one_process(tmp_path, stand_in):
     """accelerate launch --multi_gpu --num_processes 2: two gloo ranks on CPU, shard i on rank i % 2.
 
-    Slow-ish (two processes each import torch and load the model): ~30-60 s on an idle 2-core machine.
+    On the random stand-in (byte equality does not depend on the weights): the gold set of
+    GOLD_OVERRIDES built here in one process, then by two.
     """
     accelerate = Path(sys.executable).parent / "accelerate"
     if not accelerate.exists():
         pytest.skip("accelerate's launcher is not installed next to this python")
+    overrides = stand_in_overrides(stand_in, *GOLD_OVERRIDES)
+    builder.build(recipe(overrides), out=tmp_path / "one", progress=False)
+    one = transfer_set.TransferSet.open(tmp_path / "one")
+    assert len(one.shard_paths) == 2  # one shard per rank
     out = tmp_path / "two"
     script = tmp_path / "build.py"
     script.write_text(
         "from llmkd.config import load_recipe\n"
         "from llmkd.builder import build\n"
-        f"m = build(load_recipe({str(REPO / RECIPE)!r}, {GOLD_OVERRIDES!r}), out={str(out)!r}, progress=False)\n"
+        f"m = build(load_recipe({str(REPO / RECIPE)!r}, {overrides!r}), out={str(out)!r}, progress=False)\n"
         "assert m.build.processes == 2, m.build\n"
     )
     cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), str(script)]
-    # Each rank runs as many threads as this process did for gold_set: equal bytes by construction
+    # Each rank runs as many threads as this process did for `one`: equal bytes by construction
     # (torchrun would give each rank one thread, and some CPUs' kernels round differently then).
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(torch.get_num_threads())}
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
@@ -370,6 +380,6 @@ def test_two_process_build_equals_one_process(tmp_path, gold_set):
     two = transfer_set.TransferSet.open(out)
     two.verify()
     assert two.manifest.build.processes == 2
-    assert content(two.manifest) == content(gold_set.manifest)
-    for a, b in zip(two.shard_paths, gold_set.shard_paths):
+    assert content(two.manifest) == content(one.manifest)
+    for a, b in zip(two.shard_paths, one.shard_paths, strict=True):
         assert a.read_bytes() == b.read_bytes(), a.name
