@@ -123,11 +123,13 @@ def cmd_run(args) -> int:
 # ---- llmkd sweep ------------------------------------------------------------------------------
 
 def add_sweep_args(p: argparse.ArgumentParser) -> None:
-    from llmkd.quantize import QUANTIZERS
+    import typing
+
+    from llmkd.config import Quant  # not llmkd.quantize: it imports hqq, seconds of start-up for every command
 
     add_recipe_args(p)
     p.add_argument("--quant", default=None, metavar="Q1,Q2,...",
-                   help=f"student quantizers, one point each, from {','.join(QUANTIZERS)} "
+                   help=f"student quantizers, one point each, from {','.join(typing.get_args(Quant))} "
                         "(default: the recipe's sweep.quants, all of them unless set)")
     p.add_argument("--dry-run", action="store_true", help="print each point's memory plan; load nothing")
 

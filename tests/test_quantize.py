@@ -105,3 +105,11 @@ def test_sweep_trains_and_scores_every_point_once_and_a_rerun_reuses_them(stand_
     sweep.run(recipe, ["nf4", "hqq4"], progress=False, say=said.append)
     assert sum("finished earlier" in s for s in said) == 2, said
     assert json.loads((path.parent / "sweep.json").read_text())["points"] == result["points"]
+
+
+def test_the_recipe_accepts_exactly_the_quantizers_llmkd_has():
+    import typing
+
+    from llmkd.config import Quant
+
+    assert tuple(quantize.QUANTIZERS) == typing.get_args(Quant)
