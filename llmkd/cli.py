@@ -94,6 +94,20 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="continue from the newest complete checkpoint in train.out (refused if the settings differ)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the resolved recipe, the model plan and a memory estimate; load nothing")
+    add_processes_arg(p)
+
+
+def add_processes_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--processes", type=int, default=None, metavar="N",
+                   help="with --dry-run: the number of training processes planned for (default: the launch's "
+                        "WORLD_SIZE, else 1); train.sharding fsdp divides the student's weights among them")
+
+
+def planned_processes(args) -> int:
+    n = args.processes if args.processes is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    if n < 1:
+        raise LlmkdError(f"--processes: {n}; plan for at least 1 process")
+    return n
 
 
 def cmd_train(args) -> int:
@@ -101,7 +115,7 @@ def cmd_train(args) -> int:
     if args.dry_run:
         from llmkd.plan import dry_run
 
-        print(dry_run(recipe))
+        print(dry_run(recipe, planned_processes(args)))
         return 0
     from llmkd.train import summary_line, train
 
@@ -132,6 +146,7 @@ def add_sweep_args(p: argparse.ArgumentParser) -> None:
                    help=f"student quantizers, one point each, from {','.join(typing.get_args(Quant))} "
                         "(default: the recipe's sweep.quants, all of them unless set)")
     p.add_argument("--dry-run", action="store_true", help="print each point's memory plan; load nothing")
+    add_processes_arg(p)
 
 
 def cmd_sweep(args) -> int:
@@ -140,7 +155,7 @@ def cmd_sweep(args) -> int:
     recipe = recipe_from_cli(args.recipe)
     quants = sweep.parse_quants(args.quant) if args.quant is not None else list(recipe.sweep.quants)
     if args.dry_run:
-        print(sweep.dry_run(recipe, quants))
+        print(sweep.dry_run(recipe, quants, planned_processes(args)))
         return 0
     sweep.run(recipe, quants)
     return 0

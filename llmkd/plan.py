@@ -120,8 +120,11 @@ def sequence_plan(recipe: Recipe) -> tuple[int, int, int | None, str]:
         f"~{prompt} prompt tokens ({ts.shots}-shot) + {response} response tokens"
 
 
-def memory_estimate(recipe: Recipe, plan: ModelPlan, seq_len: int, response_len: int) -> list[tuple[str, float, str]]:
-    """(part, bytes, how) rows of a per-process training memory estimate."""
+def memory_estimate(recipe: Recipe, plan: ModelPlan, seq_len: int, response_len: int,
+                    processes: int = 1) -> list[tuple[str, float, str]]:
+    """(part, bytes, how) rows of a per-process training memory estimate. Under train.sharding fsdp
+    with `processes` > 1 each process holds 1/processes of the student's weights and of LoRA's
+    weights, gradients and optimizer state, plus the whole of the layers being computed."""
     c, tr, lora = plan.config, recipe.train, recipe.lora
     hidden, layers, inter = c.hidden_size, c.num_hidden_layers, c.intermediate_size
     heads = c.num_attention_heads
@@ -157,15 +160,24 @@ def memory_estimate(recipe: Recipe, plan: ModelPlan, seq_len: int, response_len:
     extra = [(f"{q.name} weights dequantized once (CPU fast path)", plan.quantized_params * dense,
               f"{plan.quantized_params:,} params x {dense} B (fast_paths: false drops it)")] if dense else []
     # peft's prepare_model_for_kbit_training upcasts what bitsandbytes leaves unquantised to fp32; HQQ's it
-    # leaves, and train.sharding fsdp skips it. Sharding itself is not modelled: the whole student per process.
+    # leaves, and train.sharding fsdp skips it.
     kept = 4 if q.library == "bitsandbytes" and tr.sharding != "fsdp" else compute
+    shards = processes if tr.sharding == "fsdp" and processes > 1 else 1
+    per = f" / {shards} processes" if shards > 1 else ""
+    # FSDP2 (llmkd/sharding.py) all-gathers a decoder layer for its forward and backward and prefetches
+    # the next one: two whole layers at a time. The root's own parameters (embeddings, lm_head, final
+    # norm) stay gathered from the forward through the backward.
+    gathered = [("decoder layers all-gathered (2 at a time, FSDP)", 2 * plan.quantized_bytes / layers,
+                 f"2 x {plan.quantized_bytes / layers / 2**20:.0f} MiB of one layer's {q.name} weights")] if shards > 1 else []
     return [
-        (f"{q.name} weights + quant constants", plan.quantized_bytes,
-         f"{plan.quantized_params:,} params x {plan.quantized_bytes / plan.quantized_params:.4f} B"),
+        (f"{q.name} weights + quant constants{per}", plan.quantized_bytes / shards,
+         f"{plan.quantized_params:,} params x {plan.quantized_bytes / plan.quantized_params:.4f} B{per}"),
+        *gathered,
         (f"embeddings, lm_head, norms ({'fp32' if kept == 4 else f'{kept} B'})", plan.kept_params * kept,
-         f"{plan.kept_params:,} params" + ("; prepare_model_for_kbit_training upcasts them to fp32" if kept == 4 else "")),
-        ("LoRA weights + grads + optimizer", plan.lora_params * (4 + 4 + opt_bytes),
-         f"{plan.lora_params:,} fp32 params x (4 + 4 + {opt_bytes} {tr.optimizer}) B"),
+         f"{plan.kept_params:,} params" + ("; prepare_model_for_kbit_training upcasts them to fp32" if kept == 4 else "")
+         + ("; gathered whole (the root's)" if shards > 1 else "")),
+        (f"LoRA weights + grads + optimizer{per}", plan.lora_params * (4 + 4 + opt_bytes) / shards,
+         f"{plan.lora_params:,} fp32 params x (4 + 4 + {opt_bytes} {tr.optimizer}) B{per}"),
         ("activations", activations, how_act),
         ("logits + their gradient", 2 * logits_rows * vocab * logits_bytes + (32 << 20),
          f"{logits_rows:,} response positions x {vocab:,} x {logits_bytes} B x 2, + loss tiles"),
@@ -173,21 +185,22 @@ def memory_estimate(recipe: Recipe, plan: ModelPlan, seq_len: int, response_len:
     ]
 
 
-def estimated_peak_bytes(recipe: Recipe, model_plan: ModelPlan | None = None) -> float:
+def estimated_peak_bytes(recipe: Recipe, model_plan: ModelPlan | None = None, processes: int = 1) -> float:
     """The per-process training memory estimate's total (what `dry_run` prints), in bytes."""
     seq_len, response_len, _, _ = sequence_plan(recipe)
-    return sum(b for _, b, _ in memory_estimate(recipe, model_plan or plan_model(recipe), seq_len, response_len))
+    return sum(b for _, b, _ in memory_estimate(recipe, model_plan or plan_model(recipe), seq_len, response_len,
+                                                processes))
 
 
-def dry_run(recipe: Recipe) -> str:
-    """The resolved recipe, the model plan and a memory estimate; loads no weights."""
+def dry_run(recipe: Recipe, processes: int = 1) -> str:
+    """The resolved recipe, the model plan and a memory estimate per process of `processes`; loads no weights."""
     import yaml
 
     tr, lora = recipe.train, recipe.lora
     plan = plan_model(recipe)
     c = plan.config
     seq_len, response_len, examples, seq_source = sequence_plan(recipe)
-    rows = memory_estimate(recipe, plan, seq_len, response_len)
+    rows = memory_estimate(recipe, plan, seq_len, response_len, processes)
     total = sum(b for _, b, _ in rows)
     heads = c.num_attention_heads
     kv_heads = getattr(c, "num_key_value_heads", None) or heads
@@ -216,11 +229,12 @@ def dry_run(recipe: Recipe) -> str:
         lines.append(f"  WARNING: no module matches {', '.join(plan.lora_targets_missing)} (peft would refuse)")
     steps = f"{examples:,} examples" if examples else "examples unknown"
     lines += [
-        f"  training: {steps}; effective batch {tr.batch_size} x {tr.grad_accum} x processes; "
+        f"  training: {steps}; effective batch {tr.batch_size} x {tr.grad_accum} x {processes} process(es), "
+        f"sharding {tr.sharding}; "
         f"{tr.optimizer} lr {tr.lr:g}, {tr.schedule} after {tr.warmup_steps} warmup steps; "
         f"gradient checkpointing {tr.gradient_checkpointing}; mixed precision {tr.mixed_precision}",
         "",
-        f"memory estimate per process: micro-batch {tr.batch_size} x {seq_len} tokens ({seq_source})",
+        f"memory estimate per process of {processes}: micro-batch {tr.batch_size} x {seq_len} tokens ({seq_source})",
         "  | part | GiB | how |",
         "  |---|---:|---|",
         *(f"  | {name} | {b / gib:.2f} | {how} |" for name, b, how in rows),

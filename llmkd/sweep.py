@@ -55,16 +55,17 @@ def point_recipe(recipe: Recipe, quant: str) -> Recipe:
         raise LlmkdError(f"sweep.point_overrides.{quant}: {describe(e)}") from None
 
 
-def dry_run(recipe: Recipe, quants: Sequence[str]) -> str:
+def dry_run(recipe: Recipe, quants: Sequence[str], processes: int = 1) -> str:
     """Each point's training memory plan, loading no weights."""
     gib = 2**30
     lines = [f"llmkd sweep --dry-run: {recipe.model.name}, nothing loaded, nothing written", "",
-             "| quant | bits | quantised weights GiB | estimated training peak GiB per process |", "|---|---:|---:|---:|"]
+             f"| quant | bits | quantised weights GiB | estimated training peak GiB per process (of {processes}, "
+             f"sharding {recipe.train.sharding}) |", "|---|---:|---:|---:|"]
     for q in quants:
         point = point_recipe(recipe, q)
         model_plan = plan.plan_model(point)
         lines.append(f"| {q} | {quantize.QUANTIZERS[q].bits} | {model_plan.quantized_bytes / gib:.2f} | "
-                     f"{plan.estimated_peak_bytes(point, model_plan) / gib:.2f} |")
+                     f"{plan.estimated_peak_bytes(point, model_plan, processes) / gib:.2f} |")
     lines += ["", "each point's full plan: llmkd train RECIPE model.quant=QUANT --dry-run"]
     return "\n".join(lines)
 

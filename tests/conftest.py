@@ -39,6 +39,21 @@ def smol_recipe():
 
 
 @pytest.fixture(scope="session")
+def train():
+    """GSM8K's train split as shipped."""
+    from llmkd.data.gsm8k import load_gsm8k
+
+    return load_gsm8k("train")
+
+
+@pytest.fixture(scope="session")
+def test_split():
+    from llmkd.data.gsm8k import load_gsm8k
+
+    return load_gsm8k("test")
+
+
+@pytest.fixture(scope="session")
 def smol_tokenizer(smol_recipe):
     from llmkd import models
 

@@ -147,18 +147,38 @@ def random_adapter(smol_teacher, tmp_path_factory):
     return path
 
 
-def test_real_evaluation_of_teacher_student_and_distilled(smol_recipe, smol_teacher, smol_student, smol_tokenizer,
-                                                          random_adapter, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def stand_in_adapter(stand_in_teacher, tmp_path_factory):
+    """A LoRA adapter with non-zero weights for the stand-in's 4-bit student."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    path = tmp_path_factory.mktemp("stand-in-adapter")
+    torch.manual_seed(0)
+    get_peft_model(copy.deepcopy(stand_in_teacher), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                               target_modules=["q_proj", "v_proj"])).save_pretrained(path)
+    return path
+
+
+def stand_in_eval_recipe(stand_in, *extra):
+    from conftest import REPO, stand_in_overrides
+    from llmkd.config import load_recipe
+
+    return load_recipe(REPO / "recipes/smollm2-cpu.yaml", stand_in_overrides(
+        stand_in, "eval.limit=2", "eval.batch_size=2", "eval.max_new_tokens=8", "eval.fidelity_count=2", *extra))
+
+
+def test_evaluation_of_teacher_student_and_distilled(stand_in, stand_in_teacher, stand_in_adapter, smol_tokenizer,
+                                                     tmp_path, monkeypatch):
+    """What an evaluation writes and computes, on the random stand-in (the real model's NF4 gap: next test)."""
     from llmkd import models
 
-    short = smol_recipe.model_copy(update={"eval": smol_recipe.eval.model_copy(update={"max_new_tokens": 8,
-                                                                                     "fidelity_count": 2})})
-    # The session's teacher (loaded from the same recipe.model) instead of a second copy; the student
-    # run_eval loads itself (with the adapter, quantised afresh).
-    real_load_teacher = models.load_teacher
-    monkeypatch.setattr(models, "load_teacher",
-                        lambda cfg, *a, **k: smol_teacher if cfg == short.model and not (a or k) else real_load_teacher(cfg, *a, **k))
-    run = run_eval(short, shots=[0, 2], tags=["teacher", "student", "distilled"], adapter=random_adapter, limit=2,
+    recipe = stand_in_eval_recipe(stand_in)
+    real_load_teacher = models.load_teacher  # the session's teacher instead of a second copy
+    monkeypatch.setattr(models, "load_teacher", lambda cfg, *a, **k: stand_in_teacher
+                        if cfg == recipe.model and not (a or k) else real_load_teacher(cfg, *a, **k))
+    run = run_eval(recipe, shots=[0, 2], tags=["teacher", "student", "distilled"], adapter=stand_in_adapter,
                    with_fidelity=True, out_dir=tmp_path, progress=False)
     assert [(a.tag, a.shots) for a in run.accuracy] == [
         ("teacher", 0), ("teacher", 2), ("student", 0), ("student", 2), ("distilled", 0), ("distilled", 2)]
@@ -180,19 +200,16 @@ def test_real_evaluation_of_teacher_student_and_distilled(smol_recipe, smol_teac
         assert decoding["do_sample"] is False and decoding["repetition_penalty"] == 1.0
         assert decoding["checkpoint_generation_config"] == "ignored"
         assert samples[0]["prompt"].count("Question:") == a.shots + 1
-    # One student model serves both tags: adapter off it must score exactly as a plain NF4 student,
-    # and the NF4 copy differs from its parent, but not wildly (measured here: KL ~0.3, agreement ~80%).
+    # One student model serves both tags: adapter off it must score exactly as a plain 4-bit student.
     base, distilled, base_off, distilled_off = run.fidelity
-    (plain,) = score_fidelity(smol_teacher, smol_student, smol_tokenizer, fidelity_questions(short),
-                              tags=["student"], progress=False)
+    (plain,) = score_fidelity(stand_in_teacher, models.load_student(recipe.model), smol_tokenizer,
+                              fidelity_questions(recipe), tags=["student"], progress=False)
     assert [(f.tag, f.rendering) for f in run.fidelity] == [
         ("student", "llmkd"), ("distilled", "llmkd"), ("student", "plain_chat"), ("distilled", "plain_chat")]
-    # Off-format: other tokens (calculator notes, no instruction), the same kind of gap.
-    assert base_off.tokens != base.tokens and 0.05 < base_off.kl < 1.0 and abs(distilled_off.kl - base_off.kl) > 1e-3
+    assert base_off.tokens != base.tokens and abs(distilled_off.kl - base_off.kl) > 1e-4
     assert base.tokens == distilled.tokens == plain.tokens > 100
     assert base.kl == pytest.approx(plain.kl, rel=1e-6) and base.top1_agreement == plain.top1_agreement
-    assert 0.05 < base.kl < 1.0 and 0.6 < base.top1_agreement < 0.97
-    assert abs(distilled.kl - base.kl) > 1e-3  # the adapter is on for "distilled"
+    assert abs(distilled.kl - base.kl) > 1e-4  # the adapter is on for "distilled"
     overall = json.loads((tmp_path / "eval-summary.json").read_text())
     assert len(overall["accuracy"]) == 6 and len(overall["fidelity"]) == 4
     # Agreement with the teacher's greedy outputs, from the same generations: each student, each shot count.
@@ -206,31 +223,48 @@ def test_real_evaluation_of_teacher_student_and_distilled(smol_recipe, smol_teac
     assert "same output as teacher" in table
 
 
-def test_held_teacher_logits_give_the_same_fidelity_without_loading_the_teacher(smol_recipe, random_adapter,
-                                                                               tmp_path, monkeypatch):
+def test_the_nf4_copy_of_the_embedded_model_is_near_its_teacher_but_not_equal(smol_recipe, smol_teacher,
+                                                                              smol_tokenizer, random_adapter):
+    """The real model's NF4 gap, in- and off-format (measured here: KL ~0.3, agreement ~80%), and an
+    adapter that moves it."""
+    from llmkd import models
+
+    student = models.load_student(smol_recipe.model, adapter=random_adapter)
+    questions = list(fidelity_questions(smol_recipe))[:2]
+    base, distilled = score_fidelity(smol_teacher, student, smol_tokenizer, questions, tags=["student", "distilled"],
+                                     progress=False)
+    base_off, distilled_off = score_fidelity(smol_teacher, student, smol_tokenizer, questions,
+                                             tags=["student", "distilled"], progress=False, rendering="plain_chat")
+    assert 0.05 < base.kl < 1.0 and 0.6 < base.top1_agreement < 0.97 and base.tokens > 100
+    assert abs(distilled.kl - base.kl) > 1e-3  # the adapter is on for "distilled"
+    # Off-format: other tokens (calculator notes, no instruction), the same kind of gap.
+    assert base_off.tokens != base.tokens and 0.05 < base_off.kl < 1.0 and abs(distilled_off.kl - base_off.kl) > 1e-3
+
+
+def test_held_teacher_logits_give_the_same_fidelity_without_loading_the_teacher(stand_in, stand_in_teacher,
+                                                                               stand_in_adapter, tmp_path, monkeypatch):
     """`llmkd sweep` scores many students on the same held-out batches: the second evaluation reads
     the teacher's logits the first one held, loads no teacher, and gets bitwise the same figures."""
     from llmkd import models
     from llmkd.evaluate import TeacherLogits
 
-    short = smol_recipe.model_copy(update={"eval": smol_recipe.eval.model_copy(update={"max_new_tokens": 4,
-                                                                                     "fidelity_count": 3})})
+    recipe = stand_in_eval_recipe(stand_in, "eval.limit=1", "eval.max_new_tokens=2", "eval.fidelity_count=3")
     held = TeacherLogits()
-    first = run_eval(short, shots=[0], tags=["student", "distilled"], adapter=random_adapter, limit=1,
-                     with_fidelity=True, out_dir=tmp_path / "a", progress=False, teacher_logits=held)
+    first = run_eval(recipe, shots=[0], tags=["student", "distilled"], adapter=stand_in_adapter, with_fidelity=True,
+                     out_dir=tmp_path / "a", progress=False, teacher_logits=held)
     assert held.complete == {"llmkd", "plain_chat"} and held.held_bytes > 0
 
     def no_teacher(*args, **kwargs):
         raise AssertionError("the teacher was loaded although its logits are held")
 
     monkeypatch.setattr(models, "load_teacher", no_teacher)
-    again = run_eval(short, shots=[0], tags=["student", "distilled"], adapter=random_adapter, limit=1,
-                     with_fidelity=True, out_dir=tmp_path / "b", progress=False, teacher_logits=held)
+    again = run_eval(recipe, shots=[0], tags=["student", "distilled"], adapter=stand_in_adapter, with_fidelity=True,
+                     out_dir=tmp_path / "b", progress=False, teacher_logits=held)
     assert [asdict(f) for f in again.fidelity] == [asdict(f) for f in first.fidelity]
     assert first.fidelity[0].kl != first.fidelity[1].kl  # base and distilled: the held logits serve both
 
     # Other questions are other batches: nothing held matches them, and without a teacher that is an error.
-    other = short.model_copy(update={"eval": short.eval.model_copy(update={"fidelity_start": 1100})})
+    other = recipe.model_copy(update={"eval": recipe.eval.model_copy(update={"fidelity_start": 1100})})
     with pytest.raises(ValueError, match="no held logits"):
-        score_fidelity(None, models.load_student(short.model), models.load_tokenizer(short.model),
-                       fidelity_questions(other), tags=["student"], progress=False, teacher_logits=held)
+        score_fidelity(None, stand_in_teacher, models.load_tokenizer(recipe.model), fidelity_questions(other),
+                       tags=["student"], progress=False, teacher_logits=held)

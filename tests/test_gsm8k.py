@@ -7,16 +7,6 @@ from llmkd.data.gsm8k import load_gsm8k, question_hash, select_range
 from llmkd.errors import LlmkdError
 
 
-@pytest.fixture(scope="module")
-def train():
-    return load_gsm8k("train")
-
-
-@pytest.fixture(scope="module")
-def test_split():
-    return load_gsm8k("test")
-
-
 def test_sizes_and_columns(train, test_split):
     assert (len(train), len(test_split)) == (7473, 1319)
     for ds in (train, test_split):

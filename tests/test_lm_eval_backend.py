@@ -25,14 +25,7 @@ from llmkd.data.gsm8k import load_gsm8k  # noqa: E402
 from llmkd.errors import LlmkdError  # noqa: E402
 from llmkd.lm_eval_backend import TASK_NAME, LmEvalResult, run_lm_eval, task_config, write_task  # noqa: E402
 
-# SmolLM2-Instruct's chat template, verbatim (it adds a default system turn).
-SMOLLM2_TEMPLATE = (
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
-    "<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
-    "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
-    "{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+from test_prompts import SMOLLM2_TEMPLATE  # noqa: E402  (it adds a default system turn)
 # What the scripted model writes after any prompt: a strict answer (12), a different last number
 # (7) for the flexible filter, then a stop string whose tail lm-eval must cut off.
 SCRIPT = "6 + 6 = 12\n#### 12\nor 7 Question: never shown"

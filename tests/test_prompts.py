@@ -5,7 +5,6 @@ from transformers import PreTrainedTokenizerFast
 from llmkd.data.answer import extract_strict
 from llmkd.data import prompts
 from llmkd.errors import LlmkdError
-from llmkd.data.gsm8k import load_gsm8k
 from llmkd.data.prompts import (
     INSTRUCTION,
     STOP_STRINGS,
@@ -53,16 +52,6 @@ def chat_tokenizer():
 @pytest.fixture
 def plain_tokenizer():
     return _tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def train():
-    return load_gsm8k("train")
-
-
-@pytest.fixture(scope="module")
-def test_split():
-    return load_gsm8k("test")
 
 
 # select_exemplars

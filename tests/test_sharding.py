@@ -151,3 +151,34 @@ def test_accelerates_own_sharding_configs_are_refused(monkeypatch, variable):
     monkeypatch.setenv(variable, "true")  # what `accelerate launch --config_file` sets for them
     with pytest.raises(LlmkdError, match="set train.sharding=fsdp"):
         sharding.check(load_recipe(RECIPE))
+
+
+def test_the_dry_run_divides_what_fsdp_shards_among_the_processes(capsys, monkeypatch):
+    """Per process under FSDP: 1/N of the student's weights and of LoRA's state, two whole layers
+    gathered, the rest whole; plain DDP replicates everything, so N does not change its estimate."""
+    from llmkd import cli, plan
+
+    fsdp = load_recipe(REPO / "recipes/gsm8k.yaml", ["train.sharding=fsdp", "model.quant_storage=bfloat16"])
+    model = plan.plan_model(fsdp)
+
+    def rows(recipe, n):
+        return {name.split(" / ")[0]: b for name, b, _ in plan.memory_estimate(recipe, model, 600, 300, n)}
+
+    one, four = rows(fsdp, 1), rows(fsdp, 4)
+    weights = "nf4 weights + quant constants"
+    assert four[weights] == pytest.approx(one[weights] / 4)
+    assert four["LoRA weights + grads + optimizer"] == pytest.approx(one["LoRA weights + grads + optimizer"] / 4)
+    layer = model.quantized_bytes / model.config.num_hidden_layers
+    assert four["decoder layers all-gathered (2 at a time, FSDP)"] == pytest.approx(2 * layer)
+    assert "decoder layers all-gathered (2 at a time, FSDP)" not in one
+    for part in ("activations", "logits + their gradient"):
+        assert four[part] == one[part]
+    ddp = load_recipe(REPO / "recipes/gsm8k.yaml")
+    assert rows(ddp, 4) == rows(ddp, 1)
+
+    assert cli.main(["train", "recipes/gsm8k.yaml", "train.sharding=fsdp", "model.quant_storage=bfloat16",
+                     "--dry-run", "--processes", "4"]) == 0
+    assert "memory estimate per process of 4" in capsys.readouterr().out
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under a launcher, its world size
+    assert cli.main(["sweep", "recipes/gsm8k.yaml", "--quant", "nf4", "--dry-run"]) == 0
+    assert "per process (of 2, sharding none)" in capsys.readouterr().out
