@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -215,11 +215,11 @@ POINT_MODEL_KEYS = ("model.double_quant", "model.hqq_group_size", "model.compute
 
 
 class SweepConfig(Section):
-    quants: list[Quant] = Field(["nf4", "fp4", "int8", "hqq2", "hqq3", "hqq4", "hqq8"], min_length=1)
+    quants: list[Quant] = Field(list(get_args(Quant)), min_length=1)
     """The points of `llmkd sweep`, one per student quantizer (`--quant` overrides)."""
     point_overrides: dict[Quant, list[str]] = {}
-    """Per point, dotted `key=value` overrides of how its student is quantised and trained (model.*
-    except name, quant and teacher_dtype; lora.*; train.*), e.g. `int8: [train.lr=2.5e-4]`."""
+    """Per point, dotted `key=value` overrides of how its student is quantised and trained (lora.*,
+    train.*, model.double_quant, hqq_group_size, compute_dtype, quant_storage), e.g. `int8: [train.lr=2.5e-4]`."""
 
     @model_validator(mode="after")
     def _point_keys(self):
