@@ -116,6 +116,17 @@ class LoraConfig(Section):
     """Dropout on the LoRA input path (peft's lora_dropout); kept as set, never disabled behind your back."""
     target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     """Linear layers that get adapters."""
+    init: Literal["default", "activations"] = "default"
+    """default: peft's (A random, B zero: the adapter starts as a no-op). activations: before KD, each decoder
+    layer's LoRA is fitted to the 16-bit layer's outputs on transfer-set tokens, layer by layer (llmkd/lora_init.py)."""
+    init_tokens: int = Field(8192, gt=0)
+    """Calibration tokens for init: activations (the transfer set's first examples, in 256-token blocks)."""
+    init_steps: int = Field(32, ge=0)
+    """Adam steps per decoder layer (init: activations)."""
+    init_lr: float = Field(1e-3, gt=0)
+    """Adam's learning rate for init: activations."""
+    init_batch: int = Field(4, gt=0)
+    """256-token blocks per step (init: activations)."""
 
 
 class LossConfig(Section):
@@ -304,6 +315,10 @@ class RunLayout:
     @property
     def tensorboard(self) -> Path:
         return self.train / "tensorboard"
+
+    @property
+    def lora_init(self) -> Path:
+        return self.train / "lora_init.json"  # lora.init: activations, written before the first step
 
 
 def eval_cell(eval_dir: Path, tag: str, shots: int) -> Path:

@@ -536,6 +536,22 @@ def fidelity_table(run: EvalRun) -> str:
     return "\n".join(lines)
 
 
+def gap_closed_table(run: EvalRun) -> str:
+    """Per text: how much of the quantised base's KL the adapter wins back, 1 - KL(distilled) / KL(base)."""
+    cells = {(f.tag, f.rendering): f for f in run.fidelity}
+    rows = []
+    for r in dict.fromkeys(f.rendering for f in run.fidelity):
+        base, distilled = cells.get(("student", r)), cells.get(("distilled", r))
+        if base is not None and distilled is not None and base.kl > 0:
+            rows.append(f"| {prompts.rendering_label(r)} | {base.kl:.4f} | {distilled.kl:.4f} | "
+                        f"{100 * (1 - distilled.kl / base.kl):.1f}% | {100 * base.top1_agreement:.1f}% → "
+                        f"{100 * distilled.top1_agreement:.1f}% |")
+    if not rows:
+        return ""
+    return "\n".join(["| text | base KL | distilled KL | gap closed | top-1 base → distilled |",
+                      "|---|---:|---:|---:|---:|", *rows])
+
+
 def in_format(fidelity: Sequence[Fidelity]) -> list[Fidelity]:
     """The fidelity rows measured in llmkd's own format (the training format)."""
     return [f for f in fidelity if f.rendering == "llmkd"]

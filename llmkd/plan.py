@@ -242,6 +242,13 @@ def dry_run(recipe: Recipe, processes: int = 1) -> str:
         f"  not counted: attention probabilities if SDPA falls back to its math kernel, "
         f"{tr.batch_size * heads * seq_len**2 * 4 / gib:.2f} GiB per layer (fp32)",
     ]
+    if lora.init == "activations":
+        # lora_init holds four lists of calibration hidden states (student's, teacher's in and out, targets).
+        teacher = plan.total_params * models.teacher_dtype(recipe.model).itemsize
+        states = 4 * lora.init_tokens * c.hidden_size * 4
+        lines.append(f"  lora.init activations: before the first step the teacher's weights ({teacher / gib:.2f} GiB) "
+                     f"and the calibration hidden states (~{states / gib:.2f} GiB) sit beside the student's weights, "
+                     "instead of the activations and logits above")
     return "\n".join(lines)
 
 

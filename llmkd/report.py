@@ -22,8 +22,8 @@ from itertools import combinations
 from pathlib import Path
 
 from llmkd import atomic
-from llmkd.evaluate import (FILTERS, EvalRun, accuracy_table, agreement_table, fidelity_table, mcnemar_exact,
-                            read_samples)
+from llmkd.evaluate import (FILTERS, EvalRun, accuracy_table, agreement_table, fidelity_table, gap_closed_table,
+                            mcnemar_exact, read_samples)
 from llmkd.provenance import provenance
 
 BASE = "student"  # the tag of the NF4 base (the student without its adapter)
@@ -79,6 +79,10 @@ def write_report(run: EvalRun, eval_dir: Path, out_dir: Path, *, train_metrics: 
     if run.fidelity:
         lines += ["", "## Fidelity to the teacher (held-out gold solutions, teacher-forced)", "",
                   "The teacher's KL to itself is 0 and its top-1 agreement 100%.", "", fidelity_table(run)]
+        gaps = gap_closed_table(run)
+        if gaps:
+            lines += ["", "Gap closed: the share of the NF4 base's KL the adapter wins back, 1 - KL(distilled) / "
+                      "KL(base), on each text:", "", gaps]
     if run.agreement:
         lines += ["", "## Generation agreement with the teacher (greedy, same prompts)", "",
                   "Identical outputs, the common token prefix (the teacher's own output length in brackets) "

@@ -134,6 +134,7 @@ def _model_figures(evaluation, tag: str) -> dict:
     figures = {"kl": cells["llmkd"].kl, "top1": cells["llmkd"].top1_agreement}  # in-format: the training format
     if "plain_chat" in cells:
         figures.update(kl_off_format=cells["plain_chat"].kl, top1_off_format=cells["plain_chat"].top1_agreement)
+    figures["fidelity"] = {r: {"kl": f.kl, "top1": f.top1_agreement} for r, f in cells.items()}  # every rendering
     agreement = [g for g in evaluation.agreement if g.tag == tag]
     if agreement:  # the lowest shot count the teacher was scored at
         g = agreement[0]

@@ -44,7 +44,7 @@ if __name__ == "__main__":  # run as a script, sys.path[0] is llmkd/ itself: its
 import numpy as np
 import torch
 
-from llmkd import atomic, checkpoint, fastpath, models, quantize, sharding
+from llmkd import atomic, checkpoint, fastpath, lora_init, models, quantize, sharding
 from llmkd.config import Recipe, RunLayout
 from llmkd.data import prompts
 from llmkd.errors import LlmkdError
@@ -386,6 +386,12 @@ def setup(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> Ses
     quantization = quantize.quantization_report(model)  # training never repacks: what runs throughout
     if resume_from is not None:
         checkpoint.restore_adapter(resume_from, model)  # into the whole, unsharded model
+    elif recipe.lora.init == "activations":  # every rank the same (same data, same seed), before sharding
+        with fastpath.dequantized_once(model, enabled=recipe.fast_paths):
+            init_report = lora_init.initialise_from_recipe(recipe, model, data.dataset, progress=progress)
+        if accelerator.is_main_process:
+            atomic.write_json(layout.lora_init, init_report.as_dict())  # a resumed run's summary reads it
+            print(init_report.line(), flush=True)
     if tr.sharding == "fsdp" and world > 1:
         model = sharding.shard(model, accelerator.device, world)
     # After sharding, which replaces the parameters (optimizer, clipping and weight decay act on the shards).
@@ -518,6 +524,8 @@ def fit(s: Session) -> TrainResult:
         atomic.write_json(s.layout.train_summary, {
             **_jsonable(asdict(result)), "fast_paths": fast, "loss": s.loss.model_dump(),
             "student_quantization": s.quantization,
+            "lora_init": json.loads(s.layout.lora_init.read_text())
+            if s.recipe.lora.init == "activations" and s.layout.lora_init.is_file() else None,
             "recipe": s.recipe.model_dump(), **provenance()})
     return result
 

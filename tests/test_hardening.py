@@ -25,7 +25,7 @@ from llmkd.config import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = "recipes/smollm2-cpu.yaml"
-GOLD = ["transfer_set.response=gold", "transfer_set.start=0", "transfer_set.count=2", "transfer_set.top_k=8",
+GOLD = ["model.teacher_dtype=float32", "transfer_set.response=gold", "transfer_set.start=0", "transfer_set.count=2", "transfer_set.top_k=8",
         "transfer_set.batch_size=2", "transfer_set.shard_size=2"]
 
 

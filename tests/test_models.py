@@ -40,8 +40,9 @@ def test_hub_id_offline_fails_in_one_line():
     assert len(lines) == 1 and "nobody/no-such-model" in lines[0] and "local" in lines[0], proc.stderr
 
 
-def test_teacher_is_full_precision_on_cpu(smol_teacher):
-    assert smol_teacher.dtype == torch.float32 and not smol_teacher.training
+def test_teacher_is_loaded_in_the_recipe_dtype_in_eval_mode(smol_teacher, smol_recipe):
+    assert smol_teacher.dtype == models.teacher_dtype(smol_recipe.model) == torch.float32
+    assert not smol_teacher.training
 
 
 def test_student_is_nf4_with_the_recipe_settings(smol_student, smol_recipe):
@@ -92,13 +93,16 @@ def test_hub_ids_with_dots_are_hub_ids_not_folders():
 
 
 @pytest.mark.parametrize("mode", ["eval", "train"])
-def test_dequantizing_once_gives_bitwise_the_same_logits(smol_student, smol_tokenizer, mode):
+def test_dequantizing_once_gives_bitwise_the_same_logits(smol_recipe, smol_tokenizer, mode):
     # Where bitsandbytes dequantizes per call, one dequantized copy must change nothing; where it runs
     # its own fused CPU kernel (AVX512-BF16, inference only) the fast path must stand aside, and say so.
+    # A student of its own: bitsandbytes repacks a layer for that kernel at its first inference forward,
+    # for good, so a shared student would have no layer left that dequantizes per call.
     from bitsandbytes.nn import Linear4bit
 
     from llmkd import fastpath
 
+    smol_student = models.load_student(smol_recipe.model)
     ids = smol_tokenizer(["Natalia sold clips to 48 of her friends.", "A robe takes 2 bolts"], return_tensors="pt",
                          padding=True)
     layers = [m for m in smol_student.modules() if isinstance(m, Linear4bit)]

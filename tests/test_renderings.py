@@ -15,7 +15,7 @@ MIX = ["llmkd", "bare", "notes"]
 
 def mixed(*extra):
     return load_recipe(REPO / "recipes/smollm2-cpu.yaml", [
-        "transfer_set.start=0", "transfer_set.count=5", "transfer_set.top_k=8", "transfer_set.batch_size=2",
+        "model.teacher_dtype=float32", "transfer_set.start=0", "transfer_set.count=5", "transfer_set.top_k=8", "transfer_set.batch_size=2",
         "transfer_set.shard_size=2", f"transfer_set.renderings=[{','.join(MIX)}]", *extra])
 
 

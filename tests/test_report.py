@@ -51,6 +51,9 @@ def test_report_leads_with_fidelity_and_agreement_and_writes_all_files(tmp_path)
                                                    "## GSM8K accuracy"]
     assert "| distilled | in-format (llmkd's prompt) | 500 | 0.0600 | 90.0% |" in text
     assert "| distilled | off-format (bare question, answer as shipped) | 520 | 0.1200 | 87.0% |" in text
+    # gap closed, by hand: 1 - 0.06 / 0.27 = 77.8%, 1 - 0.12 / 0.29 = 58.6%
+    assert "| in-format (llmkd's prompt) | 0.2700 | 0.0600 | 77.8% | 80.0% → 90.0% |" in text
+    assert "| off-format (bare question, answer as shipped) | 0.2900 | 0.1200 | 58.6% | 79.0% → 87.0% |" in text
     assert "| distilled | 0 | 20 | 35.0% | 12.5 / 9 (40.0) | 10.0% | 60.0% | 1 / 0.00781 |" in text
     assert "| 0 | flexible | student → distilled | +40.0 pts | 0 / 8 | 0.00781 | significant |" in text
     assert "student → distilled | +60.0 pts | 0 / 12 |" in text  # accuracy, paired

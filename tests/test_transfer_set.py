@@ -53,7 +53,7 @@ KILL_OVERRIDES = [
 
 
 def recipe(overrides):
-    return load_recipe(REPO / RECIPE, overrides)
+    return load_recipe(REPO / RECIPE, ["model.teacher_dtype=float32", *overrides])  # as the session's teacher
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,108 @@
+"""Activation-preserving LoRA initialisation (llmkd/lora_init.py) on the 2-layer random stand-in: the
+errors it reports against a reference written with plain transformers, what it moves, and the trainer's
+use of it (`lora.init: activations`)."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import stand_in_overrides
+from llmkd import checkpoint, lora_init, train
+from llmkd.config import load_recipe
+from llmkd.transfer_set import TransferSet
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def stand_in_student(stand_in, stand_in_transfer_set, *extra):
+    recipe = load_recipe(REPO / "recipes/smollm2-cpu.yaml", stand_in_overrides(
+        stand_in, f"transfer_set.out={stand_in_transfer_set}", "lora.init_batch=1", *extra))
+    torch.manual_seed(0)
+    return recipe, train.build_student(recipe, torch.device("cpu"))
+
+
+def blocks_of(stand_in_transfer_set):
+    rows = TransferSet.open(stand_in_transfer_set).dataset()
+    return lora_init.calibration_blocks(rows, tokens=512, batch=1)
+
+
+def lora_state(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.named_parameters() if "lora_" in k}
+
+
+def test_calibration_blocks_are_the_transfer_sets_tokens_in_order(stand_in_transfer_set):
+    rows = TransferSet.open(stand_in_transfer_set).dataset()
+    stream = [int(t) for r in rows for t in r["input_ids"]]
+    blocks = lora_init.calibration_blocks(rows, tokens=300, batch=1)
+    assert blocks.shape == (2, lora_init.CALIBRATION_BLOCK)  # 300 tokens round up to whole blocks
+    assert blocks.flatten().tolist() == stream[: blocks.numel()]
+    with pytest.raises(Exception, match="fewer than one calibration batch"):
+        lora_init.calibration_blocks(rows, tokens=300, batch=len(stream) // lora_init.CALIBRATION_BLOCK + 1)
+
+
+def test_no_steps_changes_nothing_and_reports_the_quantisation_error(stand_in, stand_in_transfer_set, stand_in_teacher):
+    _, student = stand_in_student(stand_in, stand_in_transfer_set)
+    blocks = blocks_of(stand_in_transfer_set)
+    before = lora_state(student)
+    report = lora_init.initialise(student, stand_in_teacher, blocks, batch=1, steps=0, lr=1e-3, seed=0, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in lora_state(student).items())
+    assert [(f.relative_error_before == f.relative_error_after) for f in report.layers] == [True, True]
+    # Reference: layer 0's outputs from plain forwards (hidden_states[1]), per-token relative error.
+    with torch.no_grad(), student.disable_adapter():
+        s = student(input_ids=blocks, output_hidden_states=True).hidden_states[1].double()
+        t = stand_in_teacher(input_ids=blocks, output_hidden_states=True).hidden_states[1].double()
+    reference = float(((s - t) ** 2).sum(-1).div((t ** 2).sum(-1)).mean())
+    assert reference > 0  # the 4-bit student differs from its teacher
+    assert report.layers[0].relative_error_before == pytest.approx(reference, rel=1e-3)
+
+
+def test_fitting_lowers_every_layers_error_moves_only_lora_and_repeats_exactly(
+        stand_in, stand_in_transfer_set, stand_in_teacher):
+    blocks = blocks_of(stand_in_transfer_set)
+    results = []
+    for _ in range(2):
+        _, student = stand_in_student(stand_in, stand_in_transfer_set)
+        frozen = {k: v.detach().clone() for k, v in student.named_parameters() if "lora_" not in k}
+        report = lora_init.initialise(student, stand_in_teacher, blocks, batch=1, steps=12, lr=1e-3, seed=0,
+                                      progress=False)
+        assert all(torch.equal(frozen[k], v) for k, v in student.named_parameters() if "lora_" not in k)
+        results.append((report, lora_state(student)))
+    report, weights = results[0]
+    assert all(f.relative_error_after < 0.9 * f.relative_error_before for f in report.layers), report.layers
+    assert any(w.abs().sum() > 0 for k, w in weights.items() if "lora_B" in k)  # B started at zero
+    assert [f.relative_error_after for f in results[1][0].layers] == [f.relative_error_after for f in report.layers]
+    assert all(torch.equal(weights[k], v) for k, v in results[1][1].items())
+
+
+def test_training_with_activation_init_records_it_and_a_resume_does_not_redo_it(
+        stand_in, stand_in_transfer_set, tmp_path, monkeypatch):
+    overrides = stand_in_overrides(stand_in, f"transfer_set.out={stand_in_transfer_set}", f"train.out={tmp_path / 'run'}",
+                                   "lora.init=activations", "lora.init_batch=1", "lora.init_tokens=512",
+                                   "lora.init_steps=4", "train.batch_size=2", "train.max_steps=2",
+                                   "train.checkpoint_every=1")
+    recipe = load_recipe(REPO / "recipes/smollm2-cpu.yaml", overrides)
+    train.train(recipe, progress=False)
+    summary = json.loads(recipe.layout.train_summary.read_text())
+    assert summary["lora_init"]["method"] == "activations" and len(summary["lora_init"]["layers"]) == 2
+    assert summary["lora_init"] == json.loads(recipe.layout.lora_init.read_text())
+
+    def refuse(*a, **k):
+        raise AssertionError("a resume from a checkpoint initialised again")
+
+    monkeypatch.setattr(lora_init, "initialise_from_recipe", refuse)
+    shutil.rmtree(recipe.layout.checkpoints / checkpoint.name(2))  # as if killed before step 2's checkpoint
+    result = train.train(recipe, resume=True, progress=False)
+    assert result.steps == 2 and result.steps_this_run == 1
+    assert json.loads(recipe.layout.train_summary.read_text())["lora_init"] == summary["lora_init"]
+
+    # Killed after the initialisation, before the first checkpoint: the folder holds only lora_init.json,
+    # and the same command starts again from scratch.
+    monkeypatch.undo()
+    for p in recipe.layout.train.iterdir():
+        if p != recipe.layout.lora_init:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    again = train.train(recipe, resume=True, progress=False)
+    assert again.steps == again.steps_this_run == 2
