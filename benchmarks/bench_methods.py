@@ -156,7 +156,7 @@ def format_table(rows: list[dict], args, started: str) -> str:
              f"the evaluation's held-out questions, teacher-forced; gap closed = 1 - KL / base KL. "
              f"`llmkd` is the training format; `plain_chat` and `plain_text` are text no method trains on. "
              f"Generation: greedy 0-shot outputs against the teacher's (mean common-prefix tokens, exact match). "
-             f"Time: the method's own transfer-set build + LoRA init + training.", "",
+             f"Time: the method's own transfer-set build + LoRA init + training. Machine: {machine()}.", "",
              "| method | llmkd KL (gap closed) | plain_chat KL (closed) | plain_text KL (closed) | top-1 llmkd / plain_chat | "
              "gen prefix | gen exact | time s |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     if rows:
@@ -177,6 +177,15 @@ def format_table(rows: list[dict], args, started: str) -> str:
                      f"{r['distilled'].get('gen_prefix_mean', float('nan')):.1f} | "
                      f"{100 * r['distilled'].get('gen_exact', 0):.0f}% | {r['method_seconds']:.0f} |")
     return "\n".join(lines) + "\n"
+
+
+def machine() -> str:
+    from llmkd import models
+
+    probe = models.cpu_matmul_probe()  # the probe the recipe's `auto` dtypes follow
+    rates = probe["gflops"]
+    return (f"{probe['cpu']}; matmul bf16 {rates['bfloat16']:.0f} / fp32 {rates['float32']:.0f} GFLOP/s, "
+            f"so the student computes in {probe['choice']}")
 
 
 def write_section(path: Path, table: str) -> None:

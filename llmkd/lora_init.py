@@ -136,6 +136,11 @@ def initialise(student, teacher, blocks: torch.Tensor, *, batch: int, steps: int
     from llmkd.progress import bar as progress_bar
 
     start = time.perf_counter()
+    repacked = [n for n, m in student.named_modules()
+                if getattr(getattr(getattr(m, "weight", None), "quant_state", None), "packing_format_for_cpu", False)]
+    if repacked:  # bitsandbytes' AVX512-BF16 inference layout, kept for good after one inference forward
+        raise LlmkdError(f"lora.init activations: {repacked[0]} was repacked by bitsandbytes for CPU inference "
+                         "(the student ran an eval-mode forward); initialise a freshly loaded student")
     s_layers, t_layers = decoder_layers(student), decoder_layers(teacher)
     if len(s_layers) != len(t_layers):
         raise LlmkdError(f"lora.init activations: student has {len(s_layers)} layers, teacher {len(t_layers)}")

@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, STAND_IN_MODEL, STAND_IN_SET
+from conftest import REPO, STAND_IN_INIT, STAND_IN_MODEL, STAND_IN_SET
 from llmkd import checkpoint, sharding, train
 from llmkd.config import load_recipe
 from llmkd.errors import LlmkdError
@@ -28,7 +28,7 @@ CLOSE = ("loss", "ce", "lr", "grad_norm")  # equal up to the order in which gloo
 
 def overrides(stand_in, transfer_set, out, *extra) -> list[str]:
     return [
-        f"model.name={stand_in}", *STAND_IN_MODEL, "model.quant_storage=float32",
+        f"model.name={stand_in}", *STAND_IN_MODEL, *STAND_IN_INIT, "model.quant_storage=float32",
         *STAND_IN_SET, f"transfer_set.out={transfer_set}",
         "train.batch_size=1", "train.max_steps=3", "train.checkpoint_every=1", "train.optimizer=adamw",
         "train.lr=1e-3", "train.warmup_steps=1", f"train.out={out}",

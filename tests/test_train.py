@@ -31,6 +31,9 @@ from llmkd.errors import LlmkdError
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = [
+    # peft's initialisation: the activation init would load the teacher in every training run here
+    # (tests/test_lora_init.py has it; the stand-in's pipeline and FSDP tests run it).
+    "lora.init=default",
     "transfer_set.start=746", "transfer_set.count=4", "transfer_set.batch_size=4",
     "model.compute_dtype=float32",
     "train.batch_size=2", "train.max_steps=4", "train.checkpoint_every=1",

@@ -36,17 +36,21 @@ from llmkd.losses import topk_with_tail
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = "recipes/smollm2-cpu.yaml"
 
+# llmkd's format only (tests/test_renderings.py has the others).
 # Train questions 4-7: question 6 is answered in 42 tokens, so one response ends with the eos.
 TEACHER_OVERRIDES = [
+    "transfer_set.renderings=[llmkd]",
     "transfer_set.response=teacher", "transfer_set.start=4", "transfer_set.count=4", "transfer_set.top_k=16",
     "transfer_set.max_new_tokens=48", "transfer_set.batch_size=2", "transfer_set.shard_size=2",
 ]
 GOLD_OVERRIDES = [
+    "transfer_set.renderings=[llmkd]",
     "transfer_set.response=gold", "transfer_set.start=0", "transfer_set.count=3", "transfer_set.top_k=8",
     "transfer_set.batch_size=2", "transfer_set.shard_size=2",
 ]
 # Killed mid-way: 3 shards of 2 short teacher responses each.
 KILL_OVERRIDES = [
+    "transfer_set.renderings=[llmkd]",
     "transfer_set.response=teacher", "transfer_set.start=10", "transfer_set.count=6", "transfer_set.top_k=8",
     "transfer_set.max_new_tokens=16", "transfer_set.batch_size=2", "transfer_set.shard_size=2",
 ]
@@ -189,7 +193,8 @@ def test_test_split_refused_without_allow_eval_split():
 def test_exemplars_excluded_from_the_questions():
     exemplars = prompts.select_exemplars(load_gsm8k("train"), 2, 1234)
     first = min(e["index"] for e in exemplars)
-    r = recipe(["transfer_set.shots=2", "data.exemplar_seed=1234", f"transfer_set.start={first - 1}", "transfer_set.count=3"])
+    r = recipe(["transfer_set.renderings=[llmkd]", "transfer_set.shots=2", "data.exemplar_seed=1234",
+                f"transfer_set.start={first - 1}", "transfer_set.count=3"])
     rows, chosen, excluded = builder.select_questions(r)
     assert [e["id"] for e in chosen] == [e["id"] for e in exemplars]
     assert excluded == [f"gsm8k-train-{first:05d}"]
