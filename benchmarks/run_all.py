@@ -8,6 +8,8 @@ after another (they time things: nothing else of ours runs beside them). Every f
 ratio against a baseline measured in the same run; absolute times drift on a shared machine. The
 machine's matmul peak heads the file for context. results.md is replaced only once every selected
 benchmark has finished (a failed one is reported in its section and makes the exit code non-zero).
+`bench_methods.py` (recovery methods, an hour on 2 cores) runs on its own and writes its own section,
+which this script keeps.
 """
 
 from __future__ import annotations
@@ -78,9 +80,15 @@ def main(argv=None) -> int:
         sections.append(f"# {name}: {what}\n\n`python benchmarks/{script}` ({seconds:.0f} s)\n\n{body}\n")
     head = ["# Benchmarks", "", f"Written by `benchmarks/run_all.py` on {started} in "
             f"{(time.perf_counter() - t_all) / 60:.1f} minutes.", "", *machine_lines(), ""]
+    from bench_methods import SECTION  # its section (an hour's run of its own) is kept as it is
     from llmkd import atomic
 
-    atomic.write_text(Path(args.out), "\n".join(head) + "\n" + "\n".join(sections))
+    out = Path(args.out)
+    old = out.read_text() if out.is_file() else ""
+    start = old.find(SECTION)
+    end = old.find("\n# ", start + 1) if start >= 0 else -1
+    kept = [old[start:end if end >= 0 else None].rstrip("\n") + "\n"] if start >= 0 else []
+    atomic.write_text(out, "\n".join(head) + "\n" + "\n".join([*sections, *kept]))
     print(f"written: {args.out}")
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
