@@ -99,8 +99,7 @@ def method_recipe(base: Recipe, name: str, quant: str, common: list[str]) -> Rec
 def discard_other_versions(recipe: Recipe) -> None:
     """A method whose settings changed since its outputs in runs/ were written starts afresh; a killed
     run of the same settings resumes."""
-    marker = recipe.layout.run / sweep.POINT_FILE
-    stale = marker.is_file() and json.loads(marker.read_text())["settings"] != json.loads(json.dumps(recipe.flat()))
+    stale = (recipe.layout.run / sweep.POINT_FILE).is_file() and sweep.finished_point(recipe) is None
     last = checkpoint.latest(recipe.layout.checkpoints)
     stale = stale or (last is not None and checkpoint.read_state(last)["training_settings"]
                       != checkpoint.training_settings(recipe, 1))
@@ -188,14 +187,19 @@ def machine() -> str:
             f"so the student computes in {probe['choice']}")
 
 
+def split_section(text: str) -> tuple[str, str, str]:
+    """(before, this benchmark's section, after) of results.md's text; the section is "" if absent."""
+    start = text.find(SECTION)
+    if start < 0:
+        return text, "", ""
+    end = text.find("\n# ", start + 1)
+    end = len(text) if end < 0 else end
+    return text[:start], text[start:end], text[end:]
+
+
 def write_section(path: Path, table: str) -> None:
     """Replace (or append) this benchmark's section of results.md, leaving the others as they are."""
-    text = path.read_text() if path.is_file() else ""
-    head, found, rest = text.partition(SECTION)
-    tail = ""
-    if found:
-        nxt = rest.find("\n# ")
-        tail = rest[nxt:] if nxt >= 0 else ""
+    head, _, tail = split_section(path.read_text() if path.is_file() else "")
     atomic.write_text(path, head.rstrip("\n") + "\n\n" + table + tail)
 
 

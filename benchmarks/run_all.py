@@ -80,14 +80,12 @@ def main(argv=None) -> int:
         sections.append(f"# {name}: {what}\n\n`python benchmarks/{script}` ({seconds:.0f} s)\n\n{body}\n")
     head = ["# Benchmarks", "", f"Written by `benchmarks/run_all.py` on {started} in "
             f"{(time.perf_counter() - t_all) / 60:.1f} minutes.", "", *machine_lines(), ""]
-    from bench_methods import SECTION  # its section (an hour's run of its own) is kept as it is
+    from bench_methods import split_section  # its section (an hour's run of its own) is kept as it is
     from llmkd import atomic
 
     out = Path(args.out)
-    old = out.read_text() if out.is_file() else ""
-    start = old.find(SECTION)
-    end = old.find("\n# ", start + 1) if start >= 0 else -1
-    kept = [old[start:end if end >= 0 else None].rstrip("\n") + "\n"] if start >= 0 else []
+    _, methods, _ = split_section(out.read_text() if out.is_file() else "")
+    kept = [methods.rstrip("\n") + "\n"] if methods else []
     atomic.write_text(out, "\n".join(head) + "\n" + "\n".join([*sections, *kept]))
     print(f"written: {args.out}")
     if failed:

@@ -22,6 +22,7 @@ import torch
 
 from llmkd import models
 from llmkd.errors import LlmkdError
+from llmkd.fastpath.dequantize import repacked_for_cpu_inference
 
 CALIBRATION_BLOCK = 256  # tokens per calibration sequence: long enough for attention to matter
 
@@ -136,9 +137,8 @@ def initialise(student, teacher, blocks: torch.Tensor, *, batch: int, steps: int
     from llmkd.progress import bar as progress_bar
 
     start = time.perf_counter()
-    repacked = [n for n, m in student.named_modules()
-                if getattr(getattr(getattr(m, "weight", None), "quant_state", None), "packing_format_for_cpu", False)]
-    if repacked:  # bitsandbytes' AVX512-BF16 inference layout, kept for good after one inference forward
+    repacked = [n for n, m in student.named_modules() if repacked_for_cpu_inference(m)]
+    if repacked:
         raise LlmkdError(f"lora.init activations: {repacked[0]} was repacked by bitsandbytes for CPU inference "
                          "(the student ran an eval-mode forward); initialise a freshly loaded student")
     s_layers, t_layers = decoder_layers(student), decoder_layers(teacher)

@@ -105,17 +105,23 @@ def run(recipe: Recipe, quants: Sequence[str], *, progress: bool = True, say: Ca
     return out / "sweep.md"
 
 
+def finished_point(point: Recipe) -> dict | None:
+    """The recorded figures of `point` if it finished with exactly these settings, else None."""
+    try:
+        done = json.loads((point.layout.run / POINT_FILE).read_text())
+        return done["point"] if done["settings"] == json.loads(json.dumps(point.flat())) else None
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def run_point(point: Recipe, teacher_eval: Path, teacher_logits: TeacherLogits, *, progress: bool,
               say: Callable[[str], None]) -> dict:
     marker = point.layout.run / POINT_FILE
     settings = point.flat()
-    try:
-        done = json.loads(marker.read_text())
-        if done["settings"] == json.loads(json.dumps(settings)):
-            say(f"  finished earlier: {marker}")
-            return done["point"]
-    except (OSError, ValueError, KeyError):
-        pass
+    done = finished_point(point)
+    if done is not None:
+        say(f"  finished earlier: {marker}")
+        return done
     resume = checkpoint.latest(point.layout.checkpoints) is not None
     trained = train.train(point, resume=resume, progress=progress)
     say("  " + train.summary_line(trained))

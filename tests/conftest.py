@@ -29,13 +29,17 @@ def scratch_dir(tmp_path, monkeypatch):
     return tmp_path
 
 
+# The real teacher in fp32: the tests compare its outputs across batch shapes (batched build against a
+# fresh forward, two backends), which a bf16 teacher (auto on AMX CPUs) matches only to about 0.5 nats;
+# `test_models` checks what auto picks. Every recipe handed the session's teacher says the same.
+FP32_TEACHER = "model.teacher_dtype=float32"
+
+
 @pytest.fixture(scope="session")
 def smol_recipe():
-    """The CPU recipe, shrunk so a real evaluation takes seconds. The teacher in fp32: the tests compare
-    its outputs across batch shapes (batched build against a fresh forward, two backends), which a bf16
-    teacher (auto on AMX CPUs) matches only to about 0.5 nats; `test_models` checks what auto picks."""
+    """The CPU recipe (FP32_TEACHER), shrunk so a real evaluation takes seconds."""
     return load_recipe(REPO / "recipes/smollm2-cpu.yaml", [
-        "model.teacher_dtype=float32",
+        FP32_TEACHER,
         "eval.limit=3", "eval.batch_size=3", "eval.max_new_tokens=48",
         "eval.fidelity_count=4", "eval.fidelity_start=1000",
     ])

@@ -16,7 +16,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import stand_in_overrides
+from conftest import FP32_TEACHER, stand_in_overrides
 from faults import fault_seed, kill_at_random_moment, timed_call
 from llmkd import atomic, models
 from llmkd import builder, transfer_set
@@ -25,7 +25,7 @@ from llmkd.config import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = "recipes/smollm2-cpu.yaml"
-GOLD = ["model.teacher_dtype=float32", "transfer_set.response=gold", "transfer_set.start=0", "transfer_set.count=2", "transfer_set.top_k=8",
+GOLD = [FP32_TEACHER, "transfer_set.response=gold", "transfer_set.start=0", "transfer_set.count=2", "transfer_set.top_k=8",
         "transfer_set.batch_size=2", "transfer_set.shard_size=2"]
 
 

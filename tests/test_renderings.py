@@ -3,7 +3,7 @@ RENDERINGS), taken in turn across the whole set, and scored as the teacher sees 
 
 import pytest
 
-from conftest import REPO
+from conftest import FP32_TEACHER, REPO
 from llmkd import builder, transfer_set
 from llmkd.config import load_recipe
 from llmkd.data import prompts
@@ -15,7 +15,7 @@ MIX = ["llmkd", "bare", "notes"]
 
 def mixed(*extra):
     return load_recipe(REPO / "recipes/smollm2-cpu.yaml", [
-        "model.teacher_dtype=float32", "transfer_set.start=0", "transfer_set.count=5", "transfer_set.top_k=8", "transfer_set.batch_size=2",
+        FP32_TEACHER, "transfer_set.start=0", "transfer_set.count=5", "transfer_set.top_k=8", "transfer_set.batch_size=2",
         "transfer_set.shard_size=2", f"transfer_set.renderings=[{','.join(MIX)}]", *extra])
 
 

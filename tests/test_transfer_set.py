@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import stand_in_overrides
+from conftest import FP32_TEACHER, stand_in_overrides
 from faults import fault_seed, kill_at_random_moment
 from llmkd import builder, models, transfer_set
 from llmkd.config import load_recipe
@@ -57,7 +57,7 @@ KILL_OVERRIDES = [
 
 
 def recipe(overrides):
-    return load_recipe(REPO / RECIPE, ["model.teacher_dtype=float32", *overrides])  # as the session's teacher
+    return load_recipe(REPO / RECIPE, [FP32_TEACHER, *overrides])  # as the session's teacher
 
 
 @pytest.fixture(scope="module")

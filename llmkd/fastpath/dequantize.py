@@ -21,11 +21,18 @@ from llmkd import sharding
 MAX_BYTES = 4 << 30  # a CPU-sized model; beyond this the copy costs more memory than it saves time
 
 
+def repacked_for_cpu_inference(module) -> bool:
+    """Whether bitsandbytes has repacked this 4-bit layer for its fused AVX512-BF16 inference kernel
+    (it does so at the layer's first inference forward, for good)."""
+    quant_state = getattr(getattr(module, "weight", None), "quant_state", None)
+    return bool(getattr(quant_state, "packing_format_for_cpu", False))
+
+
 def _dequantizes_per_call(layer, training: bool) -> bool:
     """Whether bitsandbytes would run this layer as dequantize-then-matmul (see Linear4bit.forward)."""
     if layer.weight.device.type != "cpu" or layer.compute_dtype is None:
         return False
-    if getattr(layer.weight.quant_state, "packing_format_for_cpu", False):
+    if repacked_for_cpu_inference(layer):
         return False  # already repacked for the fused kernel
     fused = getattr(layer, "support_avx512bf16_for_cpu", False) and not training
     return not fused
