@@ -42,6 +42,7 @@ PLAIN = ["transfer_set.out=transfer_sets/smollm2-cpu", "transfer_set.response=go
 MIX = "transfer_set.renderings=[llmkd,bare,notes]"
 INIT = ["lora.init=activations"]
 INIT_STEPS = 35  # the init (30 layers x 32 steps on 8k tokens) measured 76-101 s here, 27-35 steps at batch 4: the upper end
+ON_POLICY = ["train.on_policy.rounds=2", "train.on_policy.questions=32", "train.on_policy.fraction=0.5"]
 # name -> (what it is, overrides on top of PLAIN)
 METHODS = {
     "kd": ("offline top-64 forward KL, gold solutions in llmkd's format (the old default)", []),
@@ -56,6 +57,10 @@ METHODS = {
     "teacher": ("the teacher's own greedy responses instead of gold", ["transfer_set.response=teacher",
                                                                         "transfer_set.max_new_tokens=256"]),
     "mix+init": ("renderings mix and activation-preserving init", [MIX, *INIT]),
+    "mix+init+dkd": ("renderings mix, activation-preserving init and decoupled KD",
+                     [MIX, *INIT, "train.loss.divergence=dkd"]),
+    "on-policy": ("renderings mix and init, plus 2 on-policy rounds of 32 sampled student answers (lambda 0.5)",
+                  [MIX, *INIT, *ON_POLICY]),
 }
 FIDELITY_RENDERINGS = "eval.fidelity_renderings=[llmkd,plain_chat,plain_text]"
 SECTION = "# methods: recovery methods at the main job's budget"

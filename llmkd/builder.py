@@ -200,13 +200,14 @@ def _remove_temporaries(out: Path) -> None:
 # --- The teacher's side: responses and targets -----------------------------------------------------
 
 
-def _eos_ids(teacher, tokenizer) -> set[int]:
-    ids = teacher.generation_config.eos_token_id
+def eos_ids(model, tokenizer) -> set[int]:
+    ids = model.generation_config.eos_token_id
     ids = set(ids) if isinstance(ids, (list, tuple)) else ({ids} if ids is not None else set())
     return ids | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
 
 
-def _finish(ids: list[int], tokenizer, eos: set[int]) -> str:
+def finish_reason(ids: list[int], tokenizer, eos: set[int]) -> str:
+    """How a generated response ended: eos, stop_string or length (the manifest's `finish`)."""
     if ids and ids[-1] in eos:
         return "eos"
     if truncate_at_stop(tokenizer.decode(ids, skip_special_tokens=True), prompts.STOP_STRINGS)[1]:
@@ -266,6 +267,30 @@ def teacher_targets(teacher, sequences: Sequence[list[int]], starts: Sequence[in
     return out
 
 
+def shard_columns(rows: Sequence[dict], sequences: Sequence[list[int]], starts: Sequence[int], finishes: Sequence[str],
+                  targets: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], *, where: str,
+                  ) -> tuple[dict, torch.Tensor]:
+    """(the columns of a shard, the stored top-k mass of every response token): `rows` give the id
+    and question hash, `targets` are `teacher_targets`' output for `sequences` (prompt + response)."""
+    targets = [(ids.to(torch.int32), logprobs.to(torch.float16), tail.to(torch.float16)) for ids, logprobs, tail in targets]
+    for r, (_, logprobs, tail) in zip(rows, targets):
+        if not (torch.isfinite(logprobs).all() and torch.isfinite(tail).all()):
+            raise LlmkdError(f"teacher produced non-finite log-probabilities on {r['id']} ({where}); "
+                             "check the teacher's weights and dtype")
+    columns = {
+        "id": [r["id"] for r in rows],
+        "question_hash": [r["question_hash"] for r in rows],
+        "input_ids": list(sequences),
+        "response_start": list(starts),
+        "finish": list(finishes),
+        "topk_ids": [t[0].numpy() for t in targets],
+        "topk_logprobs": [t[1].numpy() for t in targets],
+        "tail_logmass": [t[2].numpy() for t in targets],
+    }
+    masses = torch.cat([t[1].float().logsumexp(-1).exp() for t in targets])  # (tokens,) as stored
+    return columns, masses
+
+
 @dataclass
 class _Job:
     """What every shard of one build needs."""
@@ -294,7 +319,7 @@ def _build_shard(job: _Job, index: int, rows: Sequence[dict]) -> dict:
     targets: list = [None] * len(rows)
     progress = partial(_advance, job)  # per teacher-forward batch
     if ts.response == "teacher":
-        eos = _eos_ids(teacher, tok)
+        eos = eos_ids(teacher, tok)
         # generate's own batches (prompts longest first), one call per batch so the bar moves; the
         # seed of a batch is the recipe seed + the set-wide position of its first example.
         order = sorted(range(len(rows)), key=lambda i: -len(texts[i]))
@@ -307,7 +332,7 @@ def _build_shard(job: _Job, index: int, rows: Sequence[dict]) -> dict:
             )
             for i, c in zip(idx, completions):
                 prompt_ids = prompts.encode(tok, texts[i])
-                sequences[i], starts[i], finishes[i] = prompt_ids + c.token_ids, len(prompt_ids), _finish(c.token_ids, tok, eos)
+                sequences[i], starts[i], finishes[i] = prompt_ids + c.token_ids, len(prompt_ids), finish_reason(c.token_ids, tok, eos)
             batch_targets = teacher_targets(
                 teacher, [sequences[i] for i in idx], [starts[i] for i in idx], k,
                 pad_id=tok.pad_token_id, batch_size=ts.batch_size, share_prefix=job.recipe.fast_paths,
@@ -326,22 +351,7 @@ def _build_shard(job: _Job, index: int, rows: Sequence[dict]) -> dict:
         targets = teacher_targets(teacher, sequences, starts, k, pad_id=tok.pad_token_id, batch_size=ts.batch_size,
                                   share_prefix=job.recipe.fast_paths, on_batch=progress)
 
-    targets = [(ids.to(torch.int32), logprobs.to(torch.float16), tail.to(torch.float16)) for ids, logprobs, tail in targets]
-    for r, (_, logprobs, tail) in zip(rows, targets):
-        if not (torch.isfinite(logprobs).all() and torch.isfinite(tail).all()):
-            raise LlmkdError(f"teacher produced non-finite log-probabilities on {r['id']} (shard {index}); "
-                             "check the teacher's weights and dtype")
-    columns = {
-        "id": [r["id"] for r in rows],
-        "question_hash": [r["question_hash"] for r in rows],
-        "input_ids": sequences,
-        "response_start": starts,
-        "finish": finishes,
-        "topk_ids": [t[0].numpy() for t in targets],
-        "topk_logprobs": [t[1].numpy() for t in targets],
-        "tail_logmass": [t[2].numpy() for t in targets],
-    }
-    masses = torch.cat([t[1].float().logsumexp(-1).exp() for t in targets])  # (tokens,) as stored
+    columns, masses = shard_columns(rows, sequences, starts, finishes, targets, where=f"shard {index}")
     path = job.out / shard_name(index)
     write_shard(path, columns, k)
     record = asdict(ShardEntry(

@@ -73,7 +73,7 @@ def starting_checkpoint(layout: RunLayout, resume: bool) -> Path | None:
     if out.exists() and not out.is_dir():
         raise LlmkdError(f"{out}: exists and is not a folder; choose another train.out")
     ours = {p.name for p in (folder, layout.adapter, layout.metrics, layout.train_summary, layout.tensorboard,
-                             layout.lora_init)}
+                             layout.lora_init, layout.on_policy)}
     foreign = sorted(p.name for p in out.iterdir() if p.name not in ours and not atomic.is_temporary(p)) \
         if out.is_dir() else []
     if foreign:

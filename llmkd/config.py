@@ -147,6 +147,23 @@ class LossConfig(Section):
     """Weight of the non-target-class term (NCKD) of dkd."""
 
 
+class OnPolicyConfig(Section):
+    rounds: int = Field(0, ge=0)
+    """On-policy rounds (GKD-style, llmkd/on_policy.py), spread evenly over the steps from step 0; 0: off."""
+    questions: int = Field(32, gt=0)
+    """Transfer-set prompts the student answers per round (its examples, drawn at random)."""
+    fraction: float = Field(0.5, ge=0, le=1)
+    """GKD's lambda: the chance that an optimizer step takes its whole batch from the newest round."""
+    do_sample: bool = True
+    """Sample the student's responses (GKD); false: greedy."""
+    temperature: float = Field(1.0, gt=0)
+    """The student's sampling temperature."""
+    max_new_tokens: int = Field(192, gt=0)
+    """Longest student response."""
+    batch_size: int = Field(16, gt=0)
+    """Prompts generated (and scored by the teacher) together."""
+
+
 class TrainConfig(Section):
     out: Optional[str] = None
     """Folder for checkpoints, logs and the final adapter; null: runs/<name>/train."""
@@ -188,6 +205,8 @@ class TrainConfig(Section):
     """Seeds LoRA initialisation, dropout and data order."""
     loss: LossConfig = LossConfig()
     """The distillation objective."""
+    on_policy: OnPolicyConfig = OnPolicyConfig()
+    """Rounds in which the student answers and the teacher scores (off by default)."""
 
 
 class EvalConfig(Section):
@@ -319,6 +338,10 @@ class RunLayout:
     @property
     def lora_init(self) -> Path:
         return self.train / "lora_init.json"  # lora.init: activations, written before the first step
+
+    @property
+    def on_policy(self) -> Path:
+        return self.train / "on_policy"  # train.on_policy: one shard and one record per round
 
 
 def eval_cell(eval_dir: Path, tag: str, shots: int) -> Path:

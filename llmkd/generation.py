@@ -117,7 +117,6 @@ def _checkpoint_defaults_off(model):
         base.generation_config = saved
 
 
-@torch.no_grad()
 def generate(
     model,
     tokenizer,
@@ -133,18 +132,41 @@ def generate(
     progress: bool = True,
     share_prefix: bool = True,
 ) -> tuple[list[Completion], GenerationStats]:
+    """Complete each of `prompts` (texts, encoded by the one BOS rule); see `generate_ids`."""
+    return generate_ids(model, tokenizer, [encode(tokenizer, p) for p in prompts], batch_size=batch_size,
+                        max_new_tokens=max_new_tokens, stop_strings=stop_strings, do_sample=do_sample,
+                        temperature=temperature, seed=seed, desc=desc, progress=progress, share_prefix=share_prefix)
+
+
+@torch.no_grad()
+def generate_ids(
+    model,
+    tokenizer,
+    ids: Sequence[list[int]],
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+    stop_strings: Sequence[str] = (),
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    seed: int = 0,
+    desc: str = "generating",
+    progress: bool = True,
+    share_prefix: bool = True,
+) -> tuple[list[Completion], GenerationStats]:
+    """Complete each prompt of token `ids`, in the caller's order (module docstring)."""
     eos_ids = _eos_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     config = _generation_config(max_new_tokens=max_new_tokens, stop_strings=stop_strings, do_sample=do_sample,
                                 temperature=temperature, eos_ids=eos_ids, pad_id=pad_id)
-    ids = [encode(tokenizer, p) for p in prompts]  # the one BOS rule
+    ids = [list(map(int, i)) for i in ids]
     prefix_len = shared_prefix.usable_prefix_length(
         ids, model, minimum=shared_prefix.MIN_GENERATION_PREFIX_TOKENS, generation=True) if share_prefix else 0
-    order = sorted(range(len(prompts)), key=lambda i: -len(ids[i]))
-    results: list[Completion | None] = [None] * len(prompts)
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    results: list[Completion | None] = [None] * len(ids)
     device = next(model.parameters()).device
     start, total = time.perf_counter(), 0
-    bar = progress_bar(total=len(prompts), desc=desc, unit="q", disable=not progress)
+    bar = progress_bar(total=len(ids), desc=desc, unit="q", disable=not progress)
     sharing = shared_prefix.shared_prefix(model, ids[0][:prefix_len]) if prefix_len else contextlib.nullcontext()
     with sharing, _checkpoint_defaults_off(model):
         try:

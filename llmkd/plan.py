@@ -249,6 +249,13 @@ def dry_run(recipe: Recipe, processes: int = 1) -> str:
         lines.append(f"  lora.init activations: before the first step the teacher's weights ({teacher / gib:.2f} GiB) "
                      f"and the calibration hidden states (~{states / gib:.2f} GiB) sit beside the student's weights, "
                      "instead of the activations and logits above")
+    op = tr.on_policy
+    if op.rounds:
+        teacher = plan.total_params * models.teacher_dtype(recipe.model).itemsize
+        cache = 2 * c.num_hidden_layers * kv_heads * head_dim * op.batch_size * (seq_len + op.max_new_tokens) * 4
+        lines.append(f"  train.on_policy: {op.rounds} round(s) of {op.questions} responses; during each, the teacher's "
+                     f"weights ({teacher / gib:.2f} GiB) and the student's generation KV cache (~{cache / gib:.2f} GiB "
+                     "at fp32) sit beside the student's weights, instead of the activations and logits above")
     return "\n".join(lines)
 
 

@@ -16,7 +16,8 @@ position before it; only those positions go through the lm_head (boolean `logits
 visits the examples in `np.random.default_rng([train.seed, e]).permutation(n)`, optionally grouped
 by length (`DataPlan.order`); an optimizer step takes the next effective batch of that order, rank r
 its own contiguous share. A step's batches are a function of (seed, epoch, step), so a checkpoint
-records only the position (`llmkd.checkpoint`).
+records only the position (`llmkd.checkpoint`). With train.on_policy, some steps take their batch
+from the student's own answers instead (`llmkd.on_policy`), again a function of (seed, step).
 
 Loss: `losses.sparse_kd_loss`, normalised by the response tokens of the whole effective batch (all
 micro-batches, all ranks); DDP and FSDP average over ranks, so each rank back-propagates world_size * loss.
@@ -44,7 +45,7 @@ if __name__ == "__main__":  # run as a script, sys.path[0] is llmkd/ itself: its
 import numpy as np
 import torch
 
-from llmkd import atomic, checkpoint, fastpath, lora_init, models, quantize, sharding
+from llmkd import atomic, checkpoint, fastpath, lora_init, models, on_policy, quantize, sharding
 from llmkd.config import Recipe, RunLayout
 from llmkd.data import prompts
 from llmkd.errors import LlmkdError
@@ -336,6 +337,7 @@ class Session:
     progress: bool = True
     loss: Any = None  # train.loss with cakld_gamma resolved from the data where it is null
     quantization: dict | None = None  # quantize.quantization_report of the student as loaded
+    rounds: on_policy.Rounds | None = None  # train.on_policy: the student answers, the teacher scores
 
 
 def setup(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> Session:
@@ -376,6 +378,8 @@ def setup(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> Ses
     if resume_from is not None:
         state = checkpoint.read_state(resume_from)
         checkpoint.check_resumable(state, recipe, data.transfer_set.identity(), world, resume_from)
+    rounds = on_policy.Rounds.for_run(recipe, layout, data, tokenizer, total_steps, world,
+                                      resumed=resume_from is not None, progress=progress)
 
     set_seed(tr.seed)  # LoRA initialisation: the same on every rank
     model = build_student(recipe, accelerator.device)
@@ -406,7 +410,7 @@ def setup(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> Ses
         checkpoint.restore(resume_from, accelerator, model, optimizer, scheduler)
         start_step = state["step"]
     return Session(recipe, layout, accelerator, tokenizer, data, plan, total_steps, model, optimizer, scheduler,
-                   params, start_step, resume_from, progress, loss, quantization)
+                   params, start_step, resume_from, progress, loss, quantization, rounds)
 
 
 # --- Fit ------------------------------------------------------------------------------------------
@@ -460,11 +464,14 @@ def fit(s: Session) -> TrainResult:
     try:
         with fastpath.dequantized_once(s.model, enabled=s.recipe.fast_paths) as fast:
             while step < s.total_steps:
+                if s.rounds is not None:
+                    s.rounds.before_step(step, acc.unwrap_model(s.model))
                 t0 = time.perf_counter()
-                examples = plan.step_examples(step)  # (W, A, B)
-                num_tokens = int(s.data.response_lengths[examples].sum())  # the whole effective batch
-                input_tokens = int(s.data.input_lengths[examples].sum())
-                batches = [collate(s.data.rows(mb), s.tokenizer.pad_token_id).to(acc.device) for mb in examples[rank]]
+                source, examples, source_name = s.rounds.step_batch(step, plan) if s.rounds is not None \
+                    else (s.data, plan.step_examples(step), "transfer_set")  # examples: (W, A, B)
+                num_tokens = int(source.response_lengths[examples].sum())  # the whole effective batch
+                input_tokens = int(source.input_lengths[examples].sum())
+                batches = [collate(source.rows(mb), s.tokenizer.pad_token_id).to(acc.device) for mb in examples[rank]]
                 lr = s.scheduler.get_last_lr()[0]
                 local = accumulate_gradients(s.model, batches, s.loss, num_tokens, accelerator=acc,
                                              world_size=world)
@@ -490,7 +497,7 @@ def fit(s: Session) -> TrainResult:
                 final_loss = loss
                 if main:
                     line = _metrics_line(step, step / plan.steps_per_epoch, loss, ce, kl, lr, grad_norm, num_tokens,
-                                         input_tokens, seconds, acc.device)
+                                         input_tokens, seconds, acc.device, source_name)
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps(line) + "\n")
                     bar.update(1)
@@ -526,6 +533,7 @@ def fit(s: Session) -> TrainResult:
             "student_quantization": s.quantization,
             "lora_init": json.loads(s.layout.lora_init.read_text())
             if s.recipe.lora.init == "activations" and s.layout.lora_init.is_file() else None,
+            "on_policy": s.rounds.done if s.rounds is not None else None,
             "recipe": s.recipe.model_dump(), **provenance()})
     return result
 
@@ -549,11 +557,13 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
 
 
-def _metrics_line(step, epoch, loss, ce, kl, lr, grad_norm, tokens, input_tokens, seconds, device) -> dict:
+def _metrics_line(step, epoch, loss, ce, kl, lr, grad_norm, tokens, input_tokens, seconds, device,
+                  source: str = "transfer_set") -> dict:
     """A metrics.jsonl row. tokens: response tokens in the loss; input_tokens: tokens the student ran
-    (prompt + response, no padding); both over all ranks. tokens_per_s counts input tokens."""
+    (prompt + response, no padding); both over all ranks. tokens_per_s counts input tokens. source:
+    transfer_set, or on_policy (the newest round's responses)."""
     return {
-        "step": step, "epoch": round(epoch, 4), "loss": loss, "ce": ce, "kl": kl, "lr": lr, "grad_norm": grad_norm,
+        "step": step, "epoch": round(epoch, 4), "source": source, "loss": loss, "ce": ce, "kl": kl, "lr": lr, "grad_norm": grad_norm,
         "tokens": tokens, "input_tokens": input_tokens, "seconds": round(seconds, 3),
         "tokens_per_s": round(input_tokens / seconds, 1) if seconds > 0 else 0.0,
         "response_tokens_per_s": round(tokens / seconds, 1) if seconds > 0 else 0.0,
