@@ -22,6 +22,7 @@ initialisation, and training. Methods with lora.init train INIT_STEPS fewer step
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import sys
@@ -87,9 +88,13 @@ def method_recipe(base: Recipe, name: str, quant: str, common: list[str]) -> Rec
     raw["train"]["out"] = None
     for item in [*common, *overrides]:
         apply_override(raw, item, Recipe)
-    own_set = Recipe.model_validate(raw).transfer_set.model_dump(exclude={"out"}) != \
+    wanted = Recipe.model_validate(raw).transfer_set.model_dump(exclude={"out"})
+    own_set = wanted != \
         Recipe.model_validate({**raw, "transfer_set": base.transfer_set.model_dump()}).transfer_set.model_dump(exclude={"out"})
-    raw["transfer_set"]["out"] = None if own_set else str(base.layout.transfer_set)
+    # Methods that want the same other set share it: one folder per set of settings, beside the base's.
+    key = hashlib.sha256(json.dumps(wanted, sort_keys=True).encode()).hexdigest()[:10]
+    raw["transfer_set"]["out"] = str(base.layout.transfer_set.parent / f"bench-{key}") if own_set \
+        else str(base.layout.transfer_set)
     # The same budget: as many training examples as the base recipe's steps see (a smaller batch takes more
     # steps), less what the LoRA initialisation costs.
     recipe = Recipe.model_validate(raw)

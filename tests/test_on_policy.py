@@ -164,3 +164,12 @@ def test_more_rounds_than_steps_or_several_processes_are_refused(stand_in, stand
     with pytest.raises(LlmkdError, match="needs one process"):
         on_policy.Rounds.for_run(recipe, recipe.layout, data, None, 4, 2, resumed=False)
     assert on_policy.round_steps(93, 3) == [0, 31, 62]
+
+
+def test_the_dry_run_lists_a_rounds_memory(capsys):
+    from llmkd.cli import main
+
+    assert main(["train", "recipes/gsm8k.yaml", "train.on_policy.rounds=2", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "train.on_policy: 2 round(s) of 32 responses" in out
+    assert "the teacher's weights (14.96 GiB)" in out  # 8,030,261,248 parameters in bf16
