@@ -94,12 +94,12 @@ def test_a_round_holds_the_students_answers_scored_by_the_teacher(stand_in, stan
 
 def test_fraction_zero_trains_exactly_as_without_rounds(stand_in, stand_in_transfer_set, tmp_path):
     # LoRA dropout on, answers sampled: the rounds' sampling must not shift dropout's random stream.
-    plain = recipe_of(stand_in, stand_in_transfer_set, tmp_path / "plain", "train.on_policy.rounds=0", "lora.dropout=0.1")
-    rounds = recipe_of(stand_in, stand_in_transfer_set, tmp_path / "rounds", "train.on_policy.fraction=0",
-                       "lora.dropout=0.1")
+    two = ["lora.dropout=0.1", "train.max_steps=2"]  # rounds before steps 0 and 1
+    plain = recipe_of(stand_in, stand_in_transfer_set, tmp_path / "plain", "train.on_policy.rounds=0", *two)
+    rounds = recipe_of(stand_in, stand_in_transfer_set, tmp_path / "rounds", "train.on_policy.fraction=0", *two)
     train.train(plain, progress=False)
     train.train(rounds, progress=False)
-    assert sources(rounds) == ["transfer_set"] * 4 and len(records(rounds)) == 2
+    assert sources(rounds) == ["transfer_set"] * 2 and len(records(rounds)) == 2
     assert not plain.layout.on_policy.exists()
     a, b = adapter(plain), adapter(rounds)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -134,24 +134,24 @@ def test_a_resume_reuses_a_finished_round_remakes_a_cut_one_and_refuses_a_lost_o
         a, b = adapter(whole), adapter(recipe)
         return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
-    # Killed after round 1 (made before step 3) and step 3, before its checkpoint: resumed at step 2, the
-    # round is reused.
-    run("reused", killed_at=3)
-    reused = run("reused", resume=True)
-    summary = json.loads(reused.layout.train_summary.read_text())
-    assert [(r["round"], r["reused"]) for r in summary["on_policy"]] == [(1, True)]
-    assert same_adapter(reused)
-
-    # Killed before step 4's checkpoint, round 1's record lost: from step 3's checkpoint the student of
-    # step 2 is gone, so it is refused; from step 2's, the round is made again, the same bytes.
-    run("remade", killed_at=4)
-    remade = recipe_of(stand_in, stand_in_transfer_set, tmp_path / "remade")
-    (remade.layout.on_policy / "round-001.json").unlink()
+    # Killed before step 4's checkpoint (round 1, made before step 2's update, finished), and round 1's
+    # record lost: from step 3's checkpoint the student of step 2 is gone, so it is refused; from step 2's,
+    # the round is made again, the same bytes.
+    run("cut", killed_at=4)
+    cut = recipe_of(stand_in, stand_in_transfer_set, tmp_path / "cut")
+    (cut.layout.on_policy / "round-001.json").unlink()
     with pytest.raises(LlmkdError, match="round-001.json: missing or not matching"):
-        run("remade", resume=True)
-    shutil.rmtree(remade.layout.checkpoints / checkpoint.name(3))
-    remade = run("remade", resume=True)
-    assert records(remade)[1]["sha256"] == made[1]["sha256"] and same_adapter(remade)
+        run("cut", resume=True)
+    shutil.rmtree(cut.layout.checkpoints / checkpoint.name(3))
+    run("cut", resume=True)
+    assert records(cut)[1]["sha256"] == made[1]["sha256"] and same_adapter(cut)
+    # Killed before the last checkpoint: resumed at step 3, the finished round 1 is reused.
+    shutil.rmtree(cut.layout.checkpoints / checkpoint.name(4))
+    shutil.rmtree(cut.layout.adapter)
+    run("cut", resume=True)
+    summary = json.loads(cut.layout.train_summary.read_text())
+    assert [(r["round"], r["reused"]) for r in summary["on_policy"]] == [(1, True)]
+    assert same_adapter(cut)
 
 
 def test_more_rounds_than_steps_or_several_processes_are_refused(stand_in, stand_in_transfer_set, tmp_path):
