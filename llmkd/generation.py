@@ -117,25 +117,9 @@ def _checkpoint_defaults_off(model):
         base.generation_config = saved
 
 
-def generate(
-    model,
-    tokenizer,
-    prompts: Sequence[str],
-    *,
-    batch_size: int,
-    max_new_tokens: int,
-    stop_strings: Sequence[str] = (),
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    seed: int = 0,
-    desc: str = "generating",
-    progress: bool = True,
-    share_prefix: bool = True,
-) -> tuple[list[Completion], GenerationStats]:
-    """Complete each of `prompts` (texts, encoded by the one BOS rule); see `generate_ids`."""
-    return generate_ids(model, tokenizer, [encode(tokenizer, p) for p in prompts], batch_size=batch_size,
-                        max_new_tokens=max_new_tokens, stop_strings=stop_strings, do_sample=do_sample,
-                        temperature=temperature, seed=seed, desc=desc, progress=progress, share_prefix=share_prefix)
+def generate(model, tokenizer, prompts: Sequence[str], **options) -> tuple[list[Completion], GenerationStats]:
+    """Complete each of `prompts` (texts, encoded by the one BOS rule); `options` as `generate_ids`'."""
+    return generate_ids(model, tokenizer, [encode(tokenizer, p) for p in prompts], **options)
 
 
 @torch.no_grad()
