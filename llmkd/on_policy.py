@@ -150,7 +150,8 @@ class Rounds:
         self.done.append(record)
         return Round(r, record, ds, tokens, tokens - starts)
 
-    def _make(self, r: int, step: int, model) -> Round:
+    def _make(self, r: int, step: int, student) -> Round:
+        """Round r at `step`: `student` (the unwrapped PeftModel) answers, a freshly loaded teacher scores."""
         cfg, tok, k = self.cfg, self.tokenizer, self.data.transfer_set.manifest.settings.top_k
         n = len(self.data.input_lengths)
         picks = np.random.default_rng([self.seed, ROUND_STREAM, r]).choice(
@@ -161,7 +162,6 @@ class Rounds:
         fast = self.recipe.fast_paths
 
         t0 = time.perf_counter()
-        student = model  # the unwrapped PeftModel
         was_training = student.training
         student.eval()
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []

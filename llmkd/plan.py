@@ -242,16 +242,15 @@ def dry_run(recipe: Recipe, processes: int = 1) -> str:
         f"  not counted: attention probabilities if SDPA falls back to its math kernel, "
         f"{tr.batch_size * heads * seq_len**2 * 4 / gib:.2f} GiB per layer (fp32)",
     ]
+    teacher = plan.total_params * models.teacher_dtype(recipe.model).itemsize  # loaded by the init and by each round
     if lora.init == "activations":
         # lora_init holds four lists of calibration hidden states (student's, teacher's in and out, targets).
-        teacher = plan.total_params * models.teacher_dtype(recipe.model).itemsize
         states = 4 * lora.init_tokens * c.hidden_size * 4
         lines.append(f"  lora.init activations: before the first step the teacher's weights ({teacher / gib:.2f} GiB) "
                      f"and the calibration hidden states (~{states / gib:.2f} GiB) sit beside the student's weights, "
                      "instead of the activations and logits above")
     op = tr.on_policy
     if op.rounds:
-        teacher = plan.total_params * models.teacher_dtype(recipe.model).itemsize
         cache = 2 * c.num_hidden_layers * kv_heads * head_dim * op.batch_size * (seq_len + op.max_new_tokens) * 4
         lines.append(f"  train.on_policy: {op.rounds} round(s) of {op.questions} responses; during each, the teacher's "
                      f"weights ({teacher / gib:.2f} GiB) and the student's generation KV cache (~{cache / gib:.2f} GiB "
