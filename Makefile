@@ -54,8 +54,9 @@ else
 	$(GPU_VENV)/bin/python benchmarks/gpu_check.py --tokenizer $(WHEELS)/smollm2-tokenizer
 endif
 
+CUDA ?= 12.6 12.8 13.0
 wheelhouse: setup
-	$(BIN)/python benchmarks/wheelhouse.py wheelhouse
+	$(BIN)/python benchmarks/wheelhouse.py wheelhouse --cuda $(CUDA)
 
 clean:
 	rm -rf $(VENV) $(GPU_VENV) runs wheelhouse

