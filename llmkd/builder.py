@@ -28,7 +28,7 @@ from llmkd.config import Recipe
 from llmkd.data import prompts
 from llmkd.data.gsm8k import load_gsm8k, select_range
 from llmkd.errors import LlmkdError
-from llmkd.generation import decoding_settings, generate, truncate_at_stop
+from llmkd.generation import decoding_settings, generate
 from llmkd.losses import topk_with_tail
 from llmkd.progress import bar as progress_bar
 from llmkd.provenance import provenance
@@ -200,21 +200,6 @@ def _remove_temporaries(out: Path) -> None:
 # --- The teacher's side: responses and targets -----------------------------------------------------
 
 
-def eos_ids(model, tokenizer) -> set[int]:
-    ids = model.generation_config.eos_token_id
-    ids = set(ids) if isinstance(ids, (list, tuple)) else ({ids} if ids is not None else set())
-    return ids | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
-
-
-def finish_reason(ids: list[int], tokenizer, eos: set[int]) -> str:
-    """How a generated response ended: eos, stop_string or length (the manifest's `finish`)."""
-    if ids and ids[-1] in eos:
-        return "eos"
-    if truncate_at_stop(tokenizer.decode(ids, skip_special_tokens=True), prompts.STOP_STRINGS)[1]:
-        return "stop_string"
-    return "length"
-
-
 @torch.no_grad()
 def teacher_targets(teacher, sequences: Sequence[list[int]], starts: Sequence[int], k: int, *, pad_id: int,
                     batch_size: int, share_prefix: bool = True, on_batch: Callable[[int, int], None] | None = None,
@@ -319,7 +304,6 @@ def _build_shard(job: _Job, index: int, rows: Sequence[dict]) -> dict:
     targets: list = [None] * len(rows)
     progress = partial(_advance, job)  # per teacher-forward batch
     if ts.response == "teacher":
-        eos = eos_ids(teacher, tok)
         # generate's own batches (prompts longest first), one call per batch so the bar moves; the
         # seed of a batch is the recipe seed + the set-wide position of its first example.
         order = sorted(range(len(rows)), key=lambda i: -len(texts[i]))
@@ -332,7 +316,7 @@ def _build_shard(job: _Job, index: int, rows: Sequence[dict]) -> dict:
             )
             for i, c in zip(idx, completions):
                 prompt_ids = prompts.encode(tok, texts[i])
-                sequences[i], starts[i], finishes[i] = prompt_ids + c.token_ids, len(prompt_ids), finish_reason(c.token_ids, tok, eos)
+                sequences[i], starts[i], finishes[i] = prompt_ids + c.token_ids, len(prompt_ids), c.finish
             batch_targets = teacher_targets(
                 teacher, [sequences[i] for i in idx], [starts[i] for i in idx], k,
                 pad_id=tok.pad_token_id, batch_size=ts.batch_size, share_prefix=job.recipe.fast_paths,

@@ -29,6 +29,7 @@ class Completion:
     text: str
     token_ids: list[int]  # generated ids up to and including the one that ended it (eos or a stop string)
     tokens: int  # len(token_ids)
+    finish: str  # how it ended: "eos", "stop_string" or "length" (max_new_tokens reached)
 
 
 @dataclass(frozen=True)
@@ -194,4 +195,5 @@ def _finish(ids: list[int], tokenizer, eos_ids: list[int], stop_strings: Sequenc
             if truncate_at_stop(tokenizer.decode(ids[:j], skip_special_tokens=True), stop_strings)[1]:
                 ids = ids[:j]
                 break
-    return Completion(text=text.strip(), token_ids=ids, tokens=len(ids))
+    finish = "eos" if ids and ids[-1] in eos_ids else "stop_string" if stopped else "length"
+    return Completion(text=text.strip(), token_ids=ids, tokens=len(ids), finish=finish)

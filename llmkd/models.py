@@ -189,14 +189,20 @@ def _resolve_dtype(name: str) -> torch.dtype:
 
 
 _BF16_MIN_SPEEDUP = 1.3  # bf16 must clearly win: where it is slower it is 100x slower, where faster 3-4x
+_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of the instructions fast bf16 matmuls use
 
 
 def cpu_matmul_probe() -> dict:
     """bf16 and fp32 matmul GFLOP/s on this CPU and the dtype they pick, measured once per CPU model,
-    torch version and thread count (recorded in the cache folder: every stage of a run picks the same)."""
-    cpu = next((line.split(":", 1)[1].strip() for line in _read_lines("/proc/cpuinfo") if line.startswith("model name")),
-               "unknown CPU")
-    key = f"{cpu} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+    bf16 instruction set, torch version and thread count (recorded in the cache folder: every stage of a
+    run picks the same)."""
+    lines = _read_lines("/proc/cpuinfo")
+    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown CPU")
+    flags = set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
+    # One model name ("AMD EPYC") covers CPUs with fast bf16 and CPUs without: a cache folder carried
+    # from one to the other must not carry the choice.
+    isa = "+".join(f for f in _BF16_FLAGS if f in flags) or "no bf16 ISA"
+    key = f"{cpu} ({isa}) | torch {torch.__version__} | {torch.get_num_threads()} threads"
 
     def measure() -> dict:
         rates = {name: _matmul_gflops(getattr(torch, name)) for name in ("bfloat16", "float32")}

@@ -38,7 +38,7 @@ from llmkd.config import Recipe, RunLayout
 from llmkd.data import prompts
 from llmkd.errors import LlmkdError
 from llmkd.generation import decoding_settings, generate_ids
-from llmkd.transfer_set import check_file, sha256_text, write_shard
+from llmkd.transfer_set import Rows, check_file, sha256_text, write_shard
 
 STEP_STREAM, ROUND_STREAM = 0x6F70, 0x6F71  # the rounds' random streams, apart from the data plan's and each other
 
@@ -49,17 +49,11 @@ def round_steps(total_steps: int, rounds: int) -> list[int]:
 
 
 @dataclass
-class Round:
-    """One finished round: its shard as numpy-formatted rows, and per-example lengths."""
+class Round(Rows):
+    """One finished round: its shard's rows."""
 
     index: int
     record: dict
-    dataset: Any
-    input_lengths: np.ndarray  # (n,) tokens per example
-    response_lengths: np.ndarray  # (n,) response tokens per example
-
-    def rows(self, indices) -> list[dict]:
-        return [self.dataset[int(i)] for i in indices]
 
 
 class Rounds:
@@ -148,7 +142,7 @@ class Rounds:
         tokens = np.array([len(x) for x in ds["input_ids"]], dtype=np.int64)
         starts = np.asarray(ds["response_start"], dtype=np.int64)
         self.done.append(record)
-        return Round(r, record, ds, tokens, tokens - starts)
+        return Round(dataset=ds, input_lengths=tokens, response_lengths=tokens - starts, index=r, record=record)
 
     def _make(self, r: int, step: int, student) -> Round:
         """Round r at `step`: `student` (the unwrapped PeftModel) answers, a freshly loaded teacher scores."""
@@ -175,10 +169,9 @@ class Rounds:
             student.train(was_training)
         generated = time.perf_counter() - t0
 
-        eos = builder.eos_ids(student, tok)
         sequences = [p + c.token_ids for p, c in zip(prompt_ids, completions)]
         starts = [len(p) for p in prompt_ids]
-        finishes = [builder.finish_reason(c.token_ids, tok, eos) for c in completions]
+        finishes = [c.finish for c in completions]
         t1 = time.perf_counter()
         teacher = models.load_teacher(self.recipe.model)
         try:

@@ -51,7 +51,7 @@ from llmkd.data import prompts
 from llmkd.errors import LlmkdError
 from llmkd.losses import KDTerms, sparse_kd_loss
 from llmkd.provenance import provenance
-from llmkd.transfer_set import TransferSet
+from llmkd.transfer_set import Rows, TransferSet
 
 def _has_tensorboard() -> bool:
     """TensorBoard logging where it is installed (an offline GPU check may run without it)."""
@@ -165,26 +165,21 @@ class DataPlan:
 
 @dataclass
 @dataclass
-class TrainingData:
-    """The opened, verified transfer set: numpy-formatted rows and per-example lengths."""
+class TrainingData(Rows):
+    """The opened, verified transfer set's rows."""
 
     transfer_set: TransferSet
-    dataset: Any
-    input_lengths: np.ndarray  # (n,) tokens per example
-    response_lengths: np.ndarray  # (n,) response tokens per example (= teacher rows)
 
     @classmethod
     def open(cls, recipe: Recipe, tokenizer) -> "TrainingData":
         ts = TransferSet.for_recipe(recipe, tokenizer)
         tokens, responses = ts.lengths()
-        return cls(ts, ts.dataset().with_format("numpy"), tokens, responses)
+        return cls(dataset=ts.dataset().with_format("numpy"), input_lengths=tokens, response_lengths=responses,
+                   transfer_set=ts)
 
     @property
     def path(self) -> Path:
         return self.transfer_set.path
-
-    def rows(self, indices) -> list[dict]:
-        return [self.dataset[int(i)] for i in indices]
 
     def teacher_confidence(self) -> float:
         """The teacher's mean probability of the response tokens (0 where a token is outside its

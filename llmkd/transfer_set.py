@@ -219,6 +219,19 @@ def read_manifest(path: str | Path) -> Manifest:
 # --- Reader ---------------------------------------------------------------------------------------
 
 
+@dataclass
+class Rows:
+    """Numpy-formatted transfer-set rows and their per-example lengths: a whole set as training opens it,
+    or one on-policy round's shard."""
+
+    dataset: Any
+    input_lengths: np.ndarray  # (n,) tokens per example
+    response_lengths: np.ndarray  # (n,) response tokens per example (= teacher rows)
+
+    def rows(self, indices) -> list[dict]:
+        return [self.dataset[int(i)] for i in indices]
+
+
 class TransferSet:
     """A finished transfer set: `open` checks the manifest, `verify` the shards, `dataset` loads them."""
 

@@ -29,3 +29,6 @@ def test_generation_stops_at_a_stop_string(smol_teacher, smol_tokenizer):
     assert c.text.replace(" ", "") == "4,5,"
     assert c.tokens < 40  # generation itself stopped, not just the text
     assert "6" in smol_tokenizer.decode(c.token_ids) and "6" not in smol_tokenizer.decode(c.token_ids[:-1])
+    assert c.finish == "stop_string"
+    cut, _ = generate(smol_teacher, smol_tokenizer, [text], batch_size=1, max_new_tokens=3, stop_strings=["6"], progress=False)
+    assert (cut[0].tokens, cut[0].finish) == (3, "length")

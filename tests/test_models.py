@@ -86,6 +86,19 @@ def test_auto_dtype_follows_the_cpu_probe_measured_once(tmp_path, monkeypatch, b
         assert models.compute_dtype(ModelConfig()) == getattr(torch, choice)
 
 
+def test_the_probe_is_recorded_per_bf16_instruction_set(tmp_path, monkeypatch):
+    # Two machine kinds here are both "AMD EPYC": one with AVX512-BF16 (bf16 2.5x fp32), one without.
+    monkeypatch.setenv("LLMKD_CACHE", str(tmp_path))
+    cpuinfo = {"with": ["model name\t: AMD EPYC", "flags\t\t: fpu avx512f avx512_bf16"],
+               "without": ["model name\t: AMD EPYC", "flags\t\t: fpu avx2"]}
+    rates = {"with": {torch.bfloat16: 386.0, torch.float32: 152.0}, "without": {torch.bfloat16: 1.3, torch.float32: 144.0}}
+    for kind, choice in [("with", "bfloat16"), ("without", "float32"), ("with", "bfloat16")]:
+        monkeypatch.setattr(models, "_read_lines", lambda path, kind=kind: cpuinfo[kind])
+        monkeypatch.setattr(models, "_matmul_gflops", lambda dtype, kind=kind: rates[kind][dtype])
+        probe = models.cpu_matmul_probe()
+        assert probe["choice"] == choice and ("avx512_bf16" in probe["cpu"]) == (kind == "with")
+
+
 def test_hub_ids_with_dots_are_hub_ids_not_folders():
     assert models.resolve("meta-llama/Llama-3.1-8B-Instruct") == "meta-llama/Llama-3.1-8B-Instruct"
     with pytest.raises(LlmkdError, match="model folder not found"):
