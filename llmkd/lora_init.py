@@ -11,6 +11,8 @@ cut into blocks of `CALIBRATION_BLOCK` tokens, the first `lora.init_tokens` of t
 `lora.init_steps` Adam steps at `lora.init_lr`, each on `lora.init_batch` blocks drawn at random
 (seeded by train.seed and the layer), minimising each token's squared error to the teacher's output over
 that output's squared norm (the relative error, averaged over tokens; also the figure reported).
+A layer whose fit ends with a higher error than it started with (an lr too high) is put back as
+built, and the report says so.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class LayerFit:
     layer: int
     relative_error_before: float  # the layer's output error with the adapter as built (a no-op)
     relative_error_after: float
+    kept: bool = True  # False: the fit raised the error (too high an lr), the layer's LoRA was put back
 
 
 @dataclass
@@ -48,10 +51,13 @@ class InitReport:
 
     def line(self) -> str:
         first, last = self.layers[0], self.layers[-1]
+        put_back = [f.layer for f in self.layers if not f.kept]
         return (f"LoRA initialised from the teacher's activations: {len(self.layers)} layers x {self.steps_per_layer} "
                 f"steps on {self.tokens:,} tokens in {self.seconds:.0f} s; last layer's relative error "
                 f"{last.relative_error_before:.4f} -> {last.relative_error_after:.4f} "
-                f"(first layer {first.relative_error_before:.4f} -> {first.relative_error_after:.4f})")
+                f"(first layer {first.relative_error_before:.4f} -> {first.relative_error_after:.4f})"
+                + (f"; {len(put_back)} layer(s) whose fit raised the error put back as built (lora.init_lr too "
+                   f"high?): {put_back}" if put_back else ""))
 
 
 def calibration_blocks(rows, tokens: int, batch: int) -> torch.Tensor:
@@ -154,6 +160,7 @@ def initialise(student, teacher, blocks: torch.Tensor, *, batch: int, steps: int
                 targets = [t.to(s_hidden[0].dtype) for t in t_out]
                 before = _relative_error([_output(s_layer, h, s_kwargs) for h in s_hidden], targets)
             params = [p for p in s_layer.parameters() if p.requires_grad]
+            as_built = [p.detach().clone() for p in params]
             if params and steps:
                 optimizer = torch.optim.Adam(params, lr=lr)
                 draw = torch.Generator().manual_seed(seed * 1_000_003 + i)
@@ -164,10 +171,15 @@ def initialise(student, teacher, blocks: torch.Tensor, *, batch: int, steps: int
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
             with torch.no_grad():
-                s_hidden = [_output(s_layer, h, s_kwargs) for h in s_hidden]
-                after = _relative_error(s_hidden, targets)
-            t_hidden = t_out
-            report.layers.append(LayerFit(i, round(before, 6), round(after, 6)))
+                fitted = [_output(s_layer, h, s_kwargs) for h in s_hidden]
+                after = _relative_error(fitted, targets)
+                kept = after <= before
+                if not kept:  # a diverged fit would pass its error on to every later layer
+                    for p, p0 in zip(params, as_built):
+                        p.copy_(p0)
+                    fitted = [_output(s_layer, h, s_kwargs) for h in s_hidden]
+            s_hidden, t_hidden = fitted, t_out
+            report.layers.append(LayerFit(i, round(before, 6), round(after, 6), kept))
             bar.update(1)
             bar.set_postfix(error=f"{before:.4f}->{after:.4f}")
     report.seconds = round(time.perf_counter() - start, 2)
