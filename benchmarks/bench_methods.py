@@ -16,7 +16,8 @@ finished method is reused while its settings stay the same. The table goes into 
 (its own section, which `run_all.py` keeps) and benchmarks/out/methods.json.
 
 Time per method: its transfer set's build where it has its own (one teacher pass), the LoRA
-initialisation, and training. Methods with lora.init train INIT_STEPS fewer steps: the same budget.
+initialisation, and training. Methods with the first init (INIT) train INIT_STEPS fewer steps: the same
+budget; `default` trains the base's steps after its longer init, as the main job does.
 """
 
 from __future__ import annotations
@@ -39,10 +40,15 @@ from llmkd.evaluate import TeacherLogits, run_eval  # noqa: E402
 
 # The old default's transfer set (llmkd's format only) keeps its own folder.
 PLAIN = ["transfer_set.out=transfer_sets/smollm2-cpu", "transfer_set.response=gold", "transfer_set.renderings=[llmkd]", "lora.init=default", "lora.r=16",
-         "lora.alpha=32", "train.loss.divergence=forward_kl", "train.loss.alpha=0.0"]
+         "lora.alpha=32", "train.loss.divergence=forward_kl", "train.loss.alpha=0.0", "train.lr=1e-3"]
 MIX = "transfer_set.renderings=[llmkd,bare,notes]"
-INIT = ["lora.init=activations"]
-INIT_STEPS = 35  # the init (30 layers x 32 steps on 8k tokens) measured 76-101 s here, 27-35 steps at batch 4: the upper end
+# The first init measured here: 30 layers x 32 steps on 8k tokens at lr 1e-3 (76-101 s, 27-35 KD steps at batch 4).
+INIT = ["lora.init=activations", "lora.init_steps=32", "lora.init_tokens=8192", "lora.init_lr=1e-3"]
+INIT_STEPS = 35  # what INIT costs in KD steps: methods with it train that many fewer (the upper end)
+# The main job's default: the mix, the init at its defaults (64 steps on 16k tokens, lr 3e-3), KD at lr 1e-4.
+# It trains the base's steps: its init is part of the main job's 30 minutes, not taken from its KD.
+DEFAULT = [MIX, "lora.init=activations", "lora.init_steps=64", "lora.init_tokens=16384", "lora.init_lr=3e-3",
+           "train.lr=1e-4"]
 ON_POLICY = ["train.on_policy.rounds=2", "train.on_policy.questions=32", "train.on_policy.fraction=0.5"]
 # name -> (what it is, overrides on top of PLAIN)
 METHODS = {
@@ -60,6 +66,7 @@ METHODS = {
     "mix+init": ("renderings mix and activation-preserving init", [MIX, *INIT]),
     "mix+init+dkd": ("renderings mix, activation-preserving init and decoupled KD",
                      [MIX, *INIT, "train.loss.divergence=dkd"]),
+    "default": ("the main job's default: the mix, a longer init at lr 3e-3, then KD at lr 1e-4", DEFAULT),
     "on-policy": ("renderings mix and init, plus 2 on-policy rounds of 32 sampled student answers (lambda 0.5)",
                   [MIX, *INIT, *ON_POLICY]),
 }
@@ -100,7 +107,7 @@ def method_recipe(base: Recipe, name: str, quant: str, common: list[str]) -> Rec
     recipe = Recipe.model_validate(raw)
     examples = steps_of(base) * base.train.batch_size * base.train.grad_accum
     steps = examples // (recipe.train.batch_size * recipe.train.grad_accum)
-    if recipe.lora.init == "activations":
+    if recipe.lora.init == "activations" and name != "default":
         steps -= INIT_STEPS * steps // steps_of(base)
     raw["train"]["max_steps"] = steps
     return Recipe.model_validate(raw)

@@ -119,11 +119,11 @@ class LoraConfig(Section):
     init: Literal["default", "activations"] = "default"
     """default: peft's (A random, B zero: the adapter starts as a no-op). activations: before KD, each decoder
     layer's LoRA is fitted to the 16-bit layer's outputs on transfer-set tokens, layer by layer (llmkd/lora_init.py)."""
-    init_tokens: int = Field(8192, gt=0)
+    init_tokens: int = Field(16384, gt=0)
     """Calibration tokens for init: activations (the transfer set's first examples, in 256-token blocks)."""
-    init_steps: int = Field(32, ge=0)
+    init_steps: int = Field(64, ge=0)
     """Adam steps per decoder layer (init: activations)."""
-    init_lr: float = Field(1e-3, gt=0)
+    init_lr: float = Field(3e-3, gt=0)
     """Adam's learning rate for init: activations."""
     init_batch: int = Field(4, gt=0)
     """256-token blocks per step (init: activations)."""
