@@ -107,7 +107,7 @@ def method_recipe(base: Recipe, name: str, quant: str, common: list[str]) -> Rec
     recipe = Recipe.model_validate(raw)
     examples = steps_of(base) * base.train.batch_size * base.train.grad_accum
     steps = examples // (recipe.train.batch_size * recipe.train.grad_accum)
-    if recipe.lora.init == "activations" and name != "default":
+    if set(INIT) <= set(METHODS[name][1]):  # the first init's cost comes out of the KD steps
         steps -= INIT_STEPS * steps // steps_of(base)
     raw["train"]["max_steps"] = steps
     return Recipe.model_validate(raw)

@@ -164,7 +164,6 @@ class DataPlan:
 
 
 @dataclass
-@dataclass
 class TrainingData(Rows):
     """The opened, verified transfer set's rows."""
 
