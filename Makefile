@@ -55,8 +55,9 @@ else
 endif
 
 CUDA ?= 12.6 12.8 13.0
+# HAVE=FILE: the target's `pip list --format=freeze`; what it has at an accepted version stays out.
 wheelhouse: setup
-	$(BIN)/python benchmarks/wheelhouse.py wheelhouse --cuda $(CUDA)
+	$(BIN)/python benchmarks/wheelhouse.py wheelhouse --cuda $(CUDA) $(if $(HAVE),--have $(HAVE))
 
 clean:
 	rm -rf $(VENV) $(GPU_VENV) runs wheelhouse

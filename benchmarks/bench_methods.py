@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 import shutil
 import sys
 import time
@@ -71,7 +72,11 @@ METHODS = {
                   [MIX, *INIT, *ON_POLICY]),
 }
 FIDELITY_RENDERINGS = "eval.fidelity_renderings=[llmkd,plain_chat,plain_text]"
-SECTION = "# methods: recovery methods at the main job's budget"
+SECTION_PREFIX = "# methods"  # every section of results.md whose heading starts so is this script's or about it
+
+
+def section_title(quant: str) -> str:
+    return f"{SECTION_PREFIX}: recovery methods at the main job's budget, {quant} student"
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -161,12 +166,12 @@ def main(argv=None) -> int:
     table = format_table(rows, args, started)
     print(table)
     if not args.no_results:
-        write_section(HERE / "results.md", table)
+        write_section(HERE / "results.md", section_title(args.quant), table)
     return 0
 
 
 def format_table(rows: list[dict], args, started: str) -> str:
-    lines = [SECTION, "", f"`python benchmarks/bench_methods.py {' '.join(sys.argv[1:])}` ({started}); "
+    lines = [section_title(args.quant), "", f"`python benchmarks/bench_methods.py {' '.join(sys.argv[1:])}` ({started}); "
              f"student {args.quant}; every method: the main job's recipe plus its overrides "
              f"(`METHODS` in the script). Held-out KL(teacher || model) in nats/token and top-1 agreement on "
              f"the evaluation's held-out questions, teacher-forced; gap closed = 1 - KL / base KL. "
@@ -177,7 +182,7 @@ def format_table(rows: list[dict], args, started: str) -> str:
              "gen prefix | gen exact | time s |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     if rows:
         b = rows[0]["base"]["fidelity"]
-        lines.append(f"| NF4 base (no adapter) | {b['llmkd']['kl']:.4f} | {b['plain_chat']['kl']:.4f} | "
+        lines.append(f"| {args.quant} base (no adapter) | {b['llmkd']['kl']:.4f} | {b['plain_chat']['kl']:.4f} | "
                      f"{b['plain_text']['kl']:.4f} | {100 * b['llmkd']['top1']:.1f}% / {100 * b['plain_chat']['top1']:.1f}% | "
                      f"{rows[0]['base'].get('gen_prefix_mean', float('nan')):.1f} | "
                      f"{100 * rows[0]['base'].get('gen_exact', 0):.0f}% | |")
@@ -204,20 +209,26 @@ def machine() -> str:
             f"so the student computes in {probe['choice']}")
 
 
-def split_section(text: str) -> tuple[str, str, str]:
-    """(before, this benchmark's section, after) of results.md's text; the section is "" if absent."""
-    start = text.find(SECTION)
+def split_section(text: str, title: str) -> tuple[str, str, str]:
+    """(before, the section headed `title`, after) of results.md's text; the section is "" if absent."""
+    start = text.find(title + "\n")
     if start < 0:
         return text, "", ""
     end = text.find("\n# ", start + 1)
-    end = len(text) if end < 0 else end
+    end = len(text) if end < 0 else end + 1
     return text[:start], text[start:end], text[end:]
 
 
-def write_section(path: Path, table: str) -> None:
-    """Replace (or append) this benchmark's section of results.md, leaving the others as they are."""
-    head, _, tail = split_section(path.read_text() if path.is_file() else "")
-    atomic.write_text(path, head.rstrip("\n") + "\n\n" + table + tail)
+def methods_sections(text: str) -> str:
+    """Every section of results.md about the methods (this script's tables and the notes beside them)."""
+    parts = re.split(r"(?m)^(?=# )", text)
+    return "".join(p.rstrip("\n") + "\n\n" for p in parts if p.startswith(SECTION_PREFIX))
+
+
+def write_section(path: Path, title: str, table: str) -> None:
+    """Replace (or append) this run's section of results.md, leaving the others as they are."""
+    head, _, tail = split_section(path.read_text() if path.is_file() else "", title)
+    atomic.write_text(path, head.rstrip("\n") + "\n\n" + table + ("\n" + tail if tail else ""))
 
 
 if __name__ == "__main__":

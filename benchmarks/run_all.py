@@ -8,8 +8,8 @@ after another (they time things: nothing else of ours runs beside them). Every f
 ratio against a baseline measured in the same run; absolute times drift on a shared machine. The
 machine's matmul peak heads the file for context. results.md is replaced only once every selected
 benchmark has finished (a failed one is reported in its section and makes the exit code non-zero).
-`bench_methods.py` (recovery methods, an hour on 2 cores) runs on its own and writes its own section,
-which this script keeps.
+`bench_methods.py` (recovery methods, an hour on 2 cores) runs on its own and writes its own sections
+(one per student quantizer), which this script keeps with the notes beside them.
 """
 
 from __future__ import annotations
@@ -80,11 +80,11 @@ def main(argv=None) -> int:
         sections.append(f"# {name}: {what}\n\n`python benchmarks/{script}` ({seconds:.0f} s)\n\n{body}\n")
     head = ["# Benchmarks", "", f"Written by `benchmarks/run_all.py` on {started} in "
             f"{(time.perf_counter() - t_all) / 60:.1f} minutes.", "", *machine_lines(), ""]
-    from bench_methods import split_section  # its section (an hour's run of its own) is kept as it is
+    from bench_methods import methods_sections  # its sections (hours of runs of their own) are kept as they are
     from llmkd import atomic
 
     out = Path(args.out)
-    _, methods, _ = split_section(out.read_text() if out.is_file() else "")
+    methods = methods_sections(out.read_text() if out.is_file() else "")
     kept = [methods.rstrip("\n") + "\n"] if methods else []
     atomic.write_text(out, "\n".join(head) + "\n" + "\n".join([*sections, *kept]))
     print(f"written: {args.out}")

