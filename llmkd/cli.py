@@ -100,7 +100,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 def add_processes_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--processes", type=int, default=None, metavar="N",
                    help="with --dry-run: the number of training processes planned for (default: the launch's "
-                        "WORLD_SIZE, else 1); train.sharding fsdp divides the student's weights among them")
+                        "WORLD_SIZE, else 1); train.sharding fsdp or zero3 divides the student's weights among them")
 
 
 def planned_processes(args) -> int:

@@ -58,7 +58,7 @@ class ModelConfig(Section):
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     """dtype the 4-bit student computes in; auto as for teacher_dtype."""
     quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = "uint8"
-    """dtype the packed 4-bit weights are stored in. train.sharding fsdp needs a floating-point one (bfloat16 on GPUs)."""
+    """dtype the packed 4-bit weights are stored in. train.sharding fsdp or zero3 needs a floating-point one (bfloat16 on GPUs)."""
 
 
 class DataConfig(Section):
@@ -195,10 +195,11 @@ class TrainConfig(Section):
     """accelerate's mixed precision; bf16 on GPUs that support it."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory (large models)."""
-    sharding: Literal["none", "fsdp"] = "none"
-    """none: every process holds the whole student (DDP under a multi-process launch). fsdp: llmkd shards the
-    student itself with torch FSDP2 over the launched processes (llmkd/sharding.py); needs model.quant nf4 or fp4
-    with a floating-point model.quant_storage; norms and embeddings stay in the compute dtype (no fp32 upcast)."""
+    sharding: Literal["none", "fsdp", "zero3"] = "none"
+    """none: every process holds the whole student (DDP under a multi-process launch). fsdp / zero3: llmkd shards
+    the student itself over the launched processes, with torch FSDP2 or DeepSpeed ZeRO-3 (llmkd/sharding.py;
+    zero3 needs `pip install 'llmkd[zero3]'`); needs model.quant nf4 or fp4 with a floating-point
+    model.quant_storage; norms and embeddings stay in the compute dtype (no fp32 upcast)."""
     checkpoint_every: int = Field(20, gt=0)
     """Optimizer steps between checkpoints."""
     seed: int = Field(0, ge=0)

@@ -122,8 +122,8 @@ def sequence_plan(recipe: Recipe) -> tuple[int, int, int | None, str]:
 
 def memory_estimate(recipe: Recipe, plan: ModelPlan, seq_len: int, response_len: int,
                     processes: int = 1) -> list[tuple[str, float, str]]:
-    """(part, bytes, how) rows of a per-process training memory estimate. Under train.sharding fsdp
-    with `processes` > 1 each process holds 1/processes of the student's weights and of LoRA's
+    """(part, bytes, how) rows of a per-process training memory estimate. Under train.sharding fsdp or
+    zero3 with `processes` > 1 each process holds 1/processes of the student's weights and of LoRA's
     weights, gradients and optimizer state, plus the whole of the layers being computed."""
     c, tr, lora = plan.config, recipe.train, recipe.lora
     hidden, layers, inter = c.hidden_size, c.num_hidden_layers, c.intermediate_size
@@ -160,14 +160,15 @@ def memory_estimate(recipe: Recipe, plan: ModelPlan, seq_len: int, response_len:
     extra = [(f"{q.name} weights dequantized once (CPU fast path)", plan.quantized_params * dense,
               f"{plan.quantized_params:,} params x {dense} B (fast_paths: false drops it)")] if dense else []
     # peft's prepare_model_for_kbit_training upcasts what bitsandbytes leaves unquantised to fp32; HQQ's it
-    # leaves, and train.sharding fsdp skips it.
-    kept = 4 if q.library == "bitsandbytes" and tr.sharding != "fsdp" else compute
-    shards = processes if tr.sharding == "fsdp" and processes > 1 else 1
+    # leaves, and train.sharding fsdp or zero3 skips it.
+    kept = 4 if q.library == "bitsandbytes" and tr.sharding == "none" else compute
+    shards = processes if tr.sharding != "none" and processes > 1 else 1
     per = f" / {shards} processes" if shards > 1 else ""
     # FSDP2 (llmkd/sharding.py) all-gathers a decoder layer for its forward and backward and prefetches
-    # the next one: two whole layers at a time. The root's own parameters (embeddings, lm_head, final
-    # norm) stay gathered from the forward through the backward.
-    gathered = [("decoder layers all-gathered (2 at a time, FSDP)", 2 * plan.quantized_bytes / layers,
+    # the next one: two whole layers at a time; llmkd's ZeRO-3 config caps its live parameters at the
+    # same. The root's own parameters (embeddings, lm_head, final norm) stay gathered from the forward
+    # through the backward under FSDP2 (ZeRO-3 gathers them per use: this counts them whole for both).
+    gathered = [("decoder layers all-gathered (2 at a time)", 2 * plan.quantized_bytes / layers,
                  f"2 x {plan.quantized_bytes / layers / 2**20:.0f} MiB of one layer's {q.name} weights")] if shards > 1 else []
     return [
         (f"{q.name} weights + quant constants{per}", plan.quantized_bytes / shards,

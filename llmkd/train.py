@@ -8,8 +8,8 @@ teacher is never loaded, its top-k + tail targets come from the transfer set.
 
 Student: the base quantised as `model.quant` says (`models.load_quantized`), `prepare_model_for_kbit_training`
 (gradient checkpointing only if asked), then LoRA from peft, in train mode (LoRA dropout acts).
-Under `train.sharding: fsdp` there is no kbit fp32 upcast and llmkd shards the student itself
-(`llmkd.sharding`); otherwise a multi-process launch runs DDP.
+Under `train.sharding` fsdp or zero3 there is no kbit fp32 upcast and llmkd shards the student itself
+(`llmkd.sharding`, FSDP2 or DeepSpeed ZeRO-3); otherwise a multi-process launch runs DDP.
 
 Data: an example's target row i belongs to token input_ids[response_start + i], predicted at the
 position before it; only those positions go through the lm_head (boolean `logits_to_keep`). Epoch e
@@ -62,6 +62,7 @@ def _has_tensorboard() -> bool:
 
 GROUP_WINDOW_STEPS = 16  # train.group_by_length sorts within windows of this many effective batches
 TRACKER_NAME = "tensorboard"
+SHARDED_BY = {"fsdp": ", the student sharded by FSDP2", "zero3": ", the student sharded by ZeRO-3"}
 
 
 class TrainingDiverged(LlmkdError):
@@ -203,7 +204,7 @@ def build_student(recipe: Recipe, device: torch.device):
     base = models.load_quantized(cfg, {"": str(device)})
     base.config.use_cache = False
     checkpointing = {"use_reentrant": False}  # DDP- and FSDP-safe; no input-grad hook needed
-    if tr.sharding == "fsdp":
+    if tr.sharding != "none":
         # As the peft and TRL FSDP-QLoRA recipes: norms and embeddings keep the compute dtype (no fp32
         # upcast); get_peft_model freezes the base.
         if tr.gradient_checkpointing:
@@ -302,8 +303,8 @@ def accumulate_gradients(model, batches: Sequence[Batch], loss_cfg, num_tokens: 
         sync = nullcontext() if last or accelerator is None else sharding.no_sync(model, accelerator)
         with sync:
             terms = loss_step(model, batch, loss_cfg, num_tokens, accelerator)
-            scaled = terms.loss * world_size  # DDP and FSDP average over ranks; each rank holds a share of the sum
-            accelerator.backward(scaled) if accelerator is not None else scaled.backward()
+            scaled = terms.loss * world_size  # DDP, FSDP and ZeRO-3 average over ranks; each rank holds a share of the sum
+            sharding.backward(model, accelerator, scaled, last) if accelerator is not None else scaled.backward()
         totals += torch.stack([terms.loss, terms.ce, terms.kl]).detach().float().cpu()
     return totals
 
@@ -322,7 +323,7 @@ class Session:
     data: TrainingData
     plan: DataPlan
     total_steps: int
-    model: Any  # PeftModel: DDP-wrapped, or sharded in place (train.sharding fsdp), or plain
+    model: Any  # PeftModel: DDP-wrapped, sharded in place (fsdp), a DeepSpeed engine (zero3), or plain
     optimizer: Any
     scheduler: Any
     params: list
@@ -391,13 +392,16 @@ def setup(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> Ses
             atomic.write_json(layout.lora_init, init_report.as_dict())  # a resumed run's summary reads it
             print(init_report.line(), flush=True)
     if tr.sharding == "fsdp" and world > 1:
-        model = sharding.shard(model, accelerator.device, world)
+        model = sharding.shard_fsdp(model, accelerator.device, world)
     # After sharding, which replaces the parameters (optimizer, clipping and weight decay act on the shards).
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, tr)
     scheduler = make_scheduler(optimizer, tr, total_steps)
     # The scheduler stays unprepared: accelerate's wrapper would step it once per process.
-    model, optimizer = prepare(accelerator, model, optimizer)
+    if tr.sharding == "zero3" and world > 1:  # the engine partitions the student and the optimizer state
+        model, optimizer = sharding.shard_zero3(model, optimizer, tr, accelerator.device, world)
+    else:
+        model, optimizer = prepare(accelerator, model, optimizer)
     set_seed(tr.seed, device_specific=True)  # dropout: a stream per rank
     start_step = 0
     if resume_from is not None:
@@ -470,7 +474,7 @@ def fit(s: Session) -> TrainResult:
                 local = accumulate_gradients(s.model, batches, s.loss, num_tokens, accelerator=acc,
                                              world_size=world)
                 loss, ce, kl = acc.reduce(local.to(acc.device), reduction="sum").cpu().tolist()
-                grad_norm = _clip(acc, s.params, tr.max_grad_norm)
+                grad_norm = sharding.clip_grad_norm(s.model, acc, s.params, tr.max_grad_norm)
                 if not math.isfinite(loss) or (tr.mixed_precision != "fp16" and not math.isfinite(grad_norm)):
                     what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
                     last = checkpoint.latest(s.layout.checkpoints)
@@ -481,9 +485,8 @@ def fit(s: Session) -> TrainResult:
                     )
                 if tr.optimizer == "sgd" and tr.weight_decay > 0:
                     _decay_(s.params, lr * tr.weight_decay)
-                s.optimizer.step()
+                sharding.optimizer_step(s.model, s.optimizer)
                 s.scheduler.step()
-                s.optimizer.zero_grad(set_to_none=True)
                 step += 1
                 seconds = time.perf_counter() - t0
                 input_total += input_tokens
@@ -508,7 +511,7 @@ def fit(s: Session) -> TrainResult:
 
     seconds = time.perf_counter() - run_start
     adapter = s.layout.adapter
-    weights = sharding.adapter_state_dict(s.model)  # every rank: gathers the shards under FSDP
+    weights = sharding.adapter_state_dict(s.model)  # every rank: gathers the shards when sharded
     if main:
         if final_loss is None:  # resumed at the end: the loss of the last logged step
             final_loss = _last_logged_loss(metrics_path)
@@ -530,12 +533,6 @@ def fit(s: Session) -> TrainResult:
             "on_policy": s.rounds.done if s.rounds is not None else None,
             "recipe": s.recipe.model_dump(), **provenance()})
     return result
-
-
-def _clip(accelerator, params, max_norm: float | None) -> float:
-    """Clip to max_norm (None: only measure) and return the total norm before clipping."""
-    norm = accelerator.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
-    return float(sharding.full(norm))  # sharded gradients: a DTensor of the global norm
 
 
 @torch.no_grad()
@@ -597,7 +594,7 @@ def _print_header(s: Session) -> None:
     print(
         f"llmkd train: {plan.examples} examples from {s.data.path} (top-{s.data.transfer_set.manifest.settings.top_k}); "
         f"{acc.num_processes} process(es) on {acc.device} ({acc.distributed_type.value}"
-        f"{', the student sharded by FSDP2' if sharding.is_sharded(s.model) else ''}); effective batch "
+        f"{SHARDED_BY[s.recipe.train.sharding] if sharding.is_sharded(s.model) else ''}); effective batch "
         f"{tr.batch_size} x {tr.grad_accum} x {acc.num_processes} = {plan.effective_batch}; "
         f"{plan.steps_per_epoch} steps/epoch, {s.total_steps} steps"
         + (f"; {dropped} example(s) per epoch left out (less than one batch)" if dropped else "")

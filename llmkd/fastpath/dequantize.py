@@ -58,7 +58,7 @@ def dequantized_once(model, *, enabled: bool = True) -> Iterator[dict]:
     if not enabled:
         reason = "fast_paths off"
     elif sharded:
-        reason = "the student is sharded (train.sharding fsdp): its weights are gathered for each forward"
+        reason = "the student is sharded (train.sharding): its weights are gathered for each forward"
     elif not all_4bit and not hqq:
         reason = "no 4-bit or HQQ layers"
     elif not layers and not hqq:
