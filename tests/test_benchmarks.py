@@ -21,3 +21,18 @@ def test_a_methods_run_replaces_its_quantizers_table_only_and_run_all_keeps_ever
     kept = bench_methods.methods_sections(text)
     assert "loss table" not in kept and "head" not in kept
     assert all(part in kept for part in ("new nf4 table", "kept", "hqq3 table"))
+
+
+def test_unseen_text_windows_are_spread_over_the_whole_text_without_overlap(smol_tokenizer):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_unseen_text
+
+    for make, _ in bench_unseen_text.TEXTS.values():
+        text = make()
+        ids = smol_tokenizer(text, add_special_tokens=False)["input_ids"]
+        rows = bench_unseen_text.windows(smol_tokenizer, text, chunks=8, tokens=64).tolist()
+        step = (len(ids) - 64) // 7
+        assert step >= 64  # no two windows share a token
+        # SmolLM2's tokenizer adds no BOS: each window is the text's own 64 tokens, the last near its end.
+        assert rows == [ids[i * step : i * step + 64] for i in range(8)]
+        assert len(ids) - (7 * step + 64) < 7
