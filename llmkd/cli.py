@@ -208,6 +208,9 @@ def quiet_libraries(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
     if verbose:
         return
+    from llmkd import sharding
+
+    sharding.name_deepspeed_device()  # its warning otherwise, wherever DeepSpeed is installed
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     import warnings
 

@@ -100,9 +100,17 @@ def zero3_config(tr, world: int, layer_params: int) -> dict:
     }
 
 
-def shard_zero3(model, optimizer, tr, device: torch.device, world: int):
+def name_deepspeed_device() -> None:
+    """Tell DeepSpeed this process's device before it is imported (accelerate imports it wherever it is
+    installed): it otherwise guesses, with a warning on CPU."""
+    from llmkd import models
+
+    os.environ.setdefault("DS_ACCELERATOR", models.device().type)
+
+
+def shard_zero3(model, optimizer, tr, world: int):
     """(engine, its ZeRO-3 optimizer): `model`'s parameters and `optimizer`'s state partitioned."""
-    os.environ.setdefault("DS_ACCELERATOR", device.type)  # DeepSpeed guesses CUDA otherwise
+    name_deepspeed_device()
     import deepspeed
 
     layer_params = max(sum(p.numel() for p in m.parameters()) for m in decoder_layers(model, "zero3"))

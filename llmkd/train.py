@@ -399,7 +399,7 @@ def setup(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> Ses
     scheduler = make_scheduler(optimizer, tr, total_steps)
     # The scheduler stays unprepared: accelerate's wrapper would step it once per process.
     if tr.sharding == "zero3" and world > 1:  # the engine partitions the student and the optimizer state
-        model, optimizer = sharding.shard_zero3(model, optimizer, tr, accelerator.device, world)
+        model, optimizer = sharding.shard_zero3(model, optimizer, tr, world)
     else:
         model, optimizer = prepare(accelerator, model, optimizer)
     set_seed(tr.seed, device_specific=True)  # dropout: a stream per rank
