@@ -5,8 +5,9 @@
 
 Every llmkd stage sees GSM8K only; its evaluation scores other renderings of GSM8K (plain_chat,
 plain_text). This scores two texts that ship with every Python and have nothing of GSM8K: English
-prose (the topics of Python's own help, `pydoc_data.topics`) and Python source code (TEXTS' standard
-library modules). Each text is cut into `--chunks` windows of `--tokens` tokens spread evenly over it
+prose (the topics of Python's own help, `pydoc_data.topics`) and Python source code (SOURCE_MODULES of
+the standard library; `--calibration-text FILE` writes CALIBRATION_MODULES' source, other modules, for
+`lora.init_text`). Each text is cut into `--chunks` windows of `--tokens` tokens spread evenly over it
 and fed as plain text (no chat template; BOS by `prompts.encode`'s rule). At every position but the
 last: KL(teacher || model) over the full vocabulary and top-1 agreement, for the quantised base
 (adapter off) and each adapter on it; gap closed = 1 - KL / base KL. A negative gap closed means the
@@ -39,6 +40,10 @@ from llmkd.losses import dense_kd_metrics  # noqa: E402
 
 SOURCE_MODULES = ["argparse", "json.decoder", "json.encoder", "textwrap", "shutil", "tarfile", "statistics",
                   "fractions", "email.message", "http.client"]
+# Other standard-library modules, none of the above: calibration text for lora.init_text (--calibration-text).
+CALIBRATION_MODULES = ["collections", "typing", "inspect", "pathlib", "logging", "subprocess", "dataclasses",
+                       "functools", "asyncio.base_events", "unittest.case", "zipfile", "calendar", "decimal",
+                       "ipaddress"]
 TITLE = "# methods on unseen text: fidelity on prose and code that no stage trains on"  # kept by run_all.py
 
 
@@ -48,8 +53,8 @@ def prose() -> str:
     return "\n\n".join(topics[k] for k in sorted(topics))
 
 
-def code() -> str:
-    return "\n\n".join(Path(importlib.util.find_spec(m).origin).read_text() for m in SOURCE_MODULES)
+def code(modules=SOURCE_MODULES) -> str:
+    return "\n\n".join(Path(importlib.util.find_spec(m).origin).read_text() for m in modules)
 
 
 TEXTS = {"prose": (prose, "Python's help topics (English prose)"),
@@ -93,7 +98,12 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="recipe overrides (model.quant=hqq3, ...)")
     p.add_argument("--no-results", action="store_true", help="do not write benchmarks/results.md")
+    p.add_argument("--calibration-text", metavar="FILE",
+                   help="only write CALIBRATION_MODULES' source to FILE (for lora.init_text) and stop")
     args = p.parse_args(argv)
+    if args.calibration_text:
+        Path(args.calibration_text).write_text(code(CALIBRATION_MODULES))
+        return 0
     quiet_libraries(verbose=False)
     adapters = dict(a.split("=", 1) for a in args.adapter)
     for name, folder in adapters.items():

@@ -127,6 +127,15 @@ class LoraConfig(Section):
     """Adam's learning rate for init: activations."""
     init_batch: int = Field(4, gt=0)
     """256-token blocks per step (init: activations)."""
+    init_text: Optional[str] = None
+    """A UTF-8 text file whose first tokens make up half of init_tokens (init: activations), the transfer set the
+    other half: text like what the model meets besides the task, so that the init's fit holds there too."""
+
+    @model_validator(mode="after")
+    def _init_text_needs_activations(self):
+        if self.init_text is not None and self.init != "activations":
+            raise ValueError(f"init_text {self.init_text!r} calibrates init: activations, but init is {self.init!r}")
+        return self
 
 
 class LossConfig(Section):

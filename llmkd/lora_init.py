@@ -7,7 +7,8 @@ layer also learns to undo the error its predecessors pass on. It needs the teach
 its logits, and touches only the LoRA parameters.
 
 Calibration tokens: the transfer set's examples (prompt + response), concatenated in their order and
-cut into blocks of `CALIBRATION_BLOCK` tokens, the first `lora.init_tokens` of them. Per layer,
+cut into blocks of `CALIBRATION_BLOCK` tokens, the first `lora.init_tokens` of them; with
+`lora.init_text`, the first half of them, and that file's first tokens the other half. Per layer,
 `lora.init_steps` Adam steps at `lora.init_lr`, each on `lora.init_batch` blocks drawn at random
 (seeded by train.seed and the layer), minimising each token's squared error to the teacher's output over
 that output's squared norm (the relative error, averaged over tokens; also the figure reported).
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -60,9 +62,18 @@ class InitReport:
                    f"high?): {put_back}" if put_back else ""))
 
 
-def calibration_blocks(rows, tokens: int, batch: int) -> torch.Tensor:
+def calibration_blocks(rows, tokens: int, batch: int, text_ids: list[int] | None = None) -> torch.Tensor:
     """(n, CALIBRATION_BLOCK) token ids from transfer-set `rows` (an iterable of rows with input_ids);
-    n is a multiple of `batch`, at least one batch."""
+    n is a multiple of `batch`, at least one batch. With `text_ids` (lora.init_text's tokens), half of
+    `tokens` from the rows and the other half from text_ids, each a whole number of batches."""
+    if text_ids is not None:
+        per_batch = batch * CALIBRATION_BLOCK
+        half = max(1, tokens // 2 // per_batch) * per_batch
+        if len(text_ids) < half:
+            raise LlmkdError(f"lora.init_text: {len(text_ids):,} tokens, fewer than the {half:,} it is to give "
+                             f"(half of lora.init_tokens, in batches of lora.init_batch x {CALIBRATION_BLOCK})")
+        text = torch.tensor(text_ids[:half], dtype=torch.long).view(-1, CALIBRATION_BLOCK)
+        return torch.cat([calibration_blocks(rows, tokens - half, batch), text])
     per_batch = batch * CALIBRATION_BLOCK
     need = max(per_batch, -(-tokens // per_batch) * per_batch)
     stream: list[int] = []
@@ -186,11 +197,21 @@ def initialise(student, teacher, blocks: torch.Tensor, *, batch: int, steps: int
     return report
 
 
-def initialise_from_recipe(recipe, student, rows, *, progress: bool = True) -> InitReport:
-    """`initialise` with the recipe's settings: loads the teacher, calibrates on the transfer set's `rows`,
-    frees the teacher."""
+def text_tokens(path: str, tokenizer) -> list[int]:
+    """lora.init_text's token ids (no special tokens: blocks cut from a stream, like the transfer set's)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise LlmkdError(f"lora.init_text: cannot read {path} as UTF-8 text ({type(e).__name__})") from None
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def initialise_from_recipe(recipe, student, rows, text_ids: list[int] | None = None, *,
+                           progress: bool = True) -> InitReport:
+    """`initialise` with the recipe's settings: loads the teacher, calibrates on the transfer set's `rows`
+    (and lora.init_text's `text_ids`), frees the teacher."""
     cfg = recipe.lora
-    blocks = calibration_blocks(rows, cfg.init_tokens, cfg.init_batch)
+    blocks = calibration_blocks(rows, cfg.init_tokens, cfg.init_batch, text_ids)
     teacher = models.load_teacher(recipe.model)
     try:
         return initialise(student, teacher, blocks, batch=cfg.init_batch, steps=cfg.init_steps, lr=cfg.init_lr,

@@ -375,6 +375,8 @@ def setup(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> Ses
         checkpoint.check_resumable(state, recipe, data.transfer_set.identity(), world, resume_from)
     rounds = on_policy.Rounds.for_run(recipe, layout, data, tokenizer, total_steps, world,
                                       resumed=resume_from is not None, progress=progress)
+    init_text = lora_init.text_tokens(recipe.lora.init_text, tokenizer) \
+        if recipe.lora.init_text is not None and resume_from is None else None  # read before any work
 
     set_seed(tr.seed)  # LoRA initialisation: the same on every rank
     model = build_student(recipe, accelerator.device)
@@ -387,7 +389,7 @@ def setup(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> Ses
         checkpoint.restore_adapter(resume_from, model)  # into the whole, unsharded model
     elif recipe.lora.init == "activations":  # every rank the same (same data, same seed), before sharding
         with fastpath.dequantized_once(model, enabled=recipe.fast_paths):
-            init_report = lora_init.initialise_from_recipe(recipe, model, data.dataset, progress=progress)
+            init_report = lora_init.initialise_from_recipe(recipe, model, data.dataset, init_text, progress=progress)
         if accelerator.is_main_process:
             atomic.write_json(layout.lora_init, init_report.as_dict())  # a resumed run's summary reads it
             print(init_report.line(), flush=True)

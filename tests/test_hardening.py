@@ -136,6 +136,10 @@ CASES = [
     ("output folder with other content (build)", lambda t, s: (((t / "mine").mkdir(), (t / "mine" / "notes.txt").write_text("x"))
                                                                and ["build-transfer-set", RECIPE, *GOLD, f"transfer_set.out={t / 'mine'}"]),
      "exists and is not a transfer set"),
+    ("unreadable lora.init_text", lambda t, s: ["train", RECIPE, *GOLD, f"transfer_set.out={s}", f"train.out={t / 'train'}",
+                                                "train.batch_size=2", "lora.init=activations",
+                                                f"lora.init_text={t / 'none.txt'}"],
+     "lora.init_text: cannot read"),
     ("output folder with other content (train)", lambda t, s: (((t / "mine").mkdir(), (t / "mine" / "notes.txt").write_text("x"))
                                                                and ["train", RECIPE, *GOLD, f"transfer_set.out={s}",
                                                                     f"train.out={t / 'mine'}"]),

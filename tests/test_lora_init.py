@@ -12,6 +12,7 @@ import torch
 from conftest import stand_in_overrides
 from llmkd import checkpoint, lora_init, train
 from llmkd.config import load_recipe
+from llmkd.errors import LlmkdError
 from llmkd.transfer_set import TransferSet
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,6 +42,19 @@ def test_calibration_blocks_are_the_transfer_sets_tokens_in_order(stand_in_trans
     assert blocks.flatten().tolist() == stream[: blocks.numel()]
     with pytest.raises(Exception, match="fewer than one calibration batch"):
         lora_init.calibration_blocks(rows, tokens=300, batch=len(stream) // lora_init.CALIBRATION_BLOCK + 1)
+
+
+def test_init_text_gives_half_the_calibration_tokens(stand_in_transfer_set):
+    rows = TransferSet.open(stand_in_transfer_set).dataset()
+    stream = [int(t) for r in rows for t in r["input_ids"]]
+    text = list(range(1000, 3000))
+    blocks = lora_init.calibration_blocks(rows, tokens=1024, batch=1, text_ids=text)
+    assert blocks.shape == (4, lora_init.CALIBRATION_BLOCK)
+    assert blocks[:2].flatten().tolist() == stream[:512] and blocks[2:].flatten().tolist() == text[:512]
+    with pytest.raises(LlmkdError, match="lora.init_text: 300 tokens, fewer than the 512"):
+        lora_init.calibration_blocks(rows, tokens=1024, batch=1, text_ids=text[:300])
+    with pytest.raises(LlmkdError, match="lora: .*init_text 'x.txt' calibrates init: activations"):
+        load_recipe(REPO / "recipes/smollm2-cpu.yaml", ["lora.init=default", "lora.init_text=x.txt"])
 
 
 def test_no_steps_changes_nothing_and_reports_the_quantisation_error(stand_in, stand_in_transfer_set, stand_in_teacher):
