@@ -7,8 +7,9 @@ recipes build it. With one process nothing is sharded, but the student is built 
 
 - fsdp: `fully_shard` each decoder layer, then the whole model; accelerate prepares only the optimizer.
   Gradients and optimizer state are DTensors, so clipping sees the global norm.
-- zero3: `deepspeed.initialize` with llmkd's own config (ZERO3_CONFIG): ZeRO stage 3, the recipe's
-  micro-batch and accumulation, clipping by DeepSpeed at the global norm. The trainer marks the last
+- zero3: `deepspeed.initialize` with llmkd's own config (`zero3_config`): ZeRO stage 3, the recipe's
+  micro-batch and accumulation, clipping by DeepSpeed at the global norm, at most two decoder layers'
+  parameters gathered at a time (what the dry run plans for both). The trainer marks the last
   micro-batch of each step as the accumulation boundary and steps the engine once, after its own
   non-finite check on the global gradient norm (gathered here), so a bad step never updates.
 
