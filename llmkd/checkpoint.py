@@ -16,8 +16,8 @@ differ from the run's is refused, naming the key. Torch files are read with `wei
 
 Under `train.sharding` fsdp or zero3 every rank joins in gathering the LoRA weights and the optimizer
 state into full tensors (`llmkd.sharding`); the adapter is then the same PEFT folder, optimizer.pt the
-full state keyed by parameter name (under zero3 with DeepSpeed's fp32 master weights beside it). Such a checkpoint resumes with the same sharding and number
-of processes (both are training settings).
+full state keyed by parameter name (under zero3 with DeepSpeed's fp32 master weights beside it). Such
+a checkpoint resumes with the same sharding and number of processes (both are training settings).
 """
 
 from __future__ import annotations

@@ -205,12 +205,12 @@ def make_parser() -> argparse.ArgumentParser:
 
 def quiet_libraries(verbose: bool) -> None:
     """Our own progress bars and tables, without the libraries' per-shard bars and advisories."""
+    from llmkd import sharding
+
+    sharding.name_deepspeed_device()  # before accelerate imports it, wherever DeepSpeed is installed
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
     if verbose:
         return
-    from llmkd import sharding
-
-    sharding.name_deepspeed_device()  # its warning otherwise, wherever DeepSpeed is installed
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     import warnings
 

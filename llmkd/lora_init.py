@@ -66,15 +66,14 @@ def calibration_blocks(rows, tokens: int, batch: int, text_ids: list[int] | None
     """(n, CALIBRATION_BLOCK) token ids from transfer-set `rows` (an iterable of rows with input_ids);
     n is a multiple of `batch`, at least one batch. With `text_ids` (lora.init_text's tokens), half of
     `tokens` from the rows and the other half from text_ids, each a whole number of batches."""
+    per_batch = batch * CALIBRATION_BLOCK
     if text_ids is not None:
-        per_batch = batch * CALIBRATION_BLOCK
         half = max(1, tokens // 2 // per_batch) * per_batch
         if len(text_ids) < half:
             raise LlmkdError(f"lora.init_text: {len(text_ids):,} tokens, fewer than the {half:,} it is to give "
                              f"(half of lora.init_tokens, in batches of lora.init_batch x {CALIBRATION_BLOCK})")
         text = torch.tensor(text_ids[:half], dtype=torch.long).view(-1, CALIBRATION_BLOCK)
         return torch.cat([calibration_blocks(rows, tokens - half, batch), text])
-    per_batch = batch * CALIBRATION_BLOCK
     need = max(per_batch, -(-tokens // per_batch) * per_batch)
     stream: list[int] = []
     for r in rows:

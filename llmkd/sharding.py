@@ -173,7 +173,7 @@ def clip_grad_norm(model, accelerator, params, max_norm: float | None) -> float:
     if is_zero3(model):
         from deepspeed.utils import safe_get_full_grad
 
-        total = sum(float(safe_get_full_grad(p).double().pow(2).sum()) for p in trainable(model).values())
+        total = sum(float(safe_get_full_grad(p).double().pow(2).sum()) for p in params)
         return total ** 0.5
     norm = accelerator.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
     return float(full(norm))  # sharded gradients: a DTensor of the global norm
