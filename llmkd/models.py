@@ -136,7 +136,8 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16)
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16,
+                                                  use_kernels=False)
     # A GGUF-loaded model refuses save_pretrained: rebuild it plainly from its config and weights.
     config = loaded.config
     config.quantization_config = None
@@ -232,13 +233,17 @@ def _matmul_gflops(dtype: torch.dtype, n: int = 512, seconds: float = 0.25) -> f
 
 
 def load_pretrained(cfg: ModelConfig, **kwargs):
-    """`from_pretrained` on the resolved reference; an unreachable hub id is a one-line error."""
+    """`from_pretrained` on the resolved reference; an unreachable hub id is a one-line error.
+
+    use_kernels=False: transformers 5.2x otherwise swaps in hub kernels on GPUs (RMSNorm, SiLU, RoPE,
+    fetched from the hub when first used): other arithmetic than the CPU-tested one, and a download
+    that an offline cluster cannot make."""
     from transformers import AutoModelForCausalLM
 
     path = resolve(cfg.name)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **kwargs
+            path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, use_kernels=False, **kwargs
         )
     except OSError as e:
         raise _hub_error(cfg.name, e) from None

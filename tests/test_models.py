@@ -45,6 +45,12 @@ def test_teacher_is_loaded_in_the_recipe_dtype_in_eval_mode(smol_teacher, smol_r
     assert not smol_teacher.training
 
 
+def test_no_hub_kernels_are_swapped_in(smol_teacher, smol_student):
+    # transformers' from_pretrained kernelizes by default (hub kernels on GPUs, nothing on CPU):
+    # both models must compute with their own torch modules wherever they run.
+    assert smol_teacher.use_kernels is False and smol_student.use_kernels is False
+
+
 def test_student_is_nf4_with_the_recipe_settings(smol_student, smol_recipe):
     import bitsandbytes as bnb
 
