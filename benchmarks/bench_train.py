@@ -100,10 +100,10 @@ def worker(args) -> dict:
     data = train.TrainingData.open(recipe, tok)
     n_batches = args.steps + 1
     need = n_batches * args.batch_size
-    if len(data.input_lengths) < need:
-        raise SystemExit(f"{data.path}: {len(data.input_lengths)} examples, {need} needed (--steps, --batch-size)")
-    order = np.random.default_rng(args.seed).permutation(len(data.input_lengths))[:need]
-    batches = [train.collate(data.rows(order[i : i + args.batch_size]), tok.pad_token_id)
+    if len(data.examples) < need:
+        raise SystemExit(f"{data.path}: {len(data.examples)} examples, {need} needed (--steps, --batch-size)")
+    order = np.random.default_rng(args.seed).permutation(len(data.examples))[:need]
+    batches = [train.collate(data.examples.rows(order[i : i + args.batch_size]), tok.pad_token_id)
                for i in range(0, need, args.batch_size)]
 
     torch.manual_seed(args.seed)
@@ -141,7 +141,7 @@ def worker(args) -> dict:
         "step_seconds": seconds / len(times),
         "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "transfer_set": str(data.path),
-        "examples": len(data.input_lengths),
+        "examples": len(data.examples),
     }
 
 

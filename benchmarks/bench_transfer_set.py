@@ -9,7 +9,7 @@ distributions along its own greedy answers to the same questions, in the same pr
   naive   per question, `model.generate(..., output_logits=True)` at batch 1, and the full-vocabulary
           logits of every generated token saved as fp16 (`np.save`, 2V bytes per token).
   llmkd   `llmkd.transfer_set.build` (response: teacher): batched generation (left padding), one
-          batched teacher forward, top-k + tail bucket, fp16, zstd parquet shards.
+          batched teacher forward, top-k + tail bucket, fp16, safetensors shards.
 
 Reported: response tokens per second (wall time of the caching, the model already loaded), bytes
 per response token on disk, and the top-k mass captured (mean over tokens of the top-k
@@ -75,7 +75,7 @@ def naive_cache(model, tok, rows, max_new_tokens: int, out: Path) -> dict:
 
 
 def k_sweep(logits_all, ks, vocab: int, folder: Path) -> list[tuple[int, float, float]]:
-    """(k, bytes/token, mean top-k mass) of the builder's parquet encoding of the same logits."""
+    """(k, bytes/token, mean top-k mass) of the builder's shard encoding of the same logits."""
     rows = []
     for k in ks:
         if k >= vocab:
@@ -91,7 +91,7 @@ def k_sweep(logits_all, ks, vocab: int, folder: Path) -> list[tuple[int, float, 
             "topk_logprobs": [t[1].to(torch.float16).numpy() for t in targets],
             "tail_logmass": [t[2].to(torch.float16).numpy() for t in targets],
         }
-        path = folder / f"k{k}.parquet"
+        path = folder / f"k{k}.safetensors"
         transfer_set.write_shard(path, columns, k)
         tokens = sum(len(t[0]) for t in targets)
         mass = torch.cat([t[1].to(torch.float16).float().logsumexp(-1).exp() for t in targets]).mean()
@@ -122,7 +122,7 @@ def main(argv=None) -> int:
     ours_seconds = time.perf_counter() - start
     naive = naive_cache(model, tok, rows, args.max_new_tokens, root / "naive")
 
-    ours_responses = [r["input_ids"][r["response_start"] :] for r in transfer_set.TransferSet.open(root / "llmkd").dataset()]
+    ours_responses = [r["input_ids"][r["response_start"] :].tolist() for r in transfer_set.TransferSet.open(root / "llmkd").examples()]
     same = sum(a == b for a, b in zip(ours_responses, naive["responses"]))
     t = manifest.totals
     ours_tps, naive_tps = t.response_tokens / ours_seconds, naive["tokens"] / naive["seconds"]
@@ -132,7 +132,7 @@ def main(argv=None) -> int:
     print("|---|---:|---:|---:|---:|---:|")
     print(f"| naive: generate at batch 1, full-vocab fp16 | {naive['tokens']:,} | {naive['seconds']:.1f} | "
           f"{naive_tps:.1f} | {naive_bpt:,.0f} | 1.0000 |")
-    print(f"| llmkd: batched build, top-{args.k} + tail, zstd parquet | {t.response_tokens:,} | {ours_seconds:.1f} | "
+    print(f"| llmkd: batched build, top-{args.k} + tail, safetensors | {t.response_tokens:,} | {ours_seconds:.1f} | "
           f"{ours_tps:.1f} | {t.bytes_per_token:,.1f} | {t.mean_topk_mass:.4f} |")
     print(f"| ratio (llmkd / naive) | | | {ours_tps / naive_tps:.2f}x | 1/{naive_bpt / t.bytes_per_token:,.0f} | |")
     print(f"\nSame greedy response as the naive run: {same}/{len(rows)} questions. "

@@ -292,7 +292,7 @@ class _Job:
 
 
 def _build_shard(job: _Job, index: int, rows: Sequence[dict]) -> dict:
-    """Responses, teacher targets and the parquet file of one shard; returns its progress record."""
+    """Responses, teacher targets and the file of one shard; returns its progress record."""
     ts, tok, k = job.recipe.transfer_set, job.tokenizer, job.settings.top_k
     teacher = job.load_teacher()
     t0 = time.perf_counter()

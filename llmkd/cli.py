@@ -216,13 +216,16 @@ def quiet_libraries(verbose: bool) -> None:
 
     # The libraries' own advisories only (deprecations, "kernels" missing, ...); ours and the user's stay.
     warnings.filterwarnings("ignore", module=r"(transformers|peft|bitsandbytes|accelerate|datasets|torch|lm_eval)(\.|$)")
-    import datasets
     import transformers
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    # datasets (lm-eval's backend, the hub's GSM8K; nothing else) reads these when imported: no import here.
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("DATASETS_VERBOSITY", "error")
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
+        sys.modules["datasets"].logging.set_verbosity_error()
 
 
 def parse_with_overrides(parser: argparse.ArgumentParser, argv: list[str] | None):

@@ -139,7 +139,7 @@ def contamination(recipe: Recipe, questions) -> int:
     path = recipe.layout.transfer_set
     if not (path / MANIFEST).is_file():
         return 0
-    overlap = len(set(questions["question_hash"]) & TransferSet.open(path).question_hashes)
+    overlap = len({q["question_hash"] for q in questions} & TransferSet.open(path).question_hashes)
     if overlap:
         log.warning("warning: %d of %d evaluation questions are in the transfer set %s: the distilled "
                     "student's score on them is contaminated", overlap, len(questions), path)

@@ -5,7 +5,7 @@ The student as trained so far (eval mode for the round) answers `questions` prom
 set: the prompt tokens of examples drawn by (train.seed, r), each in its own rendering, sampled at
 `temperature` up to `max_new_tokens` or llmkd's stop strings. The 16-bit teacher, loaded for the round
 and freed after it, is teacher-forced on prompt + response, and its top-k + tail targets go into
-`train/on_policy/round-RRR.parquet`, a shard of the transfer-set format (`transfer_set.write_shard`).
+`train/on_policy/round-RRR.safetensors`, a shard of the transfer-set format (`transfer_set.write_shard`).
 `round-RRR.json` (the shard's size and sha256, the step, the training settings' hash, the decoding)
 is written after it: a round counts only once its record is there and matches.
 
@@ -38,7 +38,7 @@ from llmkd.config import Recipe, RunLayout
 from llmkd.data import prompts
 from llmkd.errors import LlmkdError
 from llmkd.generation import decoding_settings, generate_ids
-from llmkd.transfer_set import Rows, check_file, sha256_text, write_shard
+from llmkd.transfer_set import Examples, check_file, sha256_text, write_shard
 
 STEP_STREAM, ROUND_STREAM = 0x6F70, 0x6F71  # the rounds' random streams, apart from the data plan's and each other
 
@@ -49,9 +49,10 @@ def round_steps(total_steps: int, rounds: int) -> list[int]:
 
 
 @dataclass
-class Round(Rows):
-    """One finished round: its shard's rows."""
+class Round:
+    """One finished round: its shard's examples."""
 
+    examples: Examples
     index: int
     record: dict
 
@@ -110,7 +111,7 @@ class Rounds:
     def step_batch(self, step: int, plan) -> tuple[Any, np.ndarray, str]:
         """(source, (W, A, B) example indices into it, "on_policy" or "transfer_set") of step `step`."""
         if np.random.default_rng([self.seed, STEP_STREAM, step]).random() < self.cfg.fraction:
-            n, g = len(self.current.dataset), plan.effective_batch
+            n, g = len(self.current.examples), plan.effective_batch
             picks = np.random.default_rng([self.seed, STEP_STREAM, step, 1]).choice(n, size=g, replace=g > n)
             return self.current, picks.reshape(plan.processes, plan.grad_accum, plan.batch_size), "on_policy"
         return self.data, plan.step_examples(step), "transfer_set"
@@ -118,7 +119,7 @@ class Rounds:
     # --- Making and reusing a round ----------------------------------------------------------------
 
     def _shard_path(self, r: int) -> Path:
-        return self.layout.on_policy / f"round-{r:03d}.parquet"
+        return self.layout.on_policy / f"round-{r:03d}.safetensors"
 
     def _record_path(self, r: int) -> Path:
         return self.layout.on_policy / f"round-{r:03d}.json"
@@ -135,22 +136,17 @@ class Rounds:
         return self._open(r, {**record, "reused": True})
 
     def _open(self, r: int, record: dict) -> Round:
-        import datasets
-
-        ds = datasets.load_dataset("parquet", data_files=[str(self._shard_path(r))], split="train")
-        ds = ds.with_format("numpy")
-        tokens = np.array([len(x) for x in ds["input_ids"]], dtype=np.int64)
-        starts = np.asarray(ds["response_start"], dtype=np.int64)
+        examples = Examples.read([self._shard_path(r)], self.data.transfer_set.manifest.settings.top_k)
         self.done.append(record)
-        return Round(dataset=ds, input_lengths=tokens, response_lengths=tokens - starts, index=r, record=record)
+        return Round(examples=examples, index=r, record=record)
 
     def _make(self, r: int, step: int, student) -> Round:
         """Round r at `step`: `student` (the unwrapped PeftModel) answers, a freshly loaded teacher scores."""
         cfg, tok, k = self.cfg, self.tokenizer, self.data.transfer_set.manifest.settings.top_k
-        n = len(self.data.input_lengths)
+        n = len(self.data.examples)
         picks = np.random.default_rng([self.seed, ROUND_STREAM, r]).choice(
             n, size=min(cfg.questions, n), replace=False)
-        rows = self.data.rows(picks)
+        rows = self.data.examples.rows(picks)
         prompt_ids = [[int(t) for t in row["input_ids"][: int(row["response_start"])]] for row in rows]
         seed = int(np.random.default_rng([self.seed, ROUND_STREAM, r, 1]).integers(2**31))
         fast = self.recipe.fast_paths

@@ -51,7 +51,7 @@ from llmkd.data import prompts
 from llmkd.errors import LlmkdError
 from llmkd.losses import KDTerms, sparse_kd_loss
 from llmkd.provenance import provenance
-from llmkd.transfer_set import Rows, TransferSet
+from llmkd.transfer_set import Examples, TransferSet
 
 def _has_tensorboard() -> bool:
     """TensorBoard logging where it is installed (an offline GPU check may run without it)."""
@@ -165,17 +165,16 @@ class DataPlan:
 
 
 @dataclass
-class TrainingData(Rows):
-    """The opened, verified transfer set's rows."""
+class TrainingData:
+    """The opened, verified transfer set and its examples."""
 
+    examples: Examples
     transfer_set: TransferSet
 
     @classmethod
     def open(cls, recipe: Recipe, tokenizer) -> "TrainingData":
         ts = TransferSet.for_recipe(recipe, tokenizer)
-        tokens, responses = ts.lengths()
-        return cls(dataset=ts.dataset().with_format("numpy"), input_lengths=tokens, response_lengths=responses,
-                   transfer_set=ts)
+        return cls(examples=ts.examples(), transfer_set=ts)
 
     @property
     def path(self) -> Path:
@@ -185,7 +184,7 @@ class TrainingData(Rows):
         """The teacher's mean probability of the response tokens (0 where a token is outside its
         top-k, so a lower bound there): BitDistiller's gamma for the cakld divergence."""
         total, tokens = 0.0, 0
-        for r in self.dataset:
+        for r in self.examples:
             labels = np.asarray(r["input_ids"][int(r["response_start"]):])[:, None]
             hit = np.asarray(r["topk_ids"]) == labels  # (n, K)
             total += float(np.where(hit, np.exp(np.asarray(r["topk_logprobs"], dtype=np.float64)), 0.0).sum())
@@ -358,8 +357,8 @@ def setup(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> Ses
     accelerator.wait_for_everyone()
     tokenizer = models.load_tokenizer(recipe.model)
     data = TrainingData.open(recipe, tokenizer)
-    plan = DataPlan(len(data.input_lengths), tr.batch_size, tr.grad_accum, world, tr.seed,
-                    tuple(int(n) for n in data.input_lengths) if tr.group_by_length else None)
+    plan = DataPlan(len(data.examples), tr.batch_size, tr.grad_accum, world, tr.seed,
+                    tuple(int(n) for n in data.examples.input_lengths) if tr.group_by_length else None)
     if plan.steps_per_epoch == 0:
         raise LlmkdError(
             f"{data.path}: {plan.examples} examples, fewer than one effective batch (train.batch_size "
@@ -389,7 +388,7 @@ def setup(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> Ses
         checkpoint.restore_adapter(resume_from, model)  # into the whole, unsharded model
     elif recipe.lora.init == "activations":  # every rank the same (same data, same seed), before sharding
         with fastpath.dequantized_once(model, enabled=recipe.fast_paths):
-            init_report = lora_init.initialise_from_recipe(recipe, model, data.dataset, init_text, progress=progress)
+            init_report = lora_init.initialise_from_recipe(recipe, model, data.examples, init_text, progress=progress)
         if accelerator.is_main_process:
             atomic.write_json(layout.lora_init, init_report.as_dict())  # a resumed run's summary reads it
             print(init_report.line(), flush=True)
@@ -469,9 +468,9 @@ def fit(s: Session) -> TrainResult:
                 t0 = time.perf_counter()
                 source, examples, source_name = s.rounds.step_batch(step, plan) if s.rounds is not None \
                     else (s.data, plan.step_examples(step), "transfer_set")  # examples: (W, A, B)
-                num_tokens = int(source.response_lengths[examples].sum())  # the whole effective batch
-                input_tokens = int(source.input_lengths[examples].sum())
-                batches = [collate(source.rows(mb), s.tokenizer.pad_token_id).to(acc.device) for mb in examples[rank]]
+                num_tokens = int(source.examples.response_lengths[examples].sum())  # the whole effective batch
+                input_tokens = int(source.examples.input_lengths[examples].sum())
+                batches = [collate(source.examples.rows(mb), s.tokenizer.pad_token_id).to(acc.device) for mb in examples[rank]]
                 lr = s.scheduler.get_last_lr()[0]
                 local = accumulate_gradients(s.model, batches, s.loss, num_tokens, accelerator=acc,
                                              world_size=world)

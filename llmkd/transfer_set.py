@@ -1,7 +1,7 @@
 """The transfer-set format: the 16-bit teacher's top-k next-token distributions, cached for stage 2.
 
 The format (folder layout, row schema, manifest keys) is written out in `transfer_sets/README.md`;
-the row schema's one definition in code is `row_features`. This module reads and writes the format
+a shard's one definition in code is `write_shard` / `read_shard`. This module reads and writes the format
 and checks a set against the recipe that wants to use it; `llmkd.builder` runs the teacher to make one.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -20,67 +21,97 @@ from llmkd import atomic, models
 from llmkd.config import Recipe
 from llmkd.errors import LlmkdError
 
-FORMAT_VERSION = 3  # 2: settings.decoding; 3: settings.renderings
+FORMAT_VERSION = 4  # 2: settings.decoding; 3: settings.renderings; 4: safetensors shards
 MANIFEST = "manifest.json"  # written last: a folder without it is not a transfer set
 BUILD_FILE = "build.json"  # a folder with it and no manifest is an unfinished build
 SHARD_DIR = "shards"
 LLAMA31_VOCAB = 128_256  # the reference study's teacher, for the size comparison
 
 
-def row_features(k: int):
-    """The row schema of a shard (`datasets.Features`), K = top_k. Row i of the three target columns
-    is the teacher's distribution for token input_ids[response_start + i]."""
-    import datasets
-
-    return datasets.Features({
-        "id": datasets.Value("string"),
-        "question_hash": datasets.Value("string"),
-        "input_ids": datasets.List(datasets.Value("int32")),
-        "response_start": datasets.Value("int32"),
-        "finish": datasets.Value("string"),
-        "topk_ids": datasets.List(datasets.List(datasets.Value("int32"), length=k)),
-        "topk_logprobs": datasets.List(datasets.List(datasets.Value("float16"), length=k)),
-        "tail_logmass": datasets.List(datasets.Value("float16")),
-    })
-
-
-def _numeric_leaf_paths(schema) -> list[str]:
-    """Parquet's leaf paths of the numeric columns of an arrow schema ("topk_ids.list.element.list.element")."""
-    import pyarrow as pa
-
-    paths = []
-    for f in schema:
-        t, path = f.type, f.name
-        while pa.types.is_list(t) or pa.types.is_fixed_size_list(t):
-            t, path = t.value_type, path + ".list.element"
-        if pa.types.is_integer(t) or pa.types.is_floating(t):
-            paths.append(path)
-    return paths
+# A shard's tensors and their dtypes, and the header metadata key of its string columns (one key,
+# so the header's bytes are deterministic); the layout is transfer_sets/README.md's.
+TENSORS = {"input_ids": "int32", "input_offsets": "int64", "response_start": "int32",
+           "topk_ids": "int32", "topk_logprobs": "float16", "tail_logmass": "float16"}
+STRINGS = ("id", "question_hash", "finish")
+ROW_ARRAYS = ("input_ids", "response_start", "topk_ids", "topk_logprobs", "tail_logmass")
+SHARD_METADATA_KEY = "llmkd.transfer_set.strings"
 
 
 def write_shard(path: Path, columns: dict, k: int) -> None:
     """Write one shard atomically with deterministic bytes (the same rows give the same file).
 
-    Typed through `datasets`, so its features travel in the parquet schema and
-    `load_dataset("parquet")` gives them back; written by pyarrow because `Dataset.to_parquet`
-    (datasets 5.2) sets its own compression and rejects ours. BYTE_STREAM_SPLIT groups the k-th
-    byte of every value (the high bytes of int32 ids and the exponents of fp16 log-probs are
-    near-constant), which zstd then compresses; dictionary encoding would take precedence over
-    it, so it is off. Level 19 over 9: smaller files, writes still a small part of a build.
+    `columns`: a list per row field (`Examples` gives rows with these keys): id, question_hash,
+    finish (str), input_ids (L,), response_start (int), topk_ids / topk_logprobs (R, K) and
+    tail_logmass (R,), R = L - response_start.
     """
-    import datasets
-    import pyarrow.parquet as pq
+    from safetensors.numpy import save
 
-    features = row_features(k)
-    table = datasets.Dataset.from_dict(columns, features=features).data.table
-    table = table.cast(features.arrow_schema)  # the schema with the features metadata
+    lengths = np.array([len(x) for x in columns["input_ids"]], dtype=np.int64)
+
+    def joined(key: str, shape: tuple) -> np.ndarray:
+        parts = [np.asarray(x, dtype=TENSORS[key]).reshape(shape) for x in columns[key]]
+        return np.concatenate(parts) if parts else np.zeros((0, *shape[1:]), dtype=TENSORS[key])
+
+    tensors = {
+        "input_ids": joined("input_ids", (-1,)),
+        "input_offsets": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+        "response_start": np.asarray(columns["response_start"], dtype=np.int32).reshape(-1),
+        "topk_ids": joined("topk_ids", (-1, k)),
+        "topk_logprobs": joined("topk_logprobs", (-1, k)),
+        "tail_logmass": joined("tail_logmass", (-1,)),
+    }
+    strings = {key: [str(v) for v in columns[key]] for key in STRINGS}
+    data = save(tensors, metadata={SHARD_METADATA_KEY: json.dumps(strings, separators=(",", ":"))})
     with atomic.open_for_write(path) as f:
-        pq.write_table(table, f, compression="zstd", compression_level=19, use_dictionary=False,
-                       use_byte_stream_split=_numeric_leaf_paths(table.schema))
+        f.write(data)
+
+
+def read_shard(path: Path, k: int | None = None, names=tuple(TENSORS)) -> dict:
+    """The arrays `names` of one shard (and its string columns), checked to fit together; a one-line
+    LlmkdError naming the file otherwise. `k`: the top_k the manifest expects."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            meta, keys = f.metadata() or {}, set(f.keys())
+            missing = [n for n in names if n not in keys]
+            if missing or SHARD_METADATA_KEY not in meta:
+                raise LlmkdError(f"{path}: not a transfer-set shard (no {', '.join(missing) or SHARD_METADATA_KEY})")
+            out = {n: f.get_tensor(n) for n in names}
+            strings = json.loads(meta[SHARD_METADATA_KEY])
+    except (SafetensorError, OSError, ValueError) as e:
+        raise LlmkdError(f"{path}: unreadable shard ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    for name, a in out.items():
+        if a.dtype != np.dtype(TENSORS[name]) or a.ndim != (2 if name in ("topk_ids", "topk_logprobs") else 1):
+            raise LlmkdError(f"{path}: {name} is {a.dtype} {a.shape}, the format says {TENSORS[name]} "
+                             f"({'R, K' if name.startswith('topk') else 'one axis'})")
+    n = None
+    if "input_offsets" in out:
+        offsets = out["input_offsets"]
+        n = len(offsets) - 1
+        if n < 0 or offsets[0] != 0 or (np.diff(offsets) < 0).any():
+            raise LlmkdError(f"{path}: input_offsets do not run from 0 upwards")
+        if "input_ids" in out and offsets[-1] != len(out["input_ids"]):
+            raise LlmkdError(f"{path}: input_offsets end at {offsets[-1]}, input_ids holds {len(out['input_ids'])}")
+    if n is not None and "response_start" in out:
+        starts, lengths = out["response_start"].astype(np.int64), np.diff(out["input_offsets"])
+        if len(starts) != n or ((starts < 1) | (starts >= lengths)).any():
+            raise LlmkdError(f"{path}: a response_start outside its example's tokens")
+        rows = int((lengths - starts).sum())
+        for t in ("topk_ids", "topk_logprobs", "tail_logmass"):
+            if t in out and len(out[t]) != rows:
+                raise LlmkdError(f"{path}: {t} has {len(out[t])} rows, the examples' responses {rows}")
+    for t in ("topk_ids", "topk_logprobs"):
+        if t in out and k is not None and out[t].shape[1:] != (k,):
+            raise LlmkdError(f"{path}: {t} is {out[t].shape[1:]} per row, the manifest's top_k is {k}")
+    if not isinstance(strings, dict) or any(not isinstance(strings.get(key), list) for key in STRINGS) or \
+            (n is not None and any(len(strings[key]) != n for key in STRINGS)):
+        raise LlmkdError(f"{path}: its {', '.join(STRINGS)} do not match its {n} examples")
+    return out | {key: strings[key] for key in STRINGS}
 
 
 def shard_name(index: int) -> str:
-    return f"{SHARD_DIR}/shard-{index:05d}.parquet"
+    return f"{SHARD_DIR}/shard-{index:05d}.safetensors"
 
 
 def sha256_text(text: str) -> str:
@@ -219,17 +250,60 @@ def read_manifest(path: str | Path) -> Manifest:
 # --- Reader ---------------------------------------------------------------------------------------
 
 
-@dataclass
-class Rows:
-    """Numpy-formatted transfer-set rows and their per-example lengths: a whole set as training opens it,
-    or one on-policy round's shard."""
+class Examples(Sequence):
+    """Transfer-set examples, shard after shard, as a sequence of rows: dicts with the keys of
+    `write_shard`'s columns, numpy arrays for the token columns (views into the shards' arrays)."""
 
-    dataset: Any
-    input_lengths: np.ndarray  # (n,) tokens per example
-    response_lengths: np.ndarray  # (n,) response tokens per example (= teacher rows)
+    def __init__(self, shards: Sequence[dict]):
+        def cat(key: str, k: int | None = None) -> np.ndarray:
+            parts = [s[key] for s in shards]
+            return np.concatenate(parts) if parts else np.zeros((0,) if k is None else (0, k), dtype=TENSORS[key])
+
+        bases = np.cumsum([0] + [s["input_offsets"][-1] for s in shards])
+        self._offsets = np.concatenate([*(s["input_offsets"][:-1] + b for s, b in zip(shards, bases)), bases[-1:]])
+        self._ids = cat("input_ids")
+        self._starts = cat("response_start").astype(np.int64)
+        self.input_lengths = np.diff(self._offsets)  # (n,) tokens per example
+        self.response_lengths = self.input_lengths - self._starts  # (n,) teacher rows per example
+        self._row_offsets = np.concatenate([[0], np.cumsum(self.response_lengths)])
+        k = shards[0]["topk_ids"].shape[1] if shards else 0
+        self._topk_ids, self._topk_logprobs = cat("topk_ids", k), cat("topk_logprobs", k)
+        self._tail = cat("tail_logmass")
+        self._strings = {key: [v for s in shards for v in s[key]] for key in STRINGS}
+
+    @classmethod
+    def read(cls, paths: Sequence[Path], k: int | None = None) -> "Examples":
+        return cls([read_shard(p, k) for p in paths])
+
+    def __len__(self) -> int:
+        return len(self._starts)
+
+    def __getitem__(self, i):
+        if not isinstance(i, (int, np.integer)):
+            raise TypeError(f"Examples index must be an int, got {type(i).__name__}")
+        i = int(i) + len(self) if i < 0 else int(i)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        a, b = self._row_offsets[i], self._row_offsets[i + 1]
+        return {
+            "id": self._strings["id"][i],
+            "question_hash": self._strings["question_hash"][i],
+            "input_ids": self._ids[self._offsets[i] : self._offsets[i + 1]],
+            "response_start": int(self._starts[i]),
+            "finish": self._strings["finish"][i],
+            "topk_ids": self._topk_ids[a:b],
+            "topk_logprobs": self._topk_logprobs[a:b],
+            "tail_logmass": self._tail[a:b],
+        }
 
     def rows(self, indices) -> list[dict]:
-        return [self.dataset[int(i)] for i in indices]
+        return [self[int(i)] for i in indices]
+
+    def columns(self) -> dict:
+        """The examples as `write_shard`'s columns (copies: changing them changes no shard)."""
+        rows = list(self)
+        return {key: [np.array(r[key]) if isinstance(r[key], np.ndarray) else r[key] for r in rows]
+                for key in (*STRINGS, *ROW_ARRAYS)}
 
 
 class TransferSet:
@@ -273,17 +347,11 @@ class TransferSet:
         return {"path": str(self.path), "settings_hash": self.manifest.settings_hash, "content_sha256": content}
 
     def lengths(self) -> tuple[np.ndarray, np.ndarray]:
-        """(tokens, response tokens) per example, in manifest order, read from the length columns only."""
-        import pyarrow.compute as pc
-        import pyarrow.parquet as pq
-
-        tokens, responses = [], []
-        for path in self.shard_paths:
-            table = pq.read_table(path, columns=["input_ids", "response_start"])
-            n = pc.list_value_length(table.column("input_ids")).to_numpy().astype(np.int64)
-            tokens.append(n)
-            responses.append(n - table.column("response_start").to_numpy().astype(np.int64))
-        return np.concatenate(tokens), np.concatenate(responses)
+        """(tokens, response tokens) per example, in manifest order, read from the offsets alone."""
+        shards = [read_shard(p, names=("input_offsets", "response_start")) for p in self.shard_paths]
+        tokens = np.concatenate([np.diff(s["input_offsets"]) for s in shards]) if shards else np.zeros(0, np.int64)
+        starts = np.concatenate([s["response_start"] for s in shards]) if shards else np.zeros(0, np.int64)
+        return tokens, tokens - starts
 
     @property
     def question_hashes(self) -> frozenset[str]:
@@ -295,18 +363,15 @@ class TransferSet:
         return [self.path / s.file for s in self.manifest.shards]
 
     def verify(self) -> None:
-        """Every shard present, of the recorded size and sha256, with finite teacher log-probs."""
-        import pyarrow.parquet as pq
-
+        """Every shard present, of the recorded size and sha256, well formed, with finite teacher log-probs."""
         for entry, path in zip(self.manifest.shards, self.shard_paths):
             check_file(path, entry.bytes, entry.sha256)
-            table = pq.read_table(path, columns=["topk_logprobs", "tail_logmass"])
+            shard = read_shard(path, self.manifest.settings.top_k)
             for column in ("topk_logprobs", "tail_logmass"):
-                values = _leaf_values(table.column(column))
-                if not np.isfinite(values).all():
+                if not np.isfinite(shard[column]).all():
                     raise LlmkdError(f"{path}: non-finite teacher log-probabilities in column {column}")
-            if table.num_rows != entry.examples:
-                raise LlmkdError(f"{path}: {table.num_rows} rows, the manifest says {entry.examples}")
+            if len(shard["response_start"]) != entry.examples:
+                raise LlmkdError(f"{path}: {len(shard['response_start'])} rows, the manifest says {entry.examples}")
 
     def check_tokenizer(self, tokenizer) -> None:
         """Refuse a tokenizer other than the one the set was built with (its ids would mean other tokens)."""
@@ -319,29 +384,15 @@ class TransferSet:
         if chat_template_sha256(tokenizer) != s.chat_template_sha256:
             raise LlmkdError(f"{self.path}: built with another chat template; rebuild the transfer set for this model")
 
-    def dataset(self):
-        """All examples, in manifest order, as one `datasets.Dataset` (memory-mapped)."""
-        import datasets
-
+    def examples(self) -> Examples:
+        """All examples, in manifest order (read whole: run `verify` first for the sha256 checks)."""
         for entry, path in zip(self.manifest.shards, self.shard_paths):
             if not path.is_file() or path.stat().st_size != entry.bytes:
                 raise LlmkdError(f"{path}: missing or of the wrong size; run verify()")
-        ds = datasets.load_dataset("parquet", data_files=[str(p) for p in self.shard_paths], split="train")
-        if len(ds) != self.manifest.totals.examples:
-            raise LlmkdError(f"{self.path}: {len(ds)} rows in the shards, the manifest says {self.manifest.totals.examples}")
-        return ds
-
-
-def _leaf_values(column) -> np.ndarray:
-    """The innermost values of a (chunked) nested list column, as one numpy array."""
-    import pyarrow as pa
-
-    parts = []
-    for chunk in column.chunks:
-        while pa.types.is_list(chunk.type) or pa.types.is_fixed_size_list(chunk.type):
-            chunk = chunk.flatten()
-        parts.append(chunk.to_numpy(zero_copy_only=False))
-    return np.concatenate(parts) if parts else np.zeros(0)
+        examples = Examples.read(self.shard_paths, self.manifest.settings.top_k)
+        if len(examples) != self.manifest.totals.examples:
+            raise LlmkdError(f"{self.path}: {len(examples)} rows in the shards, the manifest says {self.manifest.totals.examples}")
+        return examples
 
 
 def check_file(path: Path, size: int, sha256: str) -> None:

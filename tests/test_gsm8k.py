@@ -10,15 +10,14 @@ from llmkd.errors import LlmkdError
 def test_sizes_and_columns(train, test_split):
     assert (len(train), len(test_split)) == (7473, 1319)
     for ds in (train, test_split):
-        assert ds.column_names == ["question", "answer", "index", "id", "gold", "question_hash"]
-    assert test_split.split == "test"
+        assert all(list(r) == ["question", "answer", "index", "id", "gold", "question_hash"] for r in ds)
 
 
 def test_ids_and_index(train, test_split):
-    assert test_split["id"][:2] == ["gsm8k-test-00000", "gsm8k-test-00001"]
-    assert train["id"][-1] == "gsm8k-train-07472"
-    assert list(test_split["index"]) == list(range(1319))
-    assert len(set(train["id"]) | set(test_split["id"])) == 7473 + 1319
+    assert [r["id"] for r in test_split[:2]] == ["gsm8k-test-00000", "gsm8k-test-00001"]
+    assert train[-1]["id"] == "gsm8k-train-07472"
+    assert [r["index"] for r in test_split] == list(range(1319))
+    assert len({r["id"] for r in train} | {r["id"] for r in test_split}) == 7473 + 1319
 
 
 def test_first_rows(train, test_split):
@@ -30,14 +29,14 @@ def test_first_rows(train, test_split):
 
 def test_gold_column(train, test_split):
     for ds in (train, test_split):
-        assert list(ds["gold"]) == [parse_gold(a) for a in ds["answer"]]
-    assert "," not in "".join(train["gold"])  # "#### 1,080" rows are normalised
+        assert [r["gold"] for r in ds] == [parse_gold(r["answer"]) for r in ds]
+    assert "," not in "".join(r["gold"] for r in train)  # "#### 1,080" rows are normalised
 
 
 def test_question_hash_column_and_no_train_test_overlap(train, test_split):
     assert test_split[5]["question_hash"] == question_hash(test_split[5]["question"])
-    assert len(set(test_split["question_hash"])) == 1319
-    assert not set(train["question_hash"]) & set(test_split["question_hash"])
+    assert len({r["question_hash"] for r in test_split}) == 1319
+    assert not {r["question_hash"] for r in train} & {r["question_hash"] for r in test_split}
 
 
 def test_question_hash_stable_and_whitespace_insensitive():
@@ -80,10 +79,10 @@ def test_hub_source_offline_is_an_llmkd_error(monkeypatch, tmp_path):
 
 def test_select_range(test_split):
     part = select_range(test_split, 10, 5)
-    assert list(part["index"]) == [10, 11, 12, 13, 14]
-    assert list(select_range(test_split, 1300, None)["index"]) == list(range(1300, 1319))
+    assert [r["index"] for r in part] == [10, 11, 12, 13, 14]
+    assert [r["index"] for r in select_range(test_split, 1300, None)] == list(range(1300, 1319))
     assert len(select_range(test_split, 0, None)) == 1319
-    assert list(select_range(test_split, 1310, 100)["index"]) == list(range(1310, 1319))  # cut
+    assert [r["index"] for r in select_range(test_split, 1310, 100)] == list(range(1310, 1319))  # cut
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 
 from conftest import FP32_TEACHER, stand_in_overrides
@@ -53,7 +52,7 @@ def copy_set(built_set: Path, tmp_path: Path) -> Path:
 
 
 def corrupt_byte(folder: Path) -> None:
-    shard = folder / "shards" / "shard-00000.parquet"
+    shard = folder / "shards" / "shard-00000.safetensors"
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0x01
     shard.write_bytes(bytes(data))
@@ -63,7 +62,7 @@ def nan_teacher_data(folder: Path) -> None:
     """A NaN logprob in a shard whose manifest hash is updated to match (so only the content is wrong)."""
     ts = transfer_set.TransferSet.open(folder)
     shard = ts.shard_paths[0]
-    columns = pq.read_table(shard).to_pydict()
+    columns = transfer_set.Examples.read([shard]).columns()
     columns["topk_logprobs"][0][2][0] = float("nan")
     transfer_set.write_shard(shard, columns, ts.manifest.settings.top_k)
     manifest = json.loads((folder / "manifest.json").read_text())

@@ -26,7 +26,7 @@ def stand_in_student(stand_in, stand_in_transfer_set, *extra):
 
 
 def blocks_of(stand_in_transfer_set):
-    rows = TransferSet.open(stand_in_transfer_set).dataset()
+    rows = TransferSet.open(stand_in_transfer_set).examples()
     return lora_init.calibration_blocks(rows, tokens=512, batch=1)
 
 
@@ -35,7 +35,7 @@ def lora_state(model) -> dict:
 
 
 def test_calibration_blocks_are_the_transfer_sets_tokens_in_order(stand_in_transfer_set):
-    rows = TransferSet.open(stand_in_transfer_set).dataset()
+    rows = TransferSet.open(stand_in_transfer_set).examples()
     stream = [int(t) for r in rows for t in r["input_ids"]]
     blocks = lora_init.calibration_blocks(rows, tokens=300, batch=1)
     assert blocks.shape == (2, lora_init.CALIBRATION_BLOCK)  # 300 tokens round up to whole blocks
@@ -45,7 +45,7 @@ def test_calibration_blocks_are_the_transfer_sets_tokens_in_order(stand_in_trans
 
 
 def test_init_text_gives_half_the_calibration_tokens(stand_in_transfer_set):
-    rows = TransferSet.open(stand_in_transfer_set).dataset()
+    rows = TransferSet.open(stand_in_transfer_set).examples()
     stream = [int(t) for r in rows for t in r["input_ids"]]
     text = list(range(1000, 3000))
     blocks = lora_init.calibration_blocks(rows, tokens=1024, batch=1, text_ids=text)

@@ -14,7 +14,7 @@ from conftest import stand_in_overrides
 from llmkd import checkpoint, models, train
 from llmkd.config import load_recipe
 from llmkd.errors import LlmkdError
-from llmkd.transfer_set import TransferSet
+from llmkd.transfer_set import Examples, TransferSet
 
 REPO = Path(__file__).resolve().parents[1]
 # 4 steps of batch 2 over the stand-in set's 4 questions; rounds before steps 0 and 2. CE on the gold (or
@@ -34,10 +34,7 @@ def records(recipe) -> list[dict]:
 
 
 def round_rows(recipe, r: int) -> list[dict]:
-    import datasets
-
-    path = recipe.layout.on_policy / f"round-{r:03d}.parquet"
-    return list(datasets.load_dataset("parquet", data_files=[str(path)], split="train"))
+    return list(Examples.read([recipe.layout.on_policy / f"round-{r:03d}.safetensors"]))
 
 
 def sources(recipe) -> list[str]:
@@ -60,7 +57,7 @@ def test_a_round_holds_the_students_answers_scored_by_the_teacher(stand_in, stan
     assert [r["sha256"] for r in summary["on_policy"]] == [r["sha256"] for r in made]
     assert made[0]["decoding"]["do_sample"] is False and made[0]["decoding"]["max_new_tokens"] == 6
 
-    cached = {r["id"]: r for r in TransferSet.open(stand_in_transfer_set).dataset()}
+    cached = {r["id"]: r for r in TransferSet.open(stand_in_transfer_set).examples()}
     rows = round_rows(recipe, 0)
     # Round 0 comes before any update and the LoRA starts as a no-op: its greedy answers are the 4-bit
     # base's, here by plain argmax over full forwards, one prompt at a time (train mode: bitsandbytes'
@@ -69,9 +66,9 @@ def test_a_round_holds_the_students_answers_scored_by_the_teacher(stand_in, stan
     base.train()
     for row in rows:
         start = row["response_start"]
-        prompt = cached[row["id"]]["input_ids"][: cached[row["id"]]["response_start"]]
-        assert row["input_ids"][:start] == prompt  # the transfer set's own prompt, in its rendering
-        answer, ids = row["input_ids"][start:], list(prompt)
+        prompt = cached[row["id"]]["input_ids"][: cached[row["id"]]["response_start"]].tolist()
+        assert row["input_ids"][:start].tolist() == prompt  # the transfer set's own prompt, in its rendering
+        answer, ids = row["input_ids"][start:].tolist(), list(prompt)
         with torch.no_grad():
             for _ in range(len(answer)):
                 ids.append(int(base(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))

@@ -93,7 +93,7 @@ def test_assistant_turn_strips_calculator_notes(train):
         "Natalia sold 48+24 = 72 clips altogether in April and May.\n"
         "#### 72"
     )
-    for answer in train["answer"]:
+    for answer in (r["answer"] for r in train):
         turn = assistant_turn(answer)
         assert "<<" not in turn and ">>" not in turn
         assert turn.splitlines()[-1] == answer.splitlines()[-1]  # the "#### N" line is kept

@@ -27,11 +27,11 @@ def test_gold_examples_take_the_renderings_in_turn_across_shards(smol_teacher, s
                   tokenizer=tok)
     built = transfer_set.TransferSet.open(tmp_path / "set")
     assert built.manifest.settings.renderings == MIX and len(built.manifest.shards) == 3
-    for i, (row, q) in enumerate(zip(built.dataset(), list(load_gsm8k("train"))[:5], strict=True)):
+    for i, (row, q) in enumerate(zip(built.examples(), list(load_gsm8k("train"))[:5], strict=True)):
         how = MIX[i % 3]  # example 2 opens shard 1 with "notes": the turn runs across shards
         prompt, response = prompts.render_example(tok, q["question"], q["answer"], how)
         ids, mask = prompts.tokenize_example(tok, prompt, response)
-        assert row["input_ids"] == ids and row["response_start"] == mask.index(1), (i, how)
+        assert row["input_ids"].tolist() == ids and row["response_start"] == mask.index(1), (i, how)
     assert_targets_match_fresh_forward(built, smol_teacher)
 
     # Another mix is another set: it is refused, never reused as this one.
@@ -45,9 +45,9 @@ def test_teacher_mode_answers_the_prompt_of_each_rendering(smol_teacher, smol_to
     builder.build(mixed("transfer_set.response=teacher", "transfer_set.count=3", "transfer_set.max_new_tokens=8"),
                   out=tmp_path / "set", progress=False, teacher=smol_teacher, tokenizer=tok)
     built = transfer_set.TransferSet.open(tmp_path / "set")
-    for i, (row, q) in enumerate(zip(built.dataset(), list(load_gsm8k("train"))[:3], strict=True)):
+    for i, (row, q) in enumerate(zip(built.examples(), list(load_gsm8k("train"))[:3], strict=True)):
         prompt = prompts.render_example_prompt(tok, q["question"], MIX[i])
-        assert row["input_ids"][: row["response_start"]] == prompts.encode(tok, prompt), MIX[i]
+        assert row["input_ids"][: row["response_start"]].tolist() == prompts.encode(tok, prompt), MIX[i]
 
 
 def test_k_shot_prompts_are_llmkds_format_only():

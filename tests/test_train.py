@@ -122,7 +122,7 @@ def test_lora_dropout_is_active_in_training(session):
     dropouts = [m for n, m in session.model.named_modules() if n.endswith("lora_dropout.default")]
     assert len(dropouts) == 30 * 7  # every targeted module of every layer
     assert all(isinstance(m, torch.nn.Dropout) and m.p == 0.1 and m.training for m in dropouts)
-    batch = train.collate(session.data.rows([0]), session.tokenizer.pad_token_id)
+    batch = train.collate(session.data.examples.rows([0]), session.tokenizer.pad_token_id)
     with torch.no_grad():
         # LoRA B starts at zero, so dropout cannot show in the logits yet: give B a value first.
         lora_b = [p for n, p in session.model.named_parameters() if "lora_B" in n]
@@ -149,9 +149,9 @@ def test_dry_run_lora_count_matches_peft(session):
 def test_gradient_accumulation_matches_one_big_batch(session):
     """batch_size 2 x grad_accum 1 and batch_size 1 x grad_accum 2 give the same gradient and loss."""
     s, pad = session, session.tokenizer.pad_token_id
-    a, b = s.data.rows([0]), s.data.rows([3])
-    tokens = int(s.data.response_lengths[[0, 3]].sum())
-    assert s.data.response_lengths[0] != s.data.response_lengths[3]  # a per-micro-batch mean would differ
+    a, b = s.data.examples.rows([0]), s.data.examples.rows([3])
+    tokens = int(s.data.examples.response_lengths[[0, 3]].sum())
+    assert s.data.examples.response_lengths[0] != s.data.examples.response_lengths[3]  # a per-micro-batch mean would differ
 
     def gradient(batches):
         s.model.zero_grad(set_to_none=True)
@@ -347,7 +347,7 @@ def test_dry_run_counts_the_cpu_fast_paths_dense_copy_only_when_it_is_on():
 
 def test_cakld_gamma_is_the_teachers_mean_probability_of_the_response_tokens(transfer_set, smol_tokenizer):
     data = train.TrainingData.open(small_recipe(transfer_set, Path("unused")), smol_tokenizer)
-    batch = train.collate(data.rows(range(len(data.input_lengths))), smol_tokenizer.pad_token_id)
+    batch = train.collate(data.examples.rows(range(len(data.examples))), smol_tokenizer.pad_token_id)
     hit = batch.topk_ids == batch.labels[:, None]  # at most one hit per token: top-k ids are distinct
     expected = (batch.topk_logprobs.double().exp() * hit).sum() / len(batch.labels)
     assert 0.3 < data.teacher_confidence() < 1.0  # gold text the teacher mostly agrees with

@@ -19,7 +19,6 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -92,13 +91,13 @@ def content(manifest: transfer_set.Manifest) -> dict:
 def assert_targets_match_fresh_forward(ts: transfer_set.TransferSet, teacher):
     """Stored top-k ids, logprobs and tail = a fresh unpadded forward's, within fp16 rounding."""
     k = ts.manifest.settings.top_k
-    for row in ts.dataset():
-        ids, start = row["input_ids"], row["response_start"]
+    for row in ts.examples():
+        ids, start = row["input_ids"].tolist(), row["response_start"]
         with torch.no_grad():
             logits = teacher(torch.tensor([ids])).logits[0, start - 1 : len(ids) - 1]  # (R, V)
-        stored_ids = torch.tensor(row["topk_ids"], dtype=torch.long)  # (R, K)
-        stored_lp = torch.tensor(row["topk_logprobs"], dtype=torch.float32)  # (R, K)
-        stored_tail = torch.tensor(row["tail_logmass"], dtype=torch.float32)  # (R,)
+        stored_ids = torch.from_numpy(row["topk_ids"]).long()  # (R, K)
+        stored_lp = torch.from_numpy(row["topk_logprobs"]).float()  # (R, K)
+        stored_tail = torch.from_numpy(row["tail_logmass"]).float()  # (R,)
         assert stored_ids.shape == stored_lp.shape == (len(ids) - start, k)
 
         fresh_ids, fresh_lp, fresh_tail = topk_with_tail(logits, k)
@@ -128,13 +127,13 @@ def test_teacher_mode_response_is_the_teachers_generation(teacher_set, smol_teac
     texts = [prompts.render_prompt(tok, q["question"]) for q in questions]
     completions, _ = generate(smol_teacher, tok, texts, batch_size=2, max_new_tokens=48,
                               stop_strings=prompts.STOP_STRINGS, progress=False)
-    rows = list(teacher_set.dataset())
+    rows = list(teacher_set.examples())
     assert [row["id"] for row in rows] == [q["id"] for q in questions] == teacher_set.manifest.question_ids
     finishes = []
     for row, text, c in zip(rows, texts, completions):
         prompt_ids = tok(text, add_special_tokens=False)["input_ids"]
-        assert row["input_ids"][: row["response_start"]] == prompt_ids
-        response = row["input_ids"][row["response_start"] :]
+        assert row["input_ids"][: row["response_start"]].tolist() == prompt_ids
+        response = row["input_ids"][row["response_start"] :].tolist()
         assert response == c.token_ids  # the exact tokens generated, eos included
         assert tok.decode(response, skip_special_tokens=True).strip() == c.text
         finishes.append(row["finish"])
@@ -154,7 +153,7 @@ def test_teacher_mode_response_is_the_teachers_generation(teacher_set, smol_teac
 
 def test_gold_mode_response_is_the_solution(gold_set, smol_teacher, smol_tokenizer):
     tok = smol_tokenizer
-    rows = list(gold_set.dataset())
+    rows = list(gold_set.examples())
     for row, q in zip(rows, list(load_gsm8k("train"))[:3]):
         response = tok.decode(row["input_ids"][row["response_start"] :])
         assert response == prompts.render_response(tok, q["question"], prompts.assistant_turn(q["answer"]))
@@ -231,17 +230,17 @@ def test_build_killed_at_a_random_moment_resumes_to_the_uninterrupted_result(tmp
     with pytest.raises(LlmkdError, match="unfinished build"):
         transfer_set.TransferSet.open(killed)
     # Shards recorded as finished at the kill must be kept as they are, not rebuilt.
-    finished = {p.stem: (killed / "shards" / f"{p.stem}.parquet").stat().st_ino
+    finished = {p.stem: (killed / "shards" / f"{p.stem}.safetensors").stat().st_ino
                 for p in (killed / "progress").glob("shard-*.json")} if (killed / "progress").is_dir() else {}
 
     builder.build(recipe(overrides), out=killed, progress=False)
-    assert {name: (killed / "shards" / f"{name}.parquet").stat().st_ino for name in finished} == finished, what
+    assert {name: (killed / "shards" / f"{name}.safetensors").stat().st_ino for name in finished} == finished, what
     killed_files, clean_files = folder_files(killed), folder_files(clean)
     assert sorted(killed_files) == sorted(clean_files) == [
-        "manifest.json", "shards/shard-00000.parquet", "shards/shard-00001.parquet", "shards/shard-00002.parquet"
+        "manifest.json", "shards/shard-00000.safetensors", "shards/shard-00001.safetensors", "shards/shard-00002.safetensors"
     ], what  # no temporary files, no progress records, no build.json
     for name in killed_files:
-        if name.endswith(".parquet"):
+        if name.endswith(".safetensors"):
             assert killed_files[name] == clean_files[name], f"{what}: {name}"  # byte-identical shards
     resumed, uninterrupted = transfer_set.TransferSet.open(killed), transfer_set.TransferSet.open(clean)
     resumed.verify()
@@ -264,28 +263,101 @@ def test_verify_detects_a_flipped_byte(gold_copy):
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0x01
     shard.write_bytes(bytes(data))
-    with pytest.raises(LlmkdError, match=r"shard-00001\.parquet: sha256"):
+    with pytest.raises(LlmkdError, match=r"shard-00001\.safetensors: sha256"):
         gold_copy.verify()
 
 
 def test_verify_detects_a_truncated_shard(gold_copy):
     shard = gold_copy.shard_paths[0]
     shard.write_bytes(shard.read_bytes()[:-100])
-    with pytest.raises(LlmkdError, match=r"shard-00000\.parquet: .* bytes, the manifest says"):
+    with pytest.raises(LlmkdError, match=r"shard-00000\.safetensors: .* bytes, the manifest says"):
         gold_copy.verify()
-    with pytest.raises(LlmkdError, match=r"shard-00000\.parquet"):
-        gold_copy.dataset()
+    with pytest.raises(LlmkdError, match=r"shard-00000\.safetensors"):
+        gold_copy.examples()
+
+
+def random_columns(lengths, starts, k, seed=0) -> dict:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    rows = [n - s for n, s in zip(lengths, starts)]
+    return {"id": [f"q{i}" for i in range(len(lengths))], "question_hash": [f"h{i}" for i in range(len(lengths))],
+            "finish": ["eos", "gold", "length"][: len(lengths)], "response_start": list(starts),
+            "input_ids": [rng.integers(0, 50_000, n) for n in lengths],
+            "topk_ids": [rng.integers(0, 50_000, (r, k)) for r in rows],
+            "topk_logprobs": [rng.normal(size=(r, k)).astype("float16") for r in rows],
+            "tail_logmass": [rng.normal(size=r).astype("float16") for r in rows]}
+
+
+def test_shards_give_back_their_rows_across_shards_with_deterministic_bytes(tmp_path):
+    import numpy as np
+
+    k, lengths, starts = 3, [5, 2, 7], [2, 1, 6]
+    columns = random_columns(lengths, starts, k)
+    transfer_set.write_shard(tmp_path / "a.safetensors", columns, k)
+    transfer_set.write_shard(tmp_path / "empty.safetensors", random_columns([], [], k), k)
+    transfer_set.write_shard(tmp_path / "b.safetensors", random_columns([4], [3], k, seed=1), k)
+    examples = transfer_set.Examples.read([tmp_path / "a.safetensors", tmp_path / "empty.safetensors",
+                                           tmp_path / "b.safetensors"], k)
+    assert len(examples) == 4 and examples.input_lengths.tolist() == [5, 2, 7, 4]
+    assert examples.response_lengths.tolist() == [3, 1, 1, 1] and examples[-1]["id"] == "q0"
+    for i, row in enumerate(examples.rows(range(3))):  # each field as written, the strings too
+        for key, values in columns.items():
+            assert np.array_equal(np.asarray(row[key]), np.asarray(values[i])), (i, key)
+    transfer_set.write_shard(tmp_path / "again.safetensors", transfer_set.Examples.read([tmp_path / "a.safetensors"]).columns(), k)
+    assert (tmp_path / "again.safetensors").read_bytes() == (tmp_path / "a.safetensors").read_bytes()
+
+
+def test_a_malformed_shard_is_a_one_line_error_naming_it(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    k = 3
+    good = tmp_path / "good.safetensors"
+    transfer_set.write_shard(good, random_columns([5, 2], [2, 1], k), k)
+    with pytest.raises(LlmkdError, match=r"good\.safetensors: topk_ids is \(3,\) per row, the manifest's top_k is 4"):
+        transfer_set.read_shard(good, k=4)
+
+    def broken(name, **change):
+        from safetensors import safe_open
+
+        with safe_open(str(good), framework="numpy") as f:
+            meta = f.metadata()
+        path = tmp_path / f"{name}.safetensors"
+        save_file({**load_file(good), **change}, path, metadata=meta)
+        return path
+
+    import numpy as np
+
+    cases = {
+        broken("late_start", response_start=np.array([2, 2], dtype=np.int32)): "a response_start outside",
+        broken("short_targets", tail_logmass=np.zeros(2, dtype=np.float16)): "tail_logmass has 2 rows, the examples' responses 4",
+        broken("wrong_dtype", topk_ids=np.zeros((4, k), dtype=np.int64)): "topk_ids is int64",
+        broken("long_offsets", input_offsets=np.array([0, 5, 8], dtype=np.int64)): "input_offsets end at 8, input_ids holds 7",
+        broken("falling_offsets", input_offsets=np.array([0, 8, 7], dtype=np.int64)): "input_offsets do not run from 0 upwards",
+    }
+    not_a_shard = tmp_path / "model.safetensors"
+    save_file({"weight": np.zeros(3, dtype=np.float32)}, not_a_shard)
+    cases[not_a_shard] = "not a transfer-set shard"
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      ")
+    cases[garbage] = "unreadable shard"
+    for path, words in cases.items():
+        with pytest.raises(LlmkdError) as err:
+            transfer_set.read_shard(path, k)
+        message = str(err.value)
+        assert message.startswith(str(path)) and "\n" not in message, message
+        assert words in message, message
 
 
 def test_verify_detects_non_finite_logprobs(gold_copy):
     shard = gold_copy.shard_paths[0]
-    columns = pq.read_table(shard).to_pydict()
+    columns = transfer_set.Examples.read([shard]).columns()
     columns["topk_logprobs"][1][3][0] = float("nan")
     transfer_set.write_shard(shard, columns, gold_copy.manifest.settings.top_k)
     manifest = json.loads((gold_copy.path / "manifest.json").read_text())
     manifest["shards"][0].update(bytes=shard.stat().st_size, sha256=models.sha256_file(shard))
     (gold_copy.path / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(LlmkdError, match=r"shard-00000\.parquet: non-finite"):
+    with pytest.raises(LlmkdError, match=r"shard-00000\.safetensors: non-finite"):
         transfer_set.TransferSet.open(gold_copy.path).verify()
 
 

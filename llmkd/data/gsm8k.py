@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 from pathlib import Path
-
-import datasets
+from typing import Sequence
 
 from llmkd.data.answer import parse_gold
 from llmkd.errors import LlmkdError
@@ -35,11 +35,12 @@ def question_hash(question: str) -> str:
     return hashlib.sha256(" ".join(question.split()).encode("utf-8")).hexdigest()[:16]
 
 
-def load_gsm8k(split: str, source: str = "local") -> datasets.Dataset:
-    """One GSM8K split with the columns described in the module docstring.
+def load_gsm8k(split: str, source: str = "local") -> tuple[dict, ...]:
+    """One GSM8K split: a row per question, each a dict with the keys described in the module docstring.
 
-    Cached per (split, source) in the process: every caller gets the same object, so use the
-    copying methods (`select`, `map`, `with_format`), never the in-place `set_format`.
+    Cached per (split, source) in the process: every caller gets the same rows, so never change them.
+    The local copy is read as plain JSON lines, so building, training and evaluating need no `datasets`
+    (nor its pyarrow and pandas); `source="hub"` goes through `datasets`.
     """
     if split not in SPLITS:
         raise LlmkdError(f"unknown GSM8K split {split!r}; choose one of {', '.join(SPLITS)}")
@@ -49,15 +50,16 @@ def load_gsm8k(split: str, source: str = "local") -> datasets.Dataset:
 
 
 @functools.lru_cache(maxsize=None)
-def _load(split: str, source: str) -> datasets.Dataset:
+def _load(split: str, source: str) -> tuple[dict, ...]:
     if source == "local":
-        # Named after the split (not the json loader's default "train") so `ds.split` is right.
-        ds = datasets.load_dataset(
-            "json", data_files={split: str(LOCAL_DIR / f"{split}.jsonl")}, split=split
-        )
+        path = LOCAL_DIR / f"{split}.jsonl"
+        with path.open(encoding="utf-8") as f:
+            raw = [json.loads(line) for line in f if line.strip()]
     else:
         try:
-            ds = datasets.load_dataset(HUB_ID, HUB_CONFIG, split=split)
+            import datasets
+
+            raw = datasets.load_dataset(HUB_ID, HUB_CONFIG, split=split).to_list()
         except Exception as err:  # offline, DNS, no cache, auth: all mean "use the shipped copy"
             reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
             raise LlmkdError(
@@ -65,24 +67,21 @@ def _load(split: str, source: str) -> datasets.Dataset:
                 f"{HUB_CONFIG}): the hub cannot be reached and no cached copy was found "
                 f"({reason}); use `source: local` (the copy shipped with llmkd)"
             ) from err
-    missing = {"question", "answer"} - set(ds.column_names)
-    if missing:
-        raise LlmkdError(f"GSM8K {split} from {source} lacks the column(s) {sorted(missing)}")
-
-    questions, answers = list(ds["question"]), list(ds["answer"])
-    golds = []
-    for index, answer in enumerate(answers):
+    rows = []
+    for index, r in enumerate(raw):
+        missing = {"question", "answer"} - set(r)
+        if missing:
+            raise LlmkdError(f"GSM8K {split} from {source} row {index} lacks the key(s) {sorted(missing)}")
         try:
-            golds.append(parse_gold(answer))
+            gold = parse_gold(r["answer"])
         except ValueError as err:
             raise LlmkdError(f"GSM8K {split} ({source}) row {index}: {err}") from err
-    ds = ds.add_column("index", list(range(len(ds))))
-    ds = ds.add_column("id", [f"gsm8k-{split}-{i:05d}" for i in range(len(ds))])
-    ds = ds.add_column("gold", golds)
-    return ds.add_column("question_hash", [question_hash(q) for q in questions])
+        rows.append({"question": r["question"], "answer": r["answer"], "index": index,
+                     "id": f"gsm8k-{split}-{index:05d}", "gold": gold, "question_hash": question_hash(r["question"])})
+    return tuple(rows)
 
 
-def select_range(ds: datasets.Dataset, start: int, count: int | None) -> datasets.Dataset:
+def select_range(ds: Sequence[dict], start: int, count: int | None) -> Sequence[dict]:
     """Rows [start, start + count) of `ds`; `count=None` means to the end.
 
     A range running past the end is cut at the end of the split (`len()` of the result says how
@@ -95,4 +94,4 @@ def select_range(ds: datasets.Dataset, start: int, count: int | None) -> dataset
     if start >= len(ds):
         raise LlmkdError(f"start={start} is past the end: the split has {len(ds)} questions")
     stop = len(ds) if count is None else min(start + count, len(ds))
-    return ds.select(range(start, stop))
+    return ds[start:stop]
