@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import lzma
 import os
 import subprocess
 import sys
@@ -49,10 +50,18 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def random_stand_in(tokenizer_dir: Path, out: Path, layers: int = 30) -> Path:
-    """A random model of the embedded default's architecture with its tokenizer, saved to `out`."""
+    """A random model of the embedded default's architecture with its tokenizer (the files in
+    `tokenizer_dir`, `*.xz` ones unpacked), saved to `out`."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+    if any(tokenizer_dir.glob("*.xz")):  # the wheelhouse's copy: unpack it beside the model
+        unpacked = out.with_name(out.name + "-tokenizer")
+        unpacked.mkdir(parents=True, exist_ok=True)
+        for f in tokenizer_dir.iterdir():
+            data = f.read_bytes()
+            (unpacked / f.name.removesuffix(".xz")).write_bytes(lzma.decompress(data) if f.suffix == ".xz" else data)
+        tokenizer_dir = unpacked
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     config = LlamaConfig(vocab_size=len(tok), hidden_size=576, intermediate_size=1536, num_hidden_layers=layers,
                          num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True,

