@@ -220,6 +220,8 @@ def quiet_libraries(verbose: bool) -> None:
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    # bitsandbytes' CPU backend tries a hub kernel when imported on AVX512-BF16 CPUs and logs each failure.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     # datasets (lm-eval's backend, the hub's GSM8K; nothing else) reads these when imported: no import here.
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("DATASETS_VERBOSITY", "error")

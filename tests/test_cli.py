@@ -31,3 +31,13 @@ def test_a_user_mistake_through_the_installed_entry_point_is_one_line_and_exit_2
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "unknown key 'train.lrr'" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_the_libraries_advisories_stay_quiet_unless_verbose():
+    # In a fresh process: quiet_libraries sets process-wide state. bitsandbytes' CPU backend logs, at
+    # import on AVX512-BF16 CPUs, that it found no hub kernel: a warning in every run there.
+    code = ("import logging; from llmkd.cli import quiet_libraries; quiet_libraries({}); "
+            "print(logging.getLogger('bitsandbytes.backends.cpu.ops').isEnabledFor(logging.WARNING))")
+    quiet, verbose = (subprocess.run([sys.executable, "-c", code.format(v)], capture_output=True, text=True,
+                                     timeout=120).stdout.strip() for v in (False, True))
+    assert (quiet, verbose) == ("False", "True")
