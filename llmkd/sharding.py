@@ -114,6 +114,12 @@ def shard_zero3(model, optimizer, tr, world: int):
     name_deepspeed_device()
     import deepspeed
 
+    from llmkd import models
+
+    if models.device().type == "cpu":
+        # CPU ranks (the stand-ins) all-reduce through gloo; DeepSpeed would otherwise compile its
+        # shared-memory op at first use, for each install (about 35 s, and it needs g++ and ninja).
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     layer_params = max(sum(p.numel() for p in m.parameters()) for m in decoder_layers(model, "zero3"))
     engine, zero_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, dist_init_required=False,
                                                         config=zero3_config(tr, world, layer_params))
