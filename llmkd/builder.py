@@ -33,7 +33,7 @@ from llmkd.losses import topk_with_tail
 from llmkd.progress import bar as progress_bar
 from llmkd.provenance import provenance
 from llmkd.transfer_set import (BUILD_FILE, FORMAT_VERSION, MANIFEST, SHARD_DIR, BuildStats, Manifest, Settings, ShardEntry,
-                                Totals, TransferSet, chat_template_sha256, check_file, read_manifest, sha256_text,
+                                Totals, TransferSet, chat_template_sha256, check_file, folder_state, read_manifest, sha256_text,
                                 shard_name, teacher_identity, tokenizer_sha256, write_shard)
 
 log = logging.getLogger(__name__)
@@ -156,26 +156,20 @@ def _claim_folder(out: Path, settings: Settings) -> Manifest | None:
 
     Refuses (LlmkdError naming the folder) a folder of another build or of anything else.
     """
-    if not out.exists():
-        return None
-    if not out.is_dir():
-        raise LlmkdError(f"{out}: exists and is not a folder; choose another transfer_set.out / --out")
     refuse = f"; choose another transfer_set.out / --out, or delete {out} to rebuild"
-    if (out / MANIFEST).exists():
+    state = folder_state(out, refuse)
+    if state == "complete":
         manifest = read_manifest(out)
         if manifest.settings_hash != settings.hash():
             raise LlmkdError(f"{out}: a transfer set built with other settings ({_settings_diff(asdict(manifest.settings), settings)}){refuse}")
         return manifest
-    if (out / BUILD_FILE).exists():
+    if state == "unfinished":
         try:
             old = json.loads((out / BUILD_FILE).read_text())["settings"]
         except (ValueError, KeyError, TypeError):
             raise LlmkdError(f"{out / BUILD_FILE}: unreadable build record{refuse}") from None
         if old != asdict(settings):
             raise LlmkdError(f"{out}: an unfinished build with other settings ({_settings_diff(old, settings)}){refuse}")
-        return None
-    if any(out.iterdir()):
-        raise LlmkdError(f"{out}: exists and is not a transfer set (no {MANIFEST} or {BUILD_FILE}){refuse}")
     return None
 
 

@@ -15,6 +15,7 @@ import os
 import sys
 from typing import Callable
 
+from llmkd import launch
 from llmkd.config import recipe_from_cli
 from llmkd.errors import LlmkdError
 
@@ -47,6 +48,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
 def cmd_eval(args) -> int:
     from llmkd.evaluate import format_table, run_eval
 
+    launch.refuse_several_processes("eval", "start it as `llmkd eval ...`, without accelerate launch or torchrun")
     recipe = recipe_from_cli(args.recipe, [f"model.name={args.model}"] if args.model else [])
     if args.limit is not None and args.limit <= 0:
         raise LlmkdError(f"--limit must be > 0, got {args.limit}")
@@ -104,7 +106,7 @@ def add_processes_arg(p: argparse.ArgumentParser) -> None:
 
 
 def planned_processes(args) -> int:
-    n = args.processes if args.processes is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    n = args.processes if args.processes is not None else launch.world_size()
     if n < 1:
         raise LlmkdError(f"--processes: {n}; plan for at least 1 process")
     return n
@@ -120,7 +122,7 @@ def cmd_train(args) -> int:
     from llmkd.train import summary_line, train
 
     result = train(recipe, resume=args.resume)
-    if int(os.environ.get("RANK", "0")) == 0:  # once, not per process
+    if launch.is_main_process():  # once, not per process
         print(summary_line(result), flush=True)
     return 0
 
@@ -157,6 +159,8 @@ def cmd_sweep(args) -> int:
     if args.dry_run:
         print(sweep.dry_run(recipe, quants, planned_processes(args)))
         return 0
+    launch.refuse_several_processes("sweep", "train a point on several with `accelerate launch -m llmkd train RECIPE "
+                                    "model.quant=QUANT`, or run the sweep as `llmkd sweep ...` in one process")
     sweep.run(recipe, quants)
     return 0
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Sequence, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from llmkd.errors import LlmkdError
 
@@ -202,6 +202,11 @@ class TrainConfig(Section):
     """Clip the gradient norm to this (null: no clipping)."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     """accelerate's mixed precision; bf16 on GPUs that support it."""
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _unquoted_no(cls, value):
+        return "no" if value is False else value  # YAML reads an unquoted `no` as false
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory (large models)."""
     sharding: Literal["none", "fsdp", "zero3"] = "none"

@@ -22,7 +22,6 @@ correct) and `summary.json` (metrics, recipe, prompt format, versions, git commi
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import math
@@ -477,7 +476,7 @@ def run_eval(
         accuracy(teacher, "teacher")
     if not teacher_forward:
         teacher = None
-        gc.collect()
+        models.release_memory()
     load_seconds = None
     if students:
         start = time.perf_counter()

@@ -13,11 +13,14 @@ cut into blocks of `CALIBRATION_BLOCK` tokens, the first `lora.init_tokens` of t
 (seeded by train.seed and the layer), minimising each token's squared error to the teacher's output over
 that output's squared norm (the relative error, averaged over tokens; also the figure reported).
 A layer whose fit ends with a higher error than it started with (an lr too high) is put back as
-built, and the report says so.
+built, and the report says so. The whole init runs with the LoRA dropout off: its errors, the put-back
+rule and the hidden states handed to the next layer are those of the adapter itself, not of one draw
+of dropout noise; training's dropout acts afterwards as the recipe says.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -146,12 +149,25 @@ def _relative_error(outputs: list[torch.Tensor], targets: list[torch.Tensor]) ->
     return float(torch.cat([_token_error(o, t).flatten() for o, t in zip(outputs, targets)]).mean())
 
 
+@contextlib.contextmanager
+def _dropout_off(model):
+    """Every dropout module of `model` (peft's lora_dropout among them) in eval mode for the block, the
+    rest of the model left in its mode: an eval-mode forward would make bitsandbytes repack its CPU
+    4-bit weights for inference, which `initialise` refuses."""
+    dropouts = [m for m in model.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.training]
+    for m in dropouts:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m in dropouts:
+            m.train()
+
+
 def initialise(student, teacher, blocks: torch.Tensor, *, batch: int, steps: int, lr: float, seed: int,
                progress: bool = True) -> InitReport:
     """Fit each decoder layer's LoRA of `student` (a peft model) to `teacher`'s layer outputs on
     `blocks`, layer by layer (see the module docstring). Only parameters that require grad move."""
-    from llmkd.progress import bar as progress_bar
-
     start = time.perf_counter()
     repacked = [n for n, m in student.named_modules() if repacked_for_cpu_inference(m)]
     if repacked:
@@ -160,6 +176,17 @@ def initialise(student, teacher, blocks: torch.Tensor, *, batch: int, steps: int
     s_layers, t_layers = decoder_layers(student), decoder_layers(teacher)
     if len(s_layers) != len(t_layers):
         raise LlmkdError(f"lora.init activations: student has {len(s_layers)} layers, teacher {len(t_layers)}")
+    with _dropout_off(student):
+        report = _fit_layers(student, teacher, s_layers, t_layers, blocks, batch=batch, steps=steps, lr=lr,
+                             seed=seed, progress=progress)
+    report.seconds = round(time.perf_counter() - start, 2)
+    return report
+
+
+def _fit_layers(student, teacher, s_layers, t_layers, blocks, *, batch, steps, lr, seed, progress) -> InitReport:
+    """`initialise`'s fit, one decoder layer after the other."""
+    from llmkd.progress import bar as progress_bar
+
     s_hidden, s_kwargs = first_layer_inputs(student, blocks, batch)
     t_hidden, t_kwargs = first_layer_inputs(teacher, blocks, batch)
     report = InitReport("activations", len(blocks), blocks.numel(), steps, 0.0)
@@ -192,7 +219,6 @@ def initialise(student, teacher, blocks: torch.Tensor, *, batch: int, steps: int
             report.layers.append(LayerFit(i, round(before, 6), round(after, 6), kept))
             bar.update(1)
             bar.set_postfix(error=f"{before:.4f}->{after:.4f}")
-    report.seconds = round(time.perf_counter() - start, 2)
     return report
 
 
@@ -217,3 +243,4 @@ def initialise_from_recipe(recipe, student, rows, text_ids: list[int] | None = N
                           seed=recipe.train.seed, progress=progress)
     finally:
         del teacher
+        models.release_memory()  # before training's activations claim the device

@@ -12,6 +12,7 @@ saved LoRA adapter on top. Teacher and student always come from the same referen
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import importlib.metadata
 import json
@@ -282,3 +283,11 @@ def attach_adapter(model, adapter: str | Path):
     except (RuntimeError, ValueError, KeyError) as e:  # shape or module mismatch: another base model
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LlmkdError(f"adapter {adapter} does not fit model {model.name_or_path}: {first}") from None
+
+
+def release_memory() -> None:
+    """Collect what was just dropped (a model, its optimizer state) and hand the device's cached
+    blocks back, so the next model loads into memory that is really free."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

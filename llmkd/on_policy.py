@@ -22,7 +22,6 @@ One process only: under a multi-process launch each rank would have to answer it
 
 from __future__ import annotations
 
-import gc
 import json
 import shutil
 import time
@@ -175,9 +174,7 @@ class Rounds:
                                               batch_size=cfg.batch_size, share_prefix=fast)
         finally:
             del teacher
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            models.release_memory()
         meta = [{"id": str(row["id"]), "question_hash": str(row["question_hash"])} for row in rows]
         columns, masses = builder.shard_columns(meta, sequences, starts, finishes, targets, where=f"on-policy round {r}")
         path = self._shard_path(r)

@@ -20,7 +20,7 @@ from llmkd import models, quantize
 from llmkd.config import Recipe
 from llmkd.errors import LlmkdError
 from llmkd.fastpath.dequantize import MAX_BYTES as MAX_DEQUANTIZED_BYTES
-from llmkd.transfer_set import MANIFEST, TransferSet
+from llmkd.transfer_set import TransferSet, training_folder_state
 
 # Architectures for a dry run when the hub is unreachable (and for the embedded default, whose
 # config a dry run does not convert the GGUF to read). transformers config kwargs.
@@ -110,7 +110,7 @@ def plan_model(recipe: Recipe) -> ModelPlan:
 def sequence_plan(recipe: Recipe) -> tuple[int, int, int | None, str]:
     """(longest example, longest response, examples or None, how known): from the transfer set if built."""
     path = recipe.layout.transfer_set
-    if (path / MANIFEST).is_file():
+    if training_folder_state(path) == "complete":
         tokens, responses = TransferSet.open(path).lengths()
         return int(tokens.max()), int(responses.max()), len(tokens), f"measured in {path}"
     ts = recipe.transfer_set

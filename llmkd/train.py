@@ -232,11 +232,18 @@ def prepare(accelerator, model, optimizer):
     to fp32: an fp32 (N, V) copy of the logits, and in backward fp32 and half gradients side by
     side. `unwrap_model(keep_fp32_wrapper=False)` puts the plain forward back; `loss_step` runs it
     in the same autocast itself.
+
+    It puts it back as an attribute of the model, a method bound to the model itself: a reference
+    cycle that would keep the trained student (on a GPU, gigabytes) alive after `train` returns,
+    until the garbage collector happens to run. The class's own forward is the same function.
     """
     if sharding.is_sharded(model):
         return model, accelerator.prepare(optimizer)
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+    plain = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+    forward = plain.__dict__.get("forward")
+    if getattr(forward, "__self__", None) is plain and getattr(forward, "__func__", None) is type(plain).forward:
+        del plain.forward
     return model, optimizer
 
 
@@ -433,11 +440,30 @@ class TrainResult:
 
 def train(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> TrainResult:
     """Train (or resume) per `recipe`; returns once the final adapter is written to train.out/adapter."""
-    session = setup(recipe, resume=resume, progress=progress)
     try:
-        return fit(session)
+        session = setup(recipe, resume=resume, progress=progress)
+        try:
+            return fit(session)
+        finally:
+            session.accelerator.end_training()  # also destroys the process group
+            del session
     finally:
-        session.accelerator.end_training()
+        forget_accelerator_state()
+        models.release_memory()  # the student, its optimizer state and gradients: freed before what comes next
+
+
+def forget_accelerator_state() -> None:
+    """Clear accelerate's process-wide state once a training run has ended.
+
+    accelerate keeps one state per process and refuses an Accelerator with other settings
+    ("AcceleratorState has already been initialized and cannot be changed"): without this, a sweep
+    point with its own train.mixed_precision would fail after the points before it had trained.
+    end_training has destroyed the process group the state describes, so nothing valid is lost.
+    """
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
 
 
 def fit(s: Session) -> TrainResult:

@@ -120,6 +120,29 @@ def sha256_text(text: str) -> str:
 # --- Manifest -------------------------------------------------------------------------------------
 
 
+def folder_state(out: Path, refuse: str) -> str:
+    """What folder `out` holds: "new" (absent or empty), "complete" (a manifest), "unfinished" (a
+    build record and no manifest). A file, or a folder of anything else, is refused in one line that
+    names it and ends with `refuse` (what to do instead)."""
+    if not out.exists():
+        return "new"
+    if not out.is_dir():
+        raise LlmkdError(f"{out}: exists and is not a folder{refuse}")
+    if (out / MANIFEST).exists():
+        return "complete"
+    if (out / BUILD_FILE).exists():
+        return "unfinished"
+    if any(out.iterdir()):
+        raise LlmkdError(f"{out}: exists and is not a transfer set (no {MANIFEST} or {BUILD_FILE}){refuse}")
+    return "new"
+
+
+def training_folder_state(path: Path) -> str:
+    """`folder_state` of the transfer_set.out that training reads, refused as training refuses it (the dry
+    run says what the run will say)."""
+    return folder_state(path, "; set transfer_set.out to a folder that `llmkd build-transfer-set` builds")
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything that determines a transfer set's content (keys documented in the module docstring)."""
@@ -321,11 +344,12 @@ class TransferSet:
     def for_recipe(cls, recipe: Recipe, tokenizer) -> "TransferSet":
         """The recipe's transfer set, verified and checked to fit its model (what training reads)."""
         path = recipe.layout.transfer_set
-        if not (path / MANIFEST).is_file():
-            state = "an unfinished build" if path.is_dir() else "missing"
+        state = training_folder_state(path)
+        if state != "complete":
             raise LlmkdError(
-                f"no transfer set at {path} ({state}, no {MANIFEST}): run `llmkd build-transfer-set` with this "
-                "recipe first, or set transfer_set.out to an existing one"
+                f"no transfer set at {path} ({'an unfinished build' if state == 'unfinished' else 'missing'}, "
+                f"no {MANIFEST}): run `llmkd build-transfer-set` with this recipe first, or set transfer_set.out "
+                "to an existing one"
             )
         ts = cls.open(path)
         ts.verify()

@@ -1,5 +1,8 @@
+import argparse
 import subprocess
 import sys
+
+import pytest
 
 from llmkd.cli import main, make_parser
 
@@ -8,10 +11,27 @@ def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "llmkd", *args], capture_output=True, text=True, timeout=120)
 
 
-def test_help_lists_every_command():
-    help_text = make_parser().format_help()
-    for command in ["build-transfer-set", "train", "eval", "run", "recipe"]:
-        assert command in help_text
+def test_the_parser_has_every_command_and_its_help_names_each():
+    # The parser's own sub-commands: a help text search would find "train" and "eval" in other words.
+    sub = next(a for a in make_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    commands = ["build-transfer-set", "train", "eval", "run", "sweep", "recipe"]
+    assert list(sub.choices) == commands
+    assert [c.dest for c in sub._choices_actions] == commands and all(c.help for c in sub._choices_actions)
+
+
+@pytest.mark.parametrize("what", ["a file", "a folder of something else"])
+def test_the_dry_run_refuses_a_transfer_set_out_that_training_refuses(tmp_path, capsys, what):
+    out = tmp_path / "set"
+    if what == "a file":
+        out.write_text("x")
+    else:
+        out.mkdir()
+        (out / "notes.txt").write_text("x")
+    said = {}
+    for dry in (["--dry-run"], []):
+        assert main(["train", "recipes/smollm2-cpu.yaml", f"transfer_set.out={out}", *dry]) == 2
+        said[bool(dry)] = capsys.readouterr().err.strip()
+    assert said[True] == said[False] and str(out) in said[True] and len(said[True].splitlines()) == 1, said
 
 
 def test_recipe_keys_lists_documented_keys(capsys):

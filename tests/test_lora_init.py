@@ -91,6 +91,24 @@ def test_fitting_lowers_every_layers_error_moves_only_lora_and_repeats_exactly(
     assert all(torch.equal(weights[k], v) for k, v in results[1][1].items())
 
 
+def test_the_init_runs_without_lora_dropout_and_leaves_it_on_for_training(
+        stand_in, stand_in_transfer_set, stand_in_teacher):
+    # recipes/gsm8k.yaml trains with lora.dropout 0.2: the init's errors, its put-back rule and the hidden
+    # states it hands on are the adapter's own, exactly as with no dropout at all.
+    blocks = blocks_of(stand_in_transfer_set)
+    results = {}
+    for dropout in (0.0, 0.2):
+        _, student = stand_in_student(stand_in, stand_in_transfer_set, f"lora.dropout={dropout}")
+        report = lora_init.initialise(student, stand_in_teacher, blocks, batch=1, steps=4, lr=1e-3, seed=0,
+                                      progress=False)
+        results[dropout] = (report.layers, lora_state(student))
+        dropouts = [m for m in student.modules() if isinstance(m, torch.nn.Dropout)]
+        assert len(dropouts) == (14 if dropout else 0) and all(m.training for m in dropouts)  # 7 per layer, on again
+    assert results[0.2][0] == results[0.0][0]
+    assert results[0.2][1].keys() == results[0.0][1].keys()
+    assert all(torch.equal(results[0.0][1][k], v) for k, v in results[0.2][1].items())
+
+
 def test_a_fit_that_raises_a_layers_error_is_put_back(stand_in, stand_in_transfer_set, stand_in_teacher):
     # lr 1.0 diverges (on the embedded model 1e-2 already did: held-out KL 9.99 after the init).
     _, student = stand_in_student(stand_in, stand_in_transfer_set)

@@ -4,6 +4,7 @@ paths off against on. All mechanics: it runs on the 2-layer random stand-in of t
 tokenizer, its architecture), not on the real 30 layers."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -93,3 +94,87 @@ def assert_plain_peft_loads_what_llmkd_evaluates(recipe):
             untrained = plain(input_ids=ids).logits
     assert (again - untrained).abs().max() > 0.1  # the adapter matters...
     torch.testing.assert_close(evaluated, again, rtol=0, atol=1e-4)  # ...and is what eval scores
+
+
+HANDOVER_SCRIPT = """
+import gc, json, sys, weakref
+from llmkd import pipeline, sweep, train
+from llmkd.config import load_recipe
+
+overrides = json.loads(sys.argv[1])
+students, alive = [], []
+build_student = train.build_student
+
+
+def tracked_student(*args, **kwargs):
+    model = build_student(*args, **kwargs)
+    students.append(weakref.ref(model))
+    return model
+
+
+def handed_over(run_eval):
+    def checked(*args, **kwargs):
+        alive.append([ref() is not None for ref in students])
+        return run_eval(*args, **kwargs)
+    return checked
+
+
+train.build_student = tracked_student
+pipeline.run_eval, sweep.run_eval = handed_over(pipeline.run_eval), handed_over(sweep.run_eval)
+gc.disable()  # reference counting alone: a reference cycle would keep a trained student
+bf16 = [*overrides, "train.mixed_precision=bf16"]
+pipeline.run(load_recipe("recipes/smollm2-cpu.yaml", bf16), progress=False, say=lambda _: None)
+# A point with a precision of its own, after one that trained in bf16 in the same process.
+point = load_recipe("recipes/smollm2-cpu.yaml", [*bf16, "name=sweep", "sweep.point_overrides={fp4: [train.mixed_precision=no]}"])
+sweep.run(point, ["nf4", "fp4"], progress=False, say=lambda _: None)
+print(json.dumps(alive))
+"""
+
+
+def test_the_trained_student_is_freed_before_evaluation_and_sweep_points_may_change_precision(scratch_dir, tiny):
+    # Under bf16 accelerate leaves the model's forward bound to the model on the model (a cycle): the
+    # student (gigabytes on a GPU) stayed alive beside the teacher and the next student. accelerate's
+    # state is one per process: a point with its own train.mixed_precision was refused after the first.
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", HANDOVER_SCRIPT, json.dumps([*tiny, "train.max_steps=1"])],
+                          cwd=scratch_dir, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # run: one evaluation; sweep: the teacher's, then one per point.
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [[False], [False], [False, False], [False, False, False]]
+    trained = {q: json.loads((scratch_dir / f"runs/sweep-{q}/train/summary.json").read_text()) for q in ("nf4", "fp4")}
+    assert [trained[q]["recipe"]["train"]["mixed_precision"] for q in ("nf4", "fp4")] == ["bf16", "no"]
+
+
+def test_two_launched_processes_build_and_train_and_the_main_one_alone_evaluates(scratch_dir, tiny):
+    # Before, after training (which ends the process group) every rank repeated the whole evaluation into
+    # the same files, one rank's start-up clean-up deleting another's unfinished writes.
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:  # a free port: other jobs on the machine may use accelerate's default
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+           "-m", "llmkd", "run", "recipes/smollm2-cpu.yaml", *tiny, "train.batch_size=2", "train.max_steps=1"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=scratch_dir, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "2 process(es) on cpu" in out and "effective batch 2 x 1 x 2 = 4" in out, out
+    assert [out.count(f"[{i}/4]") for i in range(1, 5)] == [1, 1, 1, 1], out
+    assert (scratch_dir / "runs/tiny/report/report.md").is_file()
+    assert json.loads((scratch_dir / "runs/tiny/eval/eval-summary.json").read_text())["fidelity"]
+
+
+@pytest.mark.parametrize("command", ["eval", "sweep"])
+def test_commands_of_one_process_refuse_a_launch_of_several(monkeypatch, capsys, command):
+    from llmkd.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main([command, "recipes/smollm2-cpu.yaml"]) == 2
+    assert f"llmkd {command} runs in one process, launched here as 2 (WORLD_SIZE)" in capsys.readouterr().err

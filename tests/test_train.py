@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -345,10 +346,20 @@ def test_dry_run_counts_the_cpu_fast_paths_dense_copy_only_when_it_is_on():
     assert rows["true"][dense] == plan.plan_model(recipe).quantized_params * 4 and dense not in rows["false"]
 
 
-def test_cakld_gamma_is_the_teachers_mean_probability_of_the_response_tokens(transfer_set, smol_tokenizer):
+def test_cakld_gamma_is_the_teachers_mean_probability_of_the_response_tokens(transfer_set, smol_tokenizer, tmp_path):
+    from llmkd.transfer_set import Examples, write_shard
+
+    # Two examples by hand: responses [3, 4] and [6, 7]; the teacher gives them 0.5, 0.3, nothing (6 is
+    # outside its top-2) and 0.9: gamma = 1.7 / 4.
+    ln = np.log
+    write_shard(tmp_path / "shard.safetensors", {
+        "id": ["a", "b"], "question_hash": ["x", "y"], "finish": ["gold", "gold"],
+        "input_ids": [[1, 2, 3, 4], [5, 6, 7]], "response_start": [2, 1],
+        "topk_ids": [[[3, 7], [9, 4]], [[8, 9], [7, 6]]],
+        "topk_logprobs": [[[ln(0.5), ln(0.25)], [ln(0.6), ln(0.3)]], [[ln(0.7), ln(0.2)], [ln(0.9), ln(0.05)]]],
+        "tail_logmass": [[ln(0.25), ln(0.1)], [ln(0.1), ln(0.05)]],
+    }, k=2)
+    by_hand = train.TrainingData(examples=Examples.read([tmp_path / "shard.safetensors"]), transfer_set=None)
+    assert by_hand.teacher_confidence() == pytest.approx(1.7 / 4, rel=1e-3)  # log-probs are stored in fp16
     data = train.TrainingData.open(small_recipe(transfer_set, Path("unused")), smol_tokenizer)
-    batch = train.collate(data.examples.rows(range(len(data.examples))), smol_tokenizer.pad_token_id)
-    hit = batch.topk_ids == batch.labels[:, None]  # at most one hit per token: top-k ids are distinct
-    expected = (batch.topk_logprobs.double().exp() * hit).sum() / len(batch.labels)
     assert 0.3 < data.teacher_confidence() < 1.0  # gold text the teacher mostly agrees with
-    assert data.teacher_confidence() == pytest.approx(expected.item(), rel=1e-6)
