@@ -10,7 +10,9 @@ opened in a fresh process the way `llmkd train` opens it: `TransferSet.open` + `
 `for_recipe` does, less the tokenizer and teacher checks), the examples as `TrainingData` holds them,
 and the first `--batches` micro-batches of the epoch collated. Reported: that process's peak RSS from
 there on (VmHWM, reset after the imports; file-backed pages of a memory map count) and its growth over
-the RSS after the imports (Linux only: /proc/self).
+the RSS after the imports; "anonymous": the growth of RssAnon at the end, the process's own memory
+(the rest is page cache mapped from the shards: shared by the processes of a launch, and dropped
+under memory pressure). Linux only (/proc/self).
 The goal is a flat line: a start costs a shard or two, not the set.
 """
 
@@ -85,7 +87,7 @@ def write_set(out: Path, examples: int, seed: int = 0) -> transfer_set.Manifest:
 
 
 def status_mib(key: str) -> float:
-    """VmRSS (resident now) or VmHWM (its peak) of this process, in MiB."""
+    """VmRSS (resident now), VmHWM (its peak) or RssAnon (resident, less the page cache mapped) of this process, in MiB."""
     line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(key + ":"))
     return int(line.split()[1]) / 1024
 
@@ -95,7 +97,7 @@ def measure(path: Path, batches: int) -> dict:
     from llmkd import train
 
     Path("/proc/self/clear_refs").write_text("5")  # the peak restarts from here: the imports' own peak is not the set's
-    imports = status_mib("VmRSS")
+    imports, anonymous = status_mib("VmRSS"), status_mib("RssAnon")
     start = time.perf_counter()
     ts = transfer_set.TransferSet.open(path)
     ts.verify()
@@ -104,7 +106,8 @@ def measure(path: Path, batches: int) -> dict:
     order = plan.order(0)
     for b in range(batches):
         train.collate(data.examples.rows(order[4 * b : 4 * b + 4]), pad_id=0)
-    return {"imports_mib": imports, "peak_mib": status_mib("VmHWM"), "seconds": time.perf_counter() - start}
+    return {"imports_mib": imports, "peak_mib": status_mib("VmHWM"), "seconds": time.perf_counter() - start,
+            "anonymous_mib": status_mib("RssAnon") - anonymous}
 
 
 def main(argv=None) -> int:
@@ -114,8 +117,8 @@ def main(argv=None) -> int:
         return 0
     tmp = tempfile.TemporaryDirectory() if args.dir is None else None
     root = Path(args.dir or tmp.name)
-    print("| set | examples | shards | response tokens | on disk MiB | peak RSS MiB | over the imports' RSS MiB | seconds |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| set | examples | shards | response tokens | on disk MiB | peak RSS MiB | over the imports' RSS MiB | anonymous MiB | seconds |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for size in args.sizes:
         path = root / f"set-{size}x"
         manifest = transfer_set.read_manifest(path) if (path / transfer_set.MANIFEST).is_file() \
@@ -125,7 +128,8 @@ def main(argv=None) -> int:
         r = json.loads(out.stdout.splitlines()[-1])
         t = manifest.totals
         print(f"| {size}x | {t.examples:,} | {len(manifest.shards)} | {t.response_tokens:,} | {t.bytes / 2**20:,.1f} | "
-              f"{r['peak_mib']:,.0f} | {r['peak_mib'] - r['imports_mib']:,.0f} | {r['seconds']:.2f} |", flush=True)
+              f"{r['peak_mib']:,.0f} | {r['peak_mib'] - r['imports_mib']:,.0f} | "
+              f"{r['anonymous_mib']:,.0f} | {r['seconds']:.2f} |", flush=True)
     return 0
 
 

@@ -361,6 +361,77 @@ def test_verify_detects_non_finite_logprobs(gold_copy):
         transfer_set.TransferSet.open(gold_copy.path).verify()
 
 
+def larger(ts: transfer_set.TransferSet, shards: int = 3, tokens: int = 40_000, nan: bool = False):
+    """`ts` rewritten as `shards` shards of 3 examples of `tokens` tokens (about 6.5 MB each at top-8),
+    the manifest updated; nan: the last shard's last tail_logmass not finite (past its first MiB)."""
+    import numpy as np
+
+    k, data = ts.manifest.settings.top_k, json.loads((ts.path / "manifest.json").read_text())
+    for path in ts.shard_paths:
+        path.unlink()
+    data["shards"] = []
+    for i in range(shards):
+        columns = random_columns([tokens, tokens - 1, tokens - 2], [10, 20, 30], k, seed=i)
+        if nan and i == shards - 1:
+            columns["tail_logmass"][-1][-1] = np.float16("nan")
+        path = ts.path / transfer_set.shard_name(i)
+        transfer_set.write_shard(path, columns, k)
+        data["shards"].append({"file": transfer_set.shard_name(i), "examples": 3, "response_tokens": 3 * tokens - 63,
+                               "bytes": path.stat().st_size, "sha256": models.sha256_file(path),
+                               "mean_topk_mass": 0.9, "seconds": 0.0})
+    data["totals"]["examples"] = 3 * shards
+    (ts.path / "manifest.json").write_text(json.dumps(data))
+    return transfer_set.TransferSet.open(ts.path)
+
+
+def test_opening_a_set_holds_no_copy_of_it(gold_copy):
+    """verify + examples, what a training start runs: memory for a read block, not for a shard or the set."""
+    import tracemalloc
+
+    import numpy as np
+
+    ts = larger(gold_copy)
+    shard = min(e.bytes for e in ts.manifest.shards)
+    tracemalloc.start()
+    try:
+        ts.verify()
+        examples = ts.examples()
+        sums = [float(r["topk_logprobs"].sum(dtype=np.float32)) for r in examples]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(sums) == 9 and shard > 6_000_000
+    assert peak < shard / 2, f"{peak:,} B allocated at peak, a shard is {shard:,} B"
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads Linux's /proc/self/maps")
+def test_rows_are_views_of_the_mapped_shard_files(tmp_path):
+    import numpy as np
+
+    k = 3
+    paths = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
+    for seed, path in enumerate(paths):
+        transfer_set.write_shard(path, random_columns([5, 2, 7], [2, 1, 6], k, seed=seed), k)
+    examples = transfer_set.Examples.read(paths, k)
+    maps = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        span, *_, name = line.split(maxsplit=5)
+        low, high = (int(x, 16) for x in span.split("-"))
+        maps.append((low, high, name))
+    for i in (0, 2, 3, 5):
+        for key in ("input_ids", "topk_ids", "topk_logprobs", "tail_logmass"):
+            address = examples[i][key].__array_interface__["data"][0]
+            where = [name for low, high, name in maps if low <= address < high]
+            assert where == [str(paths[i // 3])], (i, key, where)
+    assert not np.shares_memory(examples[0]["topk_ids"], examples[1]["topk_ids"])
+
+
+def test_verify_finds_a_non_finite_value_past_the_first_block(gold_copy):
+    ts = larger(gold_copy, nan=True)
+    with pytest.raises(LlmkdError, match=r"shard-00002\.safetensors: non-finite teacher log-probabilities in column tail_logmass"):
+        ts.verify()
+
+
 def test_tokenizer_mismatch_refused(gold_set, smol_tokenizer):
     other = copy.deepcopy(smol_tokenizer)
     other.add_tokens(["<llmkd-new-token>"])
