@@ -13,6 +13,7 @@ import math
 import os
 import re
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -547,30 +548,83 @@ def _file_digest(path: Path) -> str:
     return models.recorded_sha256(real)
 
 
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # from_pretrained's order; each may come as an index
+INDEX_SUFFIX = ".index.json"  # "model.safetensors.index.json": its weight_map names the shards
+
+
+def _weight_files(folder: Path, fetch) -> list[str]:
+    """The weight files `from_pretrained` reads from `folder`: model.safetensors, else the files
+    model.safetensors.index.json names, else the same for pytorch_model.bin. Any other file (a
+    consolidated.safetensors for another runtime, .bin beside .safetensors) is neither fetched nor
+    hashed. `fetch(names)` brings those files into `folder` first (a hub snapshot; the indexes are
+    there already), if it holds them."""
+    for single in WEIGHT_FILES:
+        fetch([single])
+        if (folder / single).is_file():
+            return [single]
+        index = folder / (single + INDEX_SUFFIX)
+        if index.is_file():
+            try:
+                names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise LlmkdError(f"{index}: not a weight index ({type(e).__name__}: {e})") from None
+            fetch(names)
+            missing = [n for n in names if not (folder / n).is_file()]
+            if missing:
+                raise LlmkdError(f"{index}: names {', '.join(missing)}, not in {folder}")
+            return names
+    raise LlmkdError(f"{folder}: no {' or '.join(n + f'[{INDEX_SUFFIX}]' for n in WEIGHT_FILES)}")
+
+
+@contextmanager
+def _local_main_first():
+    """Under a process group of several processes, the body runs on each machine's main process
+    (LOCAL_RANK 0) first and on the others once it is done, so they find the files in the hub cache
+    rather than downloading them too. Builder and trainer join their group (accelerate) before they
+    hash the teacher; without one (one process) the body just runs."""
+    import torch.distributed as dist
+
+    group = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    first = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    if group and not first:
+        dist.barrier()
+    try:
+        yield
+    finally:
+        if group and first:  # also when it failed: the others then try and say why themselves
+            dist.barrier()
+
+
 def teacher_identity(cfg) -> dict:
     """{reference, revision, resolved, files: {name: sha256}, sha256}: what the teacher's content is.
 
-    The files are the weights (`*.safetensors`, else `*.bin`) and config.json; for a hub id, those of
-    the resolved snapshot in the local hub cache (downloaded if missing and the hub is reachable).
+    The files are config.json and the weight files `from_pretrained` reads (`_weight_files`; not an
+    index, which names the shards but holds no weight); for a hub id, those of the resolved snapshot
+    in the local hub cache, downloaded if missing and the hub is reachable: config.json and the
+    indexes first, then only the weight files named, on each machine's main process first.
     """
     resolved = models.resolve(cfg.name)
     folder = Path(resolved)
-    if not folder.is_dir():  # a hub id
+    if folder.is_dir():
+        weights = _weight_files(folder, fetch=lambda names: None)
+    else:  # a hub id
         try:
             from huggingface_hub import snapshot_download
 
-            folder = Path(snapshot_download(
-                resolved, revision=cfg.revision, allow_patterns=["*.safetensors", "*.bin", "*.json"]
-            ))
+            def fetch(names: list[str]) -> Path:
+                return Path(snapshot_download(resolved, revision=cfg.revision, allow_patterns=names))
+
+            with _local_main_first():
+                folder = fetch(["config.json", *(n + INDEX_SUFFIX for n in WEIGHT_FILES)])
+                weights = _weight_files(folder, fetch)
+        except LlmkdError:
+            raise
         except Exception as e:  # offline without a cached copy, auth, unknown id
             raise LlmkdError(
                 f"cannot locate the files of {cfg.name!r} to hash them ({type(e).__name__}); "
                 "download it where the hub is reachable and set model.name to that folder"
             ) from None
-    weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
-    if not weights:
-        raise LlmkdError(f"{folder}: no *.safetensors or *.bin weight files")
-    files = {p.name: _file_digest(p) for p in [*weights, folder / "config.json"] if p.is_file()}
+    files = {name: _file_digest(folder / name) for name in [*weights, "config.json"] if (folder / name).is_file()}
     return {
         "reference": cfg.name,
         "revision": cfg.revision,

@@ -531,3 +531,117 @@ def test_two_process_build_equals_one_process(tmp_path, stand_in):
     assert content(two.manifest) == content(one.manifest)
     for a, b in zip(two.shard_paths, one.shard_paths, strict=True):
         assert a.read_bytes() == b.read_bytes(), a.name
+
+
+# --- The teacher's identity ------------------------------------------------------------------------------
+
+SHARDS = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+INDEX = "model.safetensors.index.json"
+# A repo like mistralai/Mistral-7B-Instruct-v0.3: the HF shards and their index, a consolidated copy for
+# another runtime, and a pickled copy from_pretrained never reads beside the safetensors.
+FAKE_REPO = {
+    "config.json": b'{"model_type": "llama"}',
+    SHARDS[0]: b"shard one", SHARDS[1]: b"shard two",
+    INDEX: json.dumps({"metadata": {}, "weight_map": {"a": SHARDS[0], "b": SHARDS[1], "c": SHARDS[0]}}).encode(),
+    "consolidated.safetensors": b"another runtime's copy", "pytorch_model.bin": b"a pickled copy",
+}
+
+
+def write_files(folder: Path, files: dict) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return folder
+
+
+def fake_hub(monkeypatch, repo: Path, snapshot: Path, log: list):
+    """huggingface_hub.snapshot_download serving `repo` into `snapshot`, each file it copies logged."""
+    import fnmatch
+
+    import huggingface_hub
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=None, **_):
+        snapshot.mkdir(parents=True, exist_ok=True)
+        for f in sorted(repo.iterdir()):
+            if allow_patterns is None or any(fnmatch.fnmatch(f.name, p) for p in allow_patterns):
+                log.append(f.name)
+                shutil.copy(f, snapshot / f.name)
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+
+
+def test_teacher_identity_fetches_and_hashes_only_what_from_pretrained_reads(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    fetched = []
+    fake_hub(monkeypatch, write_files(tmp_path / "repo", FAKE_REPO), tmp_path / "snapshot", fetched)
+    identity = transfer_set.teacher_identity(SimpleNamespace(name="fake-org/fake-model", revision=None))
+    assert sorted(fetched) == sorted(["config.json", INDEX, *SHARDS])  # each once: no consolidated, no .bin
+    assert identity["files"] == {n: models.sha256_file(tmp_path / "repo" / n) for n in ["config.json", *SHARDS]}
+    assert identity["resolved"] == str(tmp_path / "snapshot")
+
+
+def test_teacher_identity_of_a_folder_hashes_only_what_from_pretrained_reads(tmp_path):
+    from types import SimpleNamespace
+
+    def files(folder):
+        return set(transfer_set.teacher_identity(SimpleNamespace(name=str(folder), revision=None))["files"])
+
+    assert files(write_files(tmp_path / "sharded", FAKE_REPO)) == {"config.json", *SHARDS}
+    single = {"config.json": b"{}", "model.safetensors": b"w", "consolidated.safetensors": b"c", "pytorch_model.bin": b"b"}
+    assert files(write_files(tmp_path / "single", single)) == {"config.json", "model.safetensors"}
+    assert files(write_files(tmp_path / "bin", {"config.json": b"{}", "pytorch_model.bin": b"b"})) == \
+        {"config.json", "pytorch_model.bin"}
+    with pytest.raises(LlmkdError, match=r"bare: no model\.safetensors\[\.index\.json\] or pytorch_model\.bin"):
+        files(write_files(tmp_path / "bare", {"config.json": b"{}", "consolidated.safetensors": b"c"}))
+    (tmp_path / "sharded" / SHARDS[1]).unlink()
+    with pytest.raises(LlmkdError, match=rf"index\.json: names {SHARDS[1]}, not in"):
+        files(tmp_path / "sharded")
+
+
+def test_teacher_identity_of_the_embedded_default_is_unchanged():
+    """The rule before: every *.safetensors of the folder (else *.bin) and config.json. Sets built then stay valid."""
+    folder = models.embedded_model_dir()
+    before = {p.name: models.sha256_file(p) for p in [*sorted(folder.glob("*.safetensors")), folder / "config.json"]}
+    identity = transfer_set.teacher_identity(recipe(GOLD_OVERRIDES).model)
+    assert identity["files"] == before and list(before) == ["model.safetensors", "config.json"]
+    assert identity["sha256"] == transfer_set.sha256_text(json.dumps(before, sort_keys=True))
+
+
+def test_two_processes_fetch_the_teacher_one_after_the_other(tmp_path):
+    """Under a process group, the local main process fetches first; the other waits, then finds the cache."""
+    repo = write_files(tmp_path / "repo", FAKE_REPO)
+    script = tmp_path / "identity.py"
+    script.write_text(
+        "import os, shutil, sys, time\n"
+        "import torch.distributed as dist\n"
+        "import huggingface_hub\n"
+        "from types import SimpleNamespace\n"
+        "from llmkd import transfer_set\n"
+        "rank = int(os.environ['RANK'])\n"
+        "dist.init_process_group('gloo', init_method=sys.argv[1], rank=rank, world_size=2)\n"
+        "def snapshot_download(repo_id, revision=None, allow_patterns=None, **_):\n"
+        "    with open(sys.argv[2], 'a') as log:\n"
+        "        log.write(f'{rank} start\\n')\n"
+        "    time.sleep(1.0 if rank == 0 else 0)\n"
+        f"    shutil.copytree({str(repo)!r}, sys.argv[3], dirs_exist_ok=True)\n"
+        "    with open(sys.argv[2], 'a') as log:\n"
+        "        log.write(f'{rank} end\\n')\n"
+        "    return sys.argv[3]\n"
+        "huggingface_hub.snapshot_download = snapshot_download\n"
+        "dist.barrier()\n"
+        "transfer_set.teacher_identity(SimpleNamespace(name='fake-org/fake-model', revision=None))\n"
+        "dist.destroy_process_group()\n"
+    )
+    log, init = tmp_path / "log", f"file://{tmp_path / 'rendezvous'}"
+    procs = [subprocess.Popen([sys.executable, str(script), init, str(log), str(tmp_path / f"snapshot-{rank}")],
+                              env={**os.environ, "PYTHONPATH": str(REPO), "RANK": str(rank), "LOCAL_RANK": str(rank),
+                                   "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank in (0, 1)]
+    for p in procs:
+        out, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, out[-3000:]
+    ranks = [line.split()[0] for line in log.read_text().splitlines()]
+    assert ranks == sorted(ranks) and ranks.count("0") == ranks.count("1") == 6, ranks  # 3 fetches, start + end
