@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
 import re
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from llmkd import atomic, models
 from llmkd.config import Recipe
@@ -66,20 +70,65 @@ def write_shard(path: Path, columns: dict, k: int) -> None:
         f.write(data)
 
 
+# safetensors' names of the numpy dtypes (those of the format, and any a foreign file may hold).
+SAFETENSORS_DTYPES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "U16": "uint16", "I16": "int16", "F16": "float16",
+                      "U32": "uint32", "I32": "int32", "F32": "float32", "U64": "uint64", "I64": "int64", "F64": "float64"}
+MAPPED = ("input_ids", "topk_ids", "topk_logprobs", "tail_logmass")  # per token: `read_shard` maps them
+TARGET_LOGPROBS = ("topk_logprobs", "tail_logmass")  # the float16 columns `verify` checks for finiteness
+
+
+def _header(f, size: int) -> tuple[dict, int]:
+    """(header, offset of the data) of the safetensors file open as `f`, `size` bytes long: every
+    tensor's dtype known and its bytes inside the file and of its shape's size; ValueError otherwise."""
+    n = int.from_bytes(f.read(8), "little")
+    if not 2 <= n <= size - 8:
+        raise ValueError(f"a header of {n} bytes in a file of {size}")
+    header = json.loads(f.read(n))
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = info["data_offsets"]
+        itemsize = np.dtype(SAFETENSORS_DTYPES[info["dtype"]]).itemsize
+        if any(not isinstance(d, int) or d < 0 for d in info["shape"]) or \
+                not 0 <= begin <= end <= size - 8 - n or end - begin != math.prod(info["shape"]) * itemsize:
+            raise ValueError(f"{name}'s data_offsets {begin}..{end} do not hold its {info['dtype']} {info['shape']}")
+    return header, 8 + n
+
+
 def read_shard(path: Path, k: int | None = None, names=tuple(TENSORS)) -> dict:
     """The arrays `names` of one shard (and its string columns), checked to fit together; a one-line
-    LlmkdError naming the file otherwise. `k`: the top_k the manifest expects."""
-    from safetensors import SafetensorError, safe_open
+    LlmkdError naming the file otherwise. `k`: the top_k the manifest expects.
 
+    The per-token arrays (MAPPED) are views of the file mapped into memory (copy-on-write: nothing is
+    written back), the per-example ones are read: reading a shard reads its header and offsets only,
+    a row's tokens come from the page cache when it is used, and the processes of a launch share them.
+    Reading the offsets rather than mapping them keeps the open set's resident pages at none (the page
+    cache maps a shard's first 2 MiB at once). Mapped through torch, which keeps no file descriptor
+    open per shard (Python's mmap would: one per shard, of thousands).
+    """
+    out, mapped = {}, None
     try:
-        with safe_open(str(path), framework="numpy") as f:
-            meta, keys = f.metadata() or {}, set(f.keys())
-            missing = [n for n in names if n not in keys]
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            header, start = _header(f, size)
+            meta, missing = header.get("__metadata__") or {}, [n for n in names if n not in header]
             if missing or SHARD_METADATA_KEY not in meta:
                 raise LlmkdError(f"{path}: not a transfer-set shard (no {', '.join(missing) or SHARD_METADATA_KEY})")
-            out = {n: f.get_tensor(n) for n in names}
             strings = json.loads(meta[SHARD_METADATA_KEY])
-    except (SafetensorError, OSError, ValueError) as e:
+            for name in names:
+                info = header[name]
+                begin, end = (start + o for o in info["data_offsets"])
+                if name in MAPPED:
+                    if mapped is None:
+                        mapped = torch.from_file(str(path), shared=False, size=size, dtype=torch.uint8).numpy()  # (size,)
+                    data = mapped[begin:end]
+                else:
+                    f.seek(begin)
+                    data = np.frombuffer(f.read(end - begin), np.uint8)
+                out[name] = data.view(SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
         raise LlmkdError(f"{path}: unreadable shard ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     for name, a in out.items():
         if a.dtype != np.dtype(TENSORS[name]) or a.ndim != (2 if name in ("topk_ids", "topk_logprobs") else 1):
@@ -275,31 +324,25 @@ def read_manifest(path: str | Path) -> Manifest:
 
 class Examples(Sequence):
     """Transfer-set examples, shard after shard, as a sequence of rows: dicts with the keys of
-    `write_shard`'s columns, numpy arrays for the token columns (views into the shards' arrays)."""
+    `write_shard`'s columns, numpy arrays for the token columns. A row's arrays are views into its
+    shard's memory-mapped arrays (`read_shard`): nothing is concatenated or copied, so the examples
+    hold their lengths and strings in memory and their tokens stay in the files until used."""
 
     def __init__(self, shards: Sequence[dict]):
-        def cat(key: str, k: int | None = None) -> np.ndarray:
-            parts = [s[key] for s in shards]
-            return np.concatenate(parts) if parts else np.zeros((0,) if k is None else (0, k), dtype=TENSORS[key])
-
-        bases = np.cumsum([0] + [s["input_offsets"][-1] for s in shards])
-        self._offsets = np.concatenate([*(s["input_offsets"][:-1] + b for s, b in zip(shards, bases)), bases[-1:]])
-        self._ids = cat("input_ids")
-        self._starts = cat("response_start").astype(np.int64)
-        self.input_lengths = np.diff(self._offsets)  # (n,) tokens per example
-        self.response_lengths = self.input_lengths - self._starts  # (n,) teacher rows per example
-        self._row_offsets = np.concatenate([[0], np.cumsum(self.response_lengths)])
-        k = shards[0]["topk_ids"].shape[1] if shards else 0
-        self._topk_ids, self._topk_logprobs = cat("topk_ids", k), cat("topk_logprobs", k)
-        self._tail = cat("tail_logmass")
-        self._strings = {key: [v for s in shards for v in s[key]] for key in STRINGS}
+        self._shards = list(shards)
+        self._first = np.cumsum([0, *(len(s["response_start"]) for s in self._shards)])  # (S + 1,) first example
+        lengths = [np.diff(s["input_offsets"]) for s in self._shards]
+        responses = [n - s["response_start"] for n, s in zip(lengths, self._shards)]
+        self.input_lengths = np.concatenate([np.zeros(0, np.int64), *lengths])  # (n,) tokens per example
+        self.response_lengths = np.concatenate([np.zeros(0, np.int64), *responses])  # (n,) teacher rows per example
+        self._row_offsets = [np.concatenate([[0], np.cumsum(r)]) for r in responses]  # per shard (n_s + 1,)
 
     @classmethod
     def read(cls, paths: Sequence[Path], k: int | None = None) -> "Examples":
         return cls([read_shard(p, k) for p in paths])
 
     def __len__(self) -> int:
-        return len(self._starts)
+        return int(self._first[-1])
 
     def __getitem__(self, i):
         if not isinstance(i, (int, np.integer)):
@@ -307,16 +350,18 @@ class Examples(Sequence):
         i = int(i) + len(self) if i < 0 else int(i)
         if not 0 <= i < len(self):
             raise IndexError(i)
-        a, b = self._row_offsets[i], self._row_offsets[i + 1]
+        s = int(np.searchsorted(self._first, i, side="right")) - 1  # past any empty shard starting at i
+        shard, j = self._shards[s], i - int(self._first[s])
+        offsets, (a, b) = shard["input_offsets"], self._row_offsets[s][j : j + 2]
         return {
-            "id": self._strings["id"][i],
-            "question_hash": self._strings["question_hash"][i],
-            "input_ids": self._ids[self._offsets[i] : self._offsets[i + 1]],
-            "response_start": int(self._starts[i]),
-            "finish": self._strings["finish"][i],
-            "topk_ids": self._topk_ids[a:b],
-            "topk_logprobs": self._topk_logprobs[a:b],
-            "tail_logmass": self._tail[a:b],
+            "id": shard["id"][j],
+            "question_hash": shard["question_hash"][j],
+            "input_ids": shard["input_ids"][offsets[j] : offsets[j + 1]],
+            "response_start": int(shard["response_start"][j]),
+            "finish": shard["finish"][j],
+            "topk_ids": shard["topk_ids"][a:b],
+            "topk_logprobs": shard["topk_logprobs"][a:b],
+            "tail_logmass": shard["tail_logmass"][a:b],
         }
 
     def rows(self, indices) -> list[dict]:
@@ -387,13 +432,16 @@ class TransferSet:
         return [self.path / s.file for s in self.manifest.shards]
 
     def verify(self) -> None:
-        """Every shard present, of the recorded size and sha256, well formed, with finite teacher log-probs."""
+        """Every shard present, of the recorded size and sha256, well formed, with finite teacher
+        log-probs. One read of each file, block by block (`_scan`): no shard is held in memory."""
         for entry, path in zip(self.manifest.shards, self.shard_paths):
-            check_file(path, entry.bytes, entry.sha256)
-            shard = read_shard(path, self.manifest.settings.top_k)
-            for column in ("topk_logprobs", "tail_logmass"):
-                if not np.isfinite(shard[column]).all():
-                    raise LlmkdError(f"{path}: non-finite teacher log-probabilities in column {column}")
+            check_size(path, entry.bytes)
+            digest, non_finite = _scan(path)
+            if digest != entry.sha256:
+                raise LlmkdError(f"{path}: sha256 differs from the manifest (corrupted)")
+            if non_finite is not None:
+                raise LlmkdError(f"{path}: non-finite teacher log-probabilities in column {non_finite}")
+            shard = read_shard(path, self.manifest.settings.top_k)  # the header and offsets; nothing else is read
             if len(shard["response_start"]) != entry.examples:
                 raise LlmkdError(f"{path}: {len(shard['response_start'])} rows, the manifest says {entry.examples}")
 
@@ -409,7 +457,7 @@ class TransferSet:
             raise LlmkdError(f"{self.path}: built with another chat template; rebuild the transfer set for this model")
 
     def examples(self) -> Examples:
-        """All examples, in manifest order (read whole: run `verify` first for the sha256 checks)."""
+        """All examples, in manifest order, memory-mapped (run `verify` first for the sha256 checks)."""
         for entry, path in zip(self.manifest.shards, self.shard_paths):
             if not path.is_file() or path.stat().st_size != entry.bytes:
                 raise LlmkdError(f"{path}: missing or of the wrong size; run verify()")
@@ -419,14 +467,55 @@ class TransferSet:
         return examples
 
 
-def check_file(path: Path, size: int, sha256: str) -> None:
+def check_size(path: Path, size: int) -> None:
     if not path.is_file():
         raise LlmkdError(f"{path}: shard missing")
     actual = path.stat().st_size
     if actual != size:
         raise LlmkdError(f"{path}: {actual} bytes, the manifest says {size} (truncated or replaced)")
+
+
+def check_file(path: Path, size: int, sha256: str) -> None:
+    check_size(path, size)
     if models.sha256_file(path) != sha256:
         raise LlmkdError(f"{path}: sha256 differs from the manifest (corrupted)")
+
+
+def _blocks(f, n: int, buffer: memoryview):
+    """The next `n` bytes of file `f` (fewer at its end), read into `buffer` block by block: each view
+    is valid until the next one is read."""
+    while n > 0 and (got := f.readinto(buffer[: min(len(buffer), n)])):
+        n -= got
+        yield buffer[:got]
+
+
+def _scan(path: Path) -> tuple[str, str | None]:
+    """(sha256 of the shard file, the first of TARGET_LOGPROBS holding a non-finite value or None), in
+    one sequential read that holds a block at a time and maps nothing (a shard's pages do not stay
+    resident). A malformed header is left to `read_shard`, which names the problem."""
+    digest, buffer = hashlib.sha256(), memoryview(bytearray(1 << 20))  # an even size: whole float16 values
+    non_finite = None
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        try:
+            header, start = _header(f, size)
+            spans = sorted((start + header[n]["data_offsets"][0], start + header[n]["data_offsets"][1], n)
+                           for n in TARGET_LOGPROBS if n in header and header[n]["dtype"] == "F16")
+        except (ValueError, KeyError, TypeError):
+            spans = []
+        f.seek(0)
+        position = 0
+        for begin, end, name in [*spans, (size, size, None)]:  # the bytes before each span, then the span
+            if begin < position:  # overlapping spans: read_shard refuses the file
+                continue
+            for data in _blocks(f, begin - position, buffer):
+                digest.update(data)
+            for data in _blocks(f, end - begin, buffer):
+                digest.update(data)
+                if non_finite is None and not np.isfinite(np.frombuffer(data, np.float16)).all():
+                    non_finite = name
+            position = end
+    return digest.hexdigest(), non_finite
 
 
 def summary_lines(manifest: Manifest) -> list[str]:
@@ -483,30 +572,83 @@ def _file_digest(path: Path) -> str:
     return models.recorded_sha256(real)
 
 
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # from_pretrained's order; each may come as an index
+INDEX_SUFFIX = ".index.json"  # "model.safetensors.index.json": its weight_map names the shards
+
+
+def _weight_files(folder: Path, fetch) -> list[str]:
+    """The weight files `from_pretrained` reads from `folder`: model.safetensors, else the files
+    model.safetensors.index.json names, else the same for pytorch_model.bin. Any other file (a
+    consolidated.safetensors for another runtime, .bin beside .safetensors) is neither fetched nor
+    hashed. `fetch(names)` brings those files into `folder` first (a hub snapshot; the indexes are
+    there already), if it holds them."""
+    for single in WEIGHT_FILES:
+        fetch([single])
+        if (folder / single).is_file():
+            return [single]
+        index = folder / (single + INDEX_SUFFIX)
+        if index.is_file():
+            try:
+                names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise LlmkdError(f"{index}: not a weight index ({type(e).__name__}: {e})") from None
+            fetch(names)
+            missing = [n for n in names if not (folder / n).is_file()]
+            if missing:
+                raise LlmkdError(f"{index}: names {', '.join(missing)}, not in {folder}")
+            return names
+    raise LlmkdError(f"{folder}: no {' or '.join(n + f'[{INDEX_SUFFIX}]' for n in WEIGHT_FILES)}")
+
+
+@contextmanager
+def _local_main_first():
+    """Under a process group of several processes, the body runs on each machine's main process
+    (LOCAL_RANK 0) first and on the others once it is done, so they find the files in the hub cache
+    rather than downloading them too. Builder and trainer join their group (accelerate) before they
+    hash the teacher; without one (one process) the body just runs."""
+    import torch.distributed as dist
+
+    group = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    first = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    if group and not first:
+        dist.barrier()
+    try:
+        yield
+    finally:
+        if group and first:  # also when it failed: the others then try and say why themselves
+            dist.barrier()
+
+
 def teacher_identity(cfg) -> dict:
     """{reference, revision, resolved, files: {name: sha256}, sha256}: what the teacher's content is.
 
-    The files are the weights (`*.safetensors`, else `*.bin`) and config.json; for a hub id, those of
-    the resolved snapshot in the local hub cache (downloaded if missing and the hub is reachable).
+    The files are config.json and the weight files `from_pretrained` reads (`_weight_files`; not an
+    index, which names the shards but holds no weight); for a hub id, those of the resolved snapshot
+    in the local hub cache, downloaded if missing and the hub is reachable: config.json and the
+    indexes first, then only the weight files named, on each machine's main process first.
     """
     resolved = models.resolve(cfg.name)
     folder = Path(resolved)
-    if not folder.is_dir():  # a hub id
+    if folder.is_dir():
+        weights = _weight_files(folder, fetch=lambda names: None)
+    else:  # a hub id
         try:
             from huggingface_hub import snapshot_download
 
-            folder = Path(snapshot_download(
-                resolved, revision=cfg.revision, allow_patterns=["*.safetensors", "*.bin", "*.json"]
-            ))
+            def fetch(names: list[str]) -> Path:
+                return Path(snapshot_download(resolved, revision=cfg.revision, allow_patterns=names))
+
+            with _local_main_first():
+                folder = fetch(["config.json", *(n + INDEX_SUFFIX for n in WEIGHT_FILES)])
+                weights = _weight_files(folder, fetch)
+        except LlmkdError:
+            raise
         except Exception as e:  # offline without a cached copy, auth, unknown id
             raise LlmkdError(
                 f"cannot locate the files of {cfg.name!r} to hash them ({type(e).__name__}); "
                 "download it where the hub is reachable and set model.name to that folder"
             ) from None
-    weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
-    if not weights:
-        raise LlmkdError(f"{folder}: no *.safetensors or *.bin weight files")
-    files = {p.name: _file_digest(p) for p in [*weights, folder / "config.json"] if p.is_file()}
+    files = {name: _file_digest(folder / name) for name in [*weights, "config.json"] if (folder / name).is_file()}
     return {
         "reference": cfg.name,
         "revision": cfg.revision,

@@ -361,6 +361,77 @@ def test_verify_detects_non_finite_logprobs(gold_copy):
         transfer_set.TransferSet.open(gold_copy.path).verify()
 
 
+def larger(ts: transfer_set.TransferSet, shards: int = 3, tokens: int = 40_000, nan: bool = False):
+    """`ts` rewritten as `shards` shards of 3 examples of `tokens` tokens (about 6.5 MB each at top-8),
+    the manifest updated; nan: the last shard's last tail_logmass not finite (past its first MiB)."""
+    import numpy as np
+
+    k, data = ts.manifest.settings.top_k, json.loads((ts.path / "manifest.json").read_text())
+    for path in ts.shard_paths:
+        path.unlink()
+    data["shards"] = []
+    for i in range(shards):
+        columns = random_columns([tokens, tokens - 1, tokens - 2], [10, 20, 30], k, seed=i)
+        if nan and i == shards - 1:
+            columns["tail_logmass"][-1][-1] = np.float16("nan")
+        path = ts.path / transfer_set.shard_name(i)
+        transfer_set.write_shard(path, columns, k)
+        data["shards"].append({"file": transfer_set.shard_name(i), "examples": 3, "response_tokens": 3 * tokens - 63,
+                               "bytes": path.stat().st_size, "sha256": models.sha256_file(path),
+                               "mean_topk_mass": 0.9, "seconds": 0.0})
+    data["totals"]["examples"] = 3 * shards
+    (ts.path / "manifest.json").write_text(json.dumps(data))
+    return transfer_set.TransferSet.open(ts.path)
+
+
+def test_opening_a_set_holds_no_copy_of_it(gold_copy):
+    """verify + examples, what a training start runs: memory for a read block, not for a shard or the set."""
+    import tracemalloc
+
+    import numpy as np
+
+    ts = larger(gold_copy)
+    shard = min(e.bytes for e in ts.manifest.shards)
+    tracemalloc.start()
+    try:
+        ts.verify()
+        examples = ts.examples()
+        sums = [float(r["topk_logprobs"].sum(dtype=np.float32)) for r in examples]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(sums) == 9 and shard > 6_000_000
+    assert peak < shard / 2, f"{peak:,} B allocated at peak, a shard is {shard:,} B"
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads Linux's /proc/self/maps")
+def test_rows_are_views_of_the_mapped_shard_files(tmp_path):
+    import numpy as np
+
+    k = 3
+    paths = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
+    for seed, path in enumerate(paths):
+        transfer_set.write_shard(path, random_columns([5, 2, 7], [2, 1, 6], k, seed=seed), k)
+    examples = transfer_set.Examples.read(paths, k)
+    maps = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        span, *_, name = line.split(maxsplit=5)
+        low, high = (int(x, 16) for x in span.split("-"))
+        maps.append((low, high, name))
+    for i in (0, 2, 3, 5):
+        for key in ("input_ids", "topk_ids", "topk_logprobs", "tail_logmass"):
+            address = examples[i][key].__array_interface__["data"][0]
+            where = [name for low, high, name in maps if low <= address < high]
+            assert where == [str(paths[i // 3])], (i, key, where)
+    assert not np.shares_memory(examples[0]["topk_ids"], examples[1]["topk_ids"])
+
+
+def test_verify_finds_a_non_finite_value_past_the_first_block(gold_copy):
+    ts = larger(gold_copy, nan=True)
+    with pytest.raises(LlmkdError, match=r"shard-00002\.safetensors: non-finite teacher log-probabilities in column tail_logmass"):
+        ts.verify()
+
+
 def test_tokenizer_mismatch_refused(gold_set, smol_tokenizer):
     other = copy.deepcopy(smol_tokenizer)
     other.add_tokens(["<llmkd-new-token>"])
@@ -460,3 +531,117 @@ def test_two_process_build_equals_one_process(tmp_path, stand_in):
     assert content(two.manifest) == content(one.manifest)
     for a, b in zip(two.shard_paths, one.shard_paths, strict=True):
         assert a.read_bytes() == b.read_bytes(), a.name
+
+
+# --- The teacher's identity ------------------------------------------------------------------------------
+
+SHARDS = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+INDEX = "model.safetensors.index.json"
+# A repo like mistralai/Mistral-7B-Instruct-v0.3: the HF shards and their index, a consolidated copy for
+# another runtime, and a pickled copy from_pretrained never reads beside the safetensors.
+FAKE_REPO = {
+    "config.json": b'{"model_type": "llama"}',
+    SHARDS[0]: b"shard one", SHARDS[1]: b"shard two",
+    INDEX: json.dumps({"metadata": {}, "weight_map": {"a": SHARDS[0], "b": SHARDS[1], "c": SHARDS[0]}}).encode(),
+    "consolidated.safetensors": b"another runtime's copy", "pytorch_model.bin": b"a pickled copy",
+}
+
+
+def write_files(folder: Path, files: dict) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return folder
+
+
+def fake_hub(monkeypatch, repo: Path, snapshot: Path, log: list):
+    """huggingface_hub.snapshot_download serving `repo` into `snapshot`, each file it copies logged."""
+    import fnmatch
+
+    import huggingface_hub
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=None, **_):
+        snapshot.mkdir(parents=True, exist_ok=True)
+        for f in sorted(repo.iterdir()):
+            if allow_patterns is None or any(fnmatch.fnmatch(f.name, p) for p in allow_patterns):
+                log.append(f.name)
+                shutil.copy(f, snapshot / f.name)
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+
+
+def test_teacher_identity_fetches_and_hashes_only_what_from_pretrained_reads(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    fetched = []
+    fake_hub(monkeypatch, write_files(tmp_path / "repo", FAKE_REPO), tmp_path / "snapshot", fetched)
+    identity = transfer_set.teacher_identity(SimpleNamespace(name="fake-org/fake-model", revision=None))
+    assert sorted(fetched) == sorted(["config.json", INDEX, *SHARDS])  # each once: no consolidated, no .bin
+    assert identity["files"] == {n: models.sha256_file(tmp_path / "repo" / n) for n in ["config.json", *SHARDS]}
+    assert identity["resolved"] == str(tmp_path / "snapshot")
+
+
+def test_teacher_identity_of_a_folder_hashes_only_what_from_pretrained_reads(tmp_path):
+    from types import SimpleNamespace
+
+    def files(folder):
+        return set(transfer_set.teacher_identity(SimpleNamespace(name=str(folder), revision=None))["files"])
+
+    assert files(write_files(tmp_path / "sharded", FAKE_REPO)) == {"config.json", *SHARDS}
+    single = {"config.json": b"{}", "model.safetensors": b"w", "consolidated.safetensors": b"c", "pytorch_model.bin": b"b"}
+    assert files(write_files(tmp_path / "single", single)) == {"config.json", "model.safetensors"}
+    assert files(write_files(tmp_path / "bin", {"config.json": b"{}", "pytorch_model.bin": b"b"})) == \
+        {"config.json", "pytorch_model.bin"}
+    with pytest.raises(LlmkdError, match=r"bare: no model\.safetensors\[\.index\.json\] or pytorch_model\.bin"):
+        files(write_files(tmp_path / "bare", {"config.json": b"{}", "consolidated.safetensors": b"c"}))
+    (tmp_path / "sharded" / SHARDS[1]).unlink()
+    with pytest.raises(LlmkdError, match=rf"index\.json: names {SHARDS[1]}, not in"):
+        files(tmp_path / "sharded")
+
+
+def test_teacher_identity_of_the_embedded_default_is_unchanged():
+    """The rule before: every *.safetensors of the folder (else *.bin) and config.json. Sets built then stay valid."""
+    folder = models.embedded_model_dir()
+    before = {p.name: models.sha256_file(p) for p in [*sorted(folder.glob("*.safetensors")), folder / "config.json"]}
+    identity = transfer_set.teacher_identity(recipe(GOLD_OVERRIDES).model)
+    assert identity["files"] == before and list(before) == ["model.safetensors", "config.json"]
+    assert identity["sha256"] == transfer_set.sha256_text(json.dumps(before, sort_keys=True))
+
+
+def test_two_processes_fetch_the_teacher_one_after_the_other(tmp_path):
+    """Under a process group, the local main process fetches first; the other waits, then finds the cache."""
+    repo = write_files(tmp_path / "repo", FAKE_REPO)
+    script = tmp_path / "identity.py"
+    script.write_text(
+        "import os, shutil, sys, time\n"
+        "import torch.distributed as dist\n"
+        "import huggingface_hub\n"
+        "from types import SimpleNamespace\n"
+        "from llmkd import transfer_set\n"
+        "rank = int(os.environ['RANK'])\n"
+        "dist.init_process_group('gloo', init_method=sys.argv[1], rank=rank, world_size=2)\n"
+        "def snapshot_download(repo_id, revision=None, allow_patterns=None, **_):\n"
+        "    with open(sys.argv[2], 'a') as log:\n"
+        "        log.write(f'{rank} start\\n')\n"
+        "    time.sleep(1.0 if rank == 0 else 0)\n"
+        f"    shutil.copytree({str(repo)!r}, sys.argv[3], dirs_exist_ok=True)\n"
+        "    with open(sys.argv[2], 'a') as log:\n"
+        "        log.write(f'{rank} end\\n')\n"
+        "    return sys.argv[3]\n"
+        "huggingface_hub.snapshot_download = snapshot_download\n"
+        "dist.barrier()\n"
+        "transfer_set.teacher_identity(SimpleNamespace(name='fake-org/fake-model', revision=None))\n"
+        "dist.destroy_process_group()\n"
+    )
+    log, init = tmp_path / "log", f"file://{tmp_path / 'rendezvous'}"
+    procs = [subprocess.Popen([sys.executable, str(script), init, str(log), str(tmp_path / f"snapshot-{rank}")],
+                              env={**os.environ, "PYTHONPATH": str(REPO), "RANK": str(rank), "LOCAL_RANK": str(rank),
+                                   "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank in (0, 1)]
+    for p in procs:
+        out, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, out[-3000:]
+    ranks = [line.split()[0] for line in log.read_text().splitlines()]
+    assert ranks == sorted(ranks) and ranks.count("0") == ranks.count("1") == 6, ranks  # 3 fetches, start + end
