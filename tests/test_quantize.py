@@ -119,6 +119,28 @@ def test_hqq_dequantized_once_gives_bitwise_the_same_logits_and_gradients(stand_
     assert not any("forward" in vars(m) for m in model.modules() if type(m).__name__ == "HQQLinear")
 
 
+def test_the_dry_run_plans_the_students_load_peak_and_evaluations_beside_the_teacher_at_8b(capsys):
+    """Llama-3.1-8B, bf16 (14.96 GiB): an HQQ student used to be built whole in bf16 beside the resident
+    teacher (~31 GiB); now its load peaks well under the bf16 model, as NF4's does."""
+    import re
+
+    from llmkd.cli import main
+
+    bf16 = 8_030_261_248 * 2 / 2**30
+    for quant in ("hqq4", "nf4"):
+        assert main(["train", "recipes/gsm8k.yaml", f"model.quant={quant}", "--dry-run"]) == 0
+        out = capsys.readouterr().out
+        student = float(re.search(r"student load: peak ([\d.]+) GiB", out)[1])
+        evaluation = float(re.search(r"teacher's weights \(14.96 GiB\) stay while the student loads: peak ([\d.]+)",
+                                     out)[1])
+        assert 4 < student < 0.6 * bf16 and evaluation == pytest.approx(bf16 + student, abs=0.01), out
+    recipe = load_recipe("recipes/gsm8k.yaml", ["model.quant=hqq4"])
+    model_plan = plan.plan_model(recipe)
+    assert model_plan.largest_linear == 14336 * 4096  # an MLP projection
+    peak, how = plan.load_peak(recipe, model_plan)
+    assert peak > model_plan.quantized_bytes + model_plan.kept_params * 2 + 14336 * 4096 * 2 and "layer by layer" in how
+
+
 def test_sweep_trains_and_scores_every_point_once_and_a_rerun_reuses_them(stand_in, tmp_path):
     """`llmkd sweep` over nf4 and hqq4: HQQ LoRA trains on the CPU through the real trainer."""
     import json
