@@ -258,10 +258,11 @@ def load_teacher(cfg: ModelConfig):
 
 
 def load_quantized(cfg: ModelConfig, device_map):
-    """The student's base: the weights of `cfg`, their linear layers quantised by `cfg.quant`."""
+    """The student's base: the weights of `cfg`, their linear layers quantised by `cfg.quant`, on the
+    device of `device_map` ({"": device})."""
     dtype = compute_dtype(cfg)
-    model = load_pretrained(cfg, dtype=dtype, device_map=device_map, **quantize.from_pretrained_kwargs(cfg, dtype))
-    return quantize.quantize_loaded(model, cfg, dtype)
+    model = load_pretrained(cfg, dtype=dtype, **quantize.from_pretrained_kwargs(cfg, dtype, device_map))
+    return quantize.quantize_loaded(model, cfg, dtype, device_map)
 
 
 def load_student(cfg: ModelConfig, adapter: str | Path | None = None):

@@ -4,7 +4,8 @@ The architecture comes from the model's config.json where it is local (a folder,
 embedded default, the hub cache) and from a small built-in table for known hub ids offline. The
 memory model counts, per process: the quantised weights with their constants (`quantize`), what stays unquantised,
 LoRA weights with gradients and optimizer state, activations at the backward's peak, and the
-response-position logits with their gradient.
+response-position logits with their gradient; and the device's peak while the student loads, alone
+and beside an evaluation's resident teacher (`load_peak`).
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ class ModelPlan:
     total_params: int
     quantized_params: int  # in the Linear layers the quantizer converts (all but lm_head)
     quantized_bytes: float  # those layers' weights and constants as `quantize` plans them
+    largest_linear: int  # the weights of the largest of those layers: the one in flight at a load's peak
     kept_params: int  # embeddings, lm_head, norms: not quantised
     lora_modules: int
     lora_params: int
@@ -104,7 +106,9 @@ def plan_model(recipe: Recipe) -> ModelPlan:
     hit = {n: m for n, m in linears.items() if any(n == t or n.endswith("." + t) for t in targets)}
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in hit)]
     lora = sum(recipe.lora.r * (m.in_features + m.out_features) for m in hit.values())
-    return ModelPlan(config, source, total, quantized, quantized_bytes, total - quantized, len(hit), lora, missing)
+    largest = max(m.weight.numel() for m in linears.values())
+    return ModelPlan(config, source, total, quantized, quantized_bytes, largest, total - quantized, len(hit), lora,
+                     missing)
 
 
 def sequence_plan(recipe: Recipe) -> tuple[int, int, int | None, str]:
@@ -193,6 +197,24 @@ def estimated_peak_bytes(recipe: Recipe, model_plan: ModelPlan | None = None, pr
                                                 processes))
 
 
+def load_peak(recipe: Recipe, plan: ModelPlan) -> tuple[float, str]:
+    """(bytes, how) on the device at the peak of loading the student: its quantised weights, what stays
+    unquantised (in the compute dtype: training upcasts bitsandbytes' later), and the largest linear layer in flight.
+    bitsandbytes quantises each weight as transformers moves it to the device; HQQ's 16-bit model loads
+    on the CPU and each layer is quantised on the device in turn (`quantize`)."""
+    q, compute = quantize.quantizer(recipe.model), models.compute_dtype(recipe.model).itemsize
+    # hqq 0.2.8 quantises a layer from an fp32 copy with ~9 buffers of its proximal solver, fp16 on a GPU,
+    # fp32 on the CPU (measured there at 3584 x 4096: 37 B per weight beside a bf16 layer, 33 beside fp32).
+    working = 4 + 9 * (2 if models.device().type == "cuda" else 4) if q.library == "hqq" else 0
+    kept, flight = plan.kept_params * compute, plan.largest_linear * (compute + working)
+    gib = 2**30
+    how = (f"{q.name} weights + constants {plan.quantized_bytes / gib:.2f} + unquantised parts {kept / gib:.2f} "
+           f"+ the largest linear layer in flight {flight / gib:.2f}: {plan.largest_linear:,} params x "
+           + (f"({compute} B + {working} B of hqq's working copies); loaded on the CPU, quantised onto the device "
+              "layer by layer" if working else f"{compute} B; transformers quantises each weight as it loads"))
+    return plan.quantized_bytes + kept + flight, how
+
+
 def dry_run(recipe: Recipe, processes: int = 1) -> str:
     """The resolved recipe, the model plan and a memory estimate per process of `processes`; loads no weights."""
     import yaml
@@ -256,6 +278,10 @@ def dry_run(recipe: Recipe, processes: int = 1) -> str:
         lines.append(f"  train.on_policy: {op.rounds} round(s) of {op.questions} responses; during each, the teacher's "
                      f"weights ({teacher / gib:.2f} GiB) and the student's generation KV cache (~{cache / gib:.2f} GiB "
                      "at fp32) sit beside the student's weights, instead of the activations and logits above")
+    peak, how = load_peak(recipe, plan)
+    lines += [f"  student load: peak {peak / gib:.2f} GiB on the device ({how})",
+              f"  evaluation scoring fidelity: the teacher's weights ({teacher / gib:.2f} GiB) stay while the student "
+              f"loads: peak {(teacher + peak) / gib:.2f} GiB"]
     return "\n".join(lines)
 
 

@@ -4,9 +4,12 @@ how many bytes it holds per weight (planned) and in fact (measured from the load
 - bitsandbytes, quantised on load by transformers: `nf4` and `fp4` (QLoRA's 4-bit `Linear4bit`;
   `model.double_quant` applies) and `int8` (LLM.int8's `Linear8bitLt`).
 - HQQ at 2, 3, 4 and 8 bits, group size `model.hqq_group_size`. transformers refuses `HqqConfig`
-  here, so the model is loaded in the compute dtype and every linear layer of the decoder (not
-  lm_head) is replaced by hqq's `HQQLinear` on its PyTorch backend; peft puts LoRA on those. Its
-  scales and zeros stay in the compute dtype, which the byte counts show.
+  here, so the model is loaded in the compute dtype on the CPU and every linear layer of the decoder
+  (not lm_head) is moved to the device and replaced there by hqq's `HQQLinear` on its PyTorch
+  backend, one at a time; the rest follows at the end. The device never holds the 16-bit model (in
+  `llmkd eval` the teacher is already there): at most the layers quantised so far and one in flight.
+  peft puts LoRA on those layers. Their scales and zeros stay in the compute dtype, which the byte
+  counts show.
 
 Every choice quantises the same linear layers: all `nn.Linear` but the output embedding.
 """
@@ -52,22 +55,24 @@ def _bnb_config(cfg: ModelConfig, compute_dtype: torch.dtype):
     )
 
 
-def from_pretrained_kwargs(cfg: ModelConfig, compute_dtype: torch.dtype) -> dict:
-    """What `from_pretrained` needs to load the student of `cfg` (bitsandbytes quantises on load)."""
+def from_pretrained_kwargs(cfg: ModelConfig, compute_dtype: torch.dtype, device_map: dict) -> dict:
+    """What `from_pretrained` needs to load the student of `cfg` for `device_map` ({"": device}):
+    bitsandbytes quantises onto the device while loading, HQQ's 16-bit weights load on the CPU."""
     if quantizer(cfg).library == "bitsandbytes":
-        return {"quantization_config": _bnb_config(cfg, compute_dtype)}
-    return {}
+        return {"device_map": device_map, "quantization_config": _bnb_config(cfg, compute_dtype)}
+    return {"device_map": {"": "cpu"}}
 
 
-def quantize_loaded(model, cfg: ModelConfig, compute_dtype: torch.dtype):
-    """The model `from_pretrained` returned with `from_pretrained_kwargs`, quantised as `cfg` says."""
+def quantize_loaded(model, cfg: ModelConfig, compute_dtype: torch.dtype, device_map: dict):
+    """The model `from_pretrained` returned with `from_pretrained_kwargs`, quantised as `cfg` says, on
+    `device_map`'s device."""
     q = quantizer(cfg)
     if q.library == "hqq":
-        return _hqq_quantize(model, q.bits, cfg.hqq_group_size, compute_dtype)
+        return _hqq_quantize(model, q.bits, cfg.hqq_group_size, compute_dtype, device_map[""])
     return model
 
 
-def _hqq_quantize(model, bits: int, group_size: int, compute_dtype: torch.dtype):
+def _hqq_quantize(model, bits: int, group_size: int, compute_dtype: torch.dtype, device: str):
     try:
         from hqq.core.quantize import BaseQuantizeConfig, HQQBackend, HQQLinear
     except ImportError:
@@ -82,9 +87,11 @@ def _hqq_quantize(model, bits: int, group_size: int, compute_dtype: torch.dtype)
         if child.weight.numel() % group_size:
             raise LlmkdError(f"model.hqq_group_size: {group_size} does not divide the {child.weight.numel():,} "
                              f"weights of {name} ({child.in_features} x {child.out_features})")
-        device = str(child.weight.device)
-        setattr(parent, name, HQQLinear(child, quant_config=config, compute_dtype=compute_dtype, device=device,
-                                        del_orig=True))
+        # Quantised where it will run, from the weight moved there (the same arithmetic as a model loaded
+        # there whole); del_orig frees that copy.
+        setattr(parent, name, HQQLinear(child.to(device), quant_config=config, compute_dtype=compute_dtype,
+                                        device=device, del_orig=True))
+    model.to(device)  # what is not quantised: embeddings, norms, lm_head, rotary buffers
     model.hqq_quantized = True  # peft's prepare_model_for_kbit_training: no fp32 upcast, no re-quantisation
     return model
 

@@ -39,6 +39,60 @@ def test_a_group_size_that_does_not_divide_a_layer_is_a_one_line_error(stand_in)
         models.load_student(config(stand_in, "hqq4", hqq_group_size=40))
 
 
+def test_an_hqq_student_reaches_the_device_one_layer_at_a_time(stand_in, monkeypatch):
+    """The device never holds the 16-bit student: as each linear layer starts quantising, it holds the
+    layers quantised so far and that one. `meta` stands in for the GPU (shapes without values: each layer
+    is quantised from a CPU stand-in of its shape, then moved there); a spy on HQQLinear counts its bytes."""
+    from hqq.core.quantize import HQQLinear
+
+    loaded, held, full, made = [], [], [], []
+    load, init = models.load_pretrained, HQQLinear.__init__
+    monkeypatch.setattr(models, "load_pretrained", lambda *a, **kw: loaded.append(load(*a, **kw)) or loaded[-1])
+
+    def on_device() -> int:
+        tensors = {id(t): t for m in loaded[0].modules() for t in quantize._held_tensors(m)}
+        return sum(t.nbytes for t in tensors.values() if t.device.type == "meta")
+
+    def spy(self, linear, quant_config, del_orig=True, compute_dtype=torch.float16, device="cuda", initialize=True):
+        held.append(on_device())
+        full.append(linear.weight.nbytes)
+        shaped = torch.nn.Linear(linear.in_features, linear.out_features, bias=False, dtype=linear.weight.dtype)
+        init(self, shaped, quant_config, del_orig, compute_dtype, "cpu", initialize)
+        self.W_q = torch.nn.Parameter(self.W_q.to(device), requires_grad=False)  # hqq's move sets .data: no meta
+        self.meta.update(scale=self.meta["scale"].to(device), zero=self.meta["zero"].to(device))
+        made.append(sum(t.nbytes for t in quantize._held_tensors(self)))
+
+    monkeypatch.setattr(HQQLinear, "__init__", spy)
+    model = models.load_quantized(config(stand_in, "hqq4"), {"": "meta"})
+    assert len(held) == 14
+    for k in range(14):
+        assert held[k] <= sum(made[:k]) + full[k], (k, held[k], sum(made[:k]), full[k])
+    # The rest (embeddings, norms, lm_head, rotary buffers) follows at the end.
+    assert {t.device.type for m in model.modules() for t in quantize._held_tensors(m)} == {"meta"}
+
+
+def test_an_hqq_student_quantised_layer_by_layer_is_bitwise_the_one_quantised_whole(stand_in):
+    """The old build, written out: the whole model loaded where it runs (the CPU here), then each linear
+    layer but lm_head replaced there. Same packed weights, scales, zeros and logits."""
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+    cfg = config(stand_in, "hqq3")
+    new = models.load_quantized(cfg, {"": "cpu"})
+    old = models.load_pretrained(cfg, dtype=torch.float32, device_map={"": "cpu"})
+    head = old.get_output_embeddings()
+    for parent in list(old.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, torch.nn.Linear) and child is not head:
+                setattr(parent, name, HQQLinear(child, quant_config=BaseQuantizeConfig(nbits=3, group_size=64),
+                                                compute_dtype=torch.float32, device="cpu", del_orig=True))
+    new_state, old_state = new.state_dict(), old.state_dict()
+    assert new_state.keys() == old_state.keys()
+    assert all(torch.equal(v, new_state[k]) for k, v in old_state.items() if isinstance(v, torch.Tensor))
+    ids = torch.tensor([[1, 200, 3000, 40, 5]])
+    with torch.no_grad():
+        assert torch.equal(new(input_ids=ids).logits, old(input_ids=ids).logits)
+
+
 @pytest.mark.parametrize("mode", ["eval", "train"])
 def test_hqq_dequantized_once_gives_bitwise_the_same_logits_and_gradients(stand_in, mode):
     from peft import LoraConfig, get_peft_model
@@ -63,6 +117,28 @@ def test_hqq_dequantized_once_gives_bitwise_the_same_logits_and_gradients(stand_
     for a, b in zip(once[1], per_call[1], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)  # autograd's matmul backward vs hqq's own
     assert not any("forward" in vars(m) for m in model.modules() if type(m).__name__ == "HQQLinear")
+
+
+def test_the_dry_run_plans_the_students_load_peak_and_evaluations_beside_the_teacher_at_8b(capsys):
+    """Llama-3.1-8B, bf16 (14.96 GiB): an HQQ student used to be built whole in bf16 beside the resident
+    teacher (~31 GiB); now its load peaks well under the bf16 model, as NF4's does."""
+    import re
+
+    from llmkd.cli import main
+
+    bf16 = 8_030_261_248 * 2 / 2**30
+    for quant in ("hqq4", "nf4"):
+        assert main(["train", "recipes/gsm8k.yaml", f"model.quant={quant}", "--dry-run"]) == 0
+        out = capsys.readouterr().out
+        student = float(re.search(r"student load: peak ([\d.]+) GiB", out)[1])
+        evaluation = float(re.search(r"teacher's weights \(14.96 GiB\) stay while the student loads: peak ([\d.]+)",
+                                     out)[1])
+        assert 4 < student < 0.6 * bf16 and evaluation == pytest.approx(bf16 + student, abs=0.01), out
+    recipe = load_recipe("recipes/gsm8k.yaml", ["model.quant=hqq4"])
+    model_plan = plan.plan_model(recipe)
+    assert model_plan.largest_linear == 14336 * 4096  # an MLP projection
+    peak, how = plan.load_peak(recipe, model_plan)
+    assert peak > model_plan.quantized_bytes + model_plan.kept_params * 2 + 14336 * 4096 * 2 and "layer by layer" in how
 
 
 def test_sweep_trains_and_scores_every_point_once_and_a_rerun_reuses_them(stand_in, tmp_path):
