@@ -269,9 +269,12 @@ def dry_run(recipe: Recipe, processes: int = 1) -> str:
     if lora.init == "activations":
         # lora_init holds four lists of calibration hidden states (student's, teacher's in and out, targets).
         states = 4 * lora.init_tokens * c.hidden_size * 4
+        whole = f"{plan.quantized_bytes / gib + plan.kept_params * models.compute_dtype(recipe.model).itemsize / gib:.2f}"
         lines.append(f"  lora.init activations: before the first step the teacher's weights ({teacher / gib:.2f} GiB) "
                      f"and the calibration hidden states (~{states / gib:.2f} GiB) sit beside the student's weights, "
-                     "instead of the activations and logits above")
+                     "instead of the activations and logits above"
+                     + (f"; on the main process only (it computes the init and hands it to the others), beside the "
+                        f"whole student ({whole} GiB, not yet sharded) on every process" if processes > 1 else ""))
     op = tr.on_policy
     if op.rounds:
         cache = 2 * c.num_hidden_layers * kv_heads * head_dim * op.batch_size * (seq_len + op.max_new_tokens) * 4

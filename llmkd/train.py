@@ -36,6 +36,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -341,6 +342,26 @@ class Session:
     rounds: on_policy.Rounds | None = None  # train.on_policy: the student answers, the teacher scores
 
 
+def activation_init(recipe: Recipe, model, examples, init_text, accelerator, *, progress: bool) -> None:
+    """lora.init activations, computed once by the main process, the only one to load the teacher, and
+    handed to the other ranks: every rank starts from the same LoRA tensors, bit for bit, which FSDP2
+    (no broadcast of its own) needs and which GPU kernels on several ranks would not promise."""
+    if accelerator.is_main_process:
+        with fastpath.dequantized_once(model, enabled=recipe.fast_paths):
+            report = lora_init.initialise_from_recipe(recipe, model, examples, init_text, progress=progress)
+        atomic.write_json(recipe.layout.lora_init, report.as_dict())  # a resumed run's summary reads it
+        print(report.line(), flush=True)
+    if accelerator.num_processes > 1:
+        import torch.distributed as dist
+
+        # The others wait here for as long as the init takes: a group of its own, with a timeout to match.
+        group = dist.new_group(timeout=timedelta(hours=12))
+        for p in model.parameters():  # the same order on every rank
+            if p.requires_grad:
+                dist.broadcast(p.data, src=0, group=group)
+        dist.destroy_process_group(group)
+
+
 def setup(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> Session:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -393,12 +414,8 @@ def setup(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> Ses
     quantization = quantize.quantization_report(model)  # training never repacks: what runs throughout
     if resume_from is not None:
         checkpoint.restore_adapter(resume_from, model)  # into the whole, unsharded model
-    elif recipe.lora.init == "activations":  # every rank the same (same data, same seed), before sharding
-        with fastpath.dequantized_once(model, enabled=recipe.fast_paths):
-            init_report = lora_init.initialise_from_recipe(recipe, model, data.examples, init_text, progress=progress)
-        if accelerator.is_main_process:
-            atomic.write_json(layout.lora_init, init_report.as_dict())  # a resumed run's summary reads it
-            print(init_report.line(), flush=True)
+    elif recipe.lora.init == "activations":  # before sharding, into the whole model
+        activation_init(recipe, model, data.examples, init_text, accelerator, progress=progress)
     if tr.sharding == "fsdp" and world > 1:
         model = sharding.shard_fsdp(model, accelerator.device, world)
     # After sharding, which replaces the parameters (optimizer, clipping and weight decay act on the shards).

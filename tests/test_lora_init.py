@@ -166,3 +166,60 @@ def test_a_student_repacked_for_cpu_inference_is_refused(stand_in, stand_in_tran
     with pytest.raises(Exception, match="repacked by bitsandbytes"):
         lora_init.initialise(student, stand_in_teacher, blocks_of(stand_in_transfer_set), batch=1, steps=1, lr=1e-3,
                              seed=0, progress=False)
+
+
+RANK_SCRIPT = """
+import os, sys
+from llmkd import models
+from llmkd.cli import main
+
+load_teacher = models.load_teacher
+
+
+def counted(*args, **kwargs):
+    with open(os.path.join(sys.argv[1], "teacher-loads-rank" + os.environ["RANK"]), "a") as f:
+        f.write("1")
+    return load_teacher(*args, **kwargs)
+
+
+models.load_teacher = counted
+sys.exit(main(["train", *sys.argv[2:]]))
+"""
+
+
+def test_under_two_ranks_the_main_process_alone_loads_the_teacher_and_computes_the_init(
+        stand_in, stand_in_transfer_set, tmp_path):
+    # Before, every rank loaded the 16-bit teacher beside its whole student and repeated the init, and
+    # under FSDP2 each kept its own result; now rank 0 computes it and broadcasts the LoRA tensors.
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    overrides = stand_in_overrides(stand_in, f"transfer_set.out={stand_in_transfer_set}", f"train.out={tmp_path / 'run'}",
+                                   "lora.init=activations", "train.batch_size=1", "train.max_steps=1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+           str(script), str(tmp_path), str(REPO / "recipes/smollm2-cpu.yaml"), *overrides]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.glob("teacher-loads-*")) == ["teacher-loads-rank0"]
+    assert (tmp_path / "teacher-loads-rank0").read_text() == "1"
+    assert proc.stdout.count("LoRA initialised from the teacher's activations") == 1
+    assert json.loads((tmp_path / "run" / "lora_init.json").read_text())["method"] == "activations"
+
+
+def test_the_dry_run_plans_the_init_on_the_main_process_beside_every_ranks_whole_student(capsys):
+    from llmkd.cli import main
+
+    assert main(["train", "recipes/gsm8k.yaml", "train.sharding=fsdp", "lora.init=activations", "--dry-run",
+                 "--processes", "4"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if "lora.init activations:" in x)
+    assert "teacher's weights (14.96 GiB)" in line and "on the main process only" in line
+    assert "whole student (5.31 GiB, not yet sharded) on every process" in line
