@@ -71,7 +71,7 @@ def write_set(out: Path, examples: int, seed: int = 0) -> transfer_set.Manifest:
     tokens, size = sum(e.response_tokens for e in entries), sum(e.bytes for e in entries)
     settings = transfer_set.Settings(
         teacher_sha256="0" * 64, teacher_dtype="bfloat16", tokenizer_sha256="0" * 64, chat_template_sha256="0" * 64,
-        vocab_size=49_152, top_k=TOP_K, response="gold", max_new_tokens=None, do_sample=None,
+        vocab_size=49_152, top_k=TOP_K, encoding="fp16", response="gold", max_new_tokens=None, do_sample=None,
         sampling_temperature=None, seed=None, stop_strings=None, decoding=None, batch_size=16, shots=0,
         renderings=["llmkd"], exemplar_seed=None, exemplar_ids=[], instruction_sha256="0" * 64, prompt_style="chat",
         source="synthetic", split="train", start=0, count=examples, questions_sha256="0" * 64, shard_size=SHARD_SIZE)

@@ -20,9 +20,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 
-from llmkd import __version__, atomic, models
+from llmkd import __version__, atomic, models, topk_encoding
 from llmkd.fastpath import shared_prefix
 from llmkd.config import Recipe
 from llmkd.data import prompts
@@ -84,7 +85,7 @@ def make_settings(recipe: Recipe, tokenizer, teacher: dict, rows: Sequence[dict]
     sampled = teacher_mode and ts.do_sample
     if ts.top_k >= vocab_size:
         raise LlmkdError(f"transfer_set.top_k={ts.top_k} is not below the teacher's vocabulary ({vocab_size:,} tokens): "
-                         "the tail bucket would be empty; keep top_k well below it (64 is plenty)")
+                         "the tail bucket would be empty; keep top_k well below it (32 is plenty)")
     return Settings(
         teacher_sha256=teacher["sha256"],
         teacher_dtype=str(models.teacher_dtype(recipe.model)).removeprefix("torch."),
@@ -92,6 +93,7 @@ def make_settings(recipe: Recipe, tokenizer, teacher: dict, rows: Sequence[dict]
         chat_template_sha256=chat_template_sha256(tokenizer),
         vocab_size=vocab_size,
         top_k=ts.top_k,
+        encoding=ts.encoding,
         response=ts.response,
         max_new_tokens=ts.max_new_tokens if teacher_mode else None,
         do_sample=ts.do_sample if teacher_mode else None,
@@ -248,26 +250,30 @@ def teacher_targets(teacher, sequences: Sequence[list[int]], starts: Sequence[in
 
 def shard_columns(rows: Sequence[dict], sequences: Sequence[list[int]], starts: Sequence[int], finishes: Sequence[str],
                   targets: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], *, where: str,
-                  ) -> tuple[dict, torch.Tensor]:
-    """(the columns of a shard, the stored top-k mass of every response token): `rows` give the id
-    and question hash, `targets` are `teacher_targets`' output for `sequences` (prompt + response)."""
-    targets = [(ids.to(torch.int32), logprobs.to(torch.float16), tail.to(torch.float16)) for ids, logprobs, tail in targets]
-    for r, (_, logprobs, tail) in zip(rows, targets):
-        if not (torch.isfinite(logprobs).all() and torch.isfinite(tail).all()):
+                  encoding: str, vocab_size: int) -> tuple[dict, np.ndarray]:
+    """(the columns of a shard, the top-k mass of every response token as `encoding` stores it):
+    `rows` give the id and question hash, `targets` are `teacher_targets`' output for `sequences`
+    (prompt + response), kept at full precision for `write_shard` to encode."""
+    targets = [(ids.numpy(), logprobs.float().numpy(), tail.float().numpy()) for ids, logprobs, tail in targets]
+    masses = []
+    for r, (ids, logprobs, tail) in zip(rows, targets):
+        finite = np.isfinite(logprobs).all() and np.isfinite(tail).all()  # compact's bytes would hide a NaN
+        _, logprobs, tail = topk_encoding.decode(encoding, topk_encoding.encode(encoding, ids, logprobs, tail, vocab_size))
+        if not (finite and np.isfinite(logprobs).all() and np.isfinite(tail).all()):
             raise LlmkdError(f"teacher produced non-finite log-probabilities on {r['id']} ({where}); "
                              "check the teacher's weights and dtype")
+        masses.append(np.exp(logprobs.astype(np.float64)).sum(-1))  # (R,)
     columns = {
         "id": [r["id"] for r in rows],
         "question_hash": [r["question_hash"] for r in rows],
         "input_ids": list(sequences),
         "response_start": list(starts),
         "finish": list(finishes),
-        "topk_ids": [t[0].numpy() for t in targets],
-        "topk_logprobs": [t[1].numpy() for t in targets],
-        "tail_logmass": [t[2].numpy() for t in targets],
+        "topk_ids": [t[0] for t in targets],
+        "topk_logprobs": [t[1] for t in targets],
+        "tail_logmass": [t[2] for t in targets],
     }
-    masses = torch.cat([t[1].float().logsumexp(-1).exp() for t in targets])  # (tokens,) as stored
-    return columns, masses
+    return columns, np.concatenate([np.zeros(0), *masses])
 
 
 @dataclass
@@ -329,13 +335,15 @@ def _build_shard(job: _Job, index: int, rows: Sequence[dict]) -> dict:
         targets = teacher_targets(teacher, sequences, starts, k, pad_id=tok.pad_token_id, batch_size=ts.batch_size,
                                   share_prefix=job.recipe.fast_paths, on_batch=progress)
 
-    columns, masses = shard_columns(rows, sequences, starts, finishes, targets, where=f"shard {index}")
+    s = job.settings
+    columns, masses = shard_columns(rows, sequences, starts, finishes, targets, where=f"shard {index}",
+                                    encoding=s.encoding, vocab_size=s.vocab_size)
     path = job.out / shard_name(index)
-    write_shard(path, columns, k)
+    write_shard(path, columns, k, s.encoding, s.vocab_size)
     record = asdict(ShardEntry(
-        file=shard_name(index), examples=len(rows), response_tokens=int(masses.numel()),
+        file=shard_name(index), examples=len(rows), response_tokens=int(masses.size),
         bytes=path.stat().st_size, sha256=models.sha256_file(path),
-        mean_topk_mass=float(masses.double().mean()), seconds=round(time.perf_counter() - t0, 3),
+        mean_topk_mass=float(masses.mean()), seconds=round(time.perf_counter() - t0, 3),
     ))
     atomic.write_json(_progress_path(job.out, index), record)
     return record

@@ -84,8 +84,12 @@ class TransferSetConfig(Section):
     renderings: list[Rendering] = Field(["llmkd"], min_length=1)
     """How the examples are written (llmkd/data/prompts.py RENDERINGS), taken in turn: example i gets
     renderings[i % n]. More than llmkd's own format trains on varied text (0-shot only)."""
-    top_k: int = Field(64, gt=0)
+    top_k: int = Field(32, gt=0)
     """Teacher logprobs kept per token; the rest of the mass is one tail bucket."""
+    encoding: Literal["compact", "fp16"] = "compact"
+    """How the targets are stored (llmkd/topk_encoding.py). compact: ids in the vocabulary's bit width and
+    one byte per probability, 3K + 2 B per token; fp16: int32 ids and fp16 log-probs, 6K + 2 B (the exact
+    format of sets built before it, with top_k 64)."""
     max_new_tokens: int = Field(256, gt=0)
     """Longest teacher generation (response: teacher)."""
     do_sample: bool = False

@@ -135,13 +135,15 @@ class Rounds:
         return self._open(r, {**record, "reused": True})
 
     def _open(self, r: int, record: dict) -> Round:
-        examples = Examples.read([self._shard_path(r)], self.data.transfer_set.manifest.settings.top_k)
+        settings = self.data.transfer_set.manifest.settings
+        examples = Examples.read([self._shard_path(r)], settings.top_k, settings.encoding)
         self.done.append(record)
         return Round(examples=examples, index=r, record=record)
 
     def _make(self, r: int, step: int, student) -> Round:
         """Round r at `step`: `student` (the unwrapped PeftModel) answers, a freshly loaded teacher scores."""
-        cfg, tok, k = self.cfg, self.tokenizer, self.data.transfer_set.manifest.settings.top_k
+        cfg, tok, settings = self.cfg, self.tokenizer, self.data.transfer_set.manifest.settings
+        k = settings.top_k
         n = len(self.data.examples)
         picks = np.random.default_rng([self.seed, ROUND_STREAM, r]).choice(
             n, size=min(cfg.questions, n), replace=False)
@@ -176,16 +178,17 @@ class Rounds:
             del teacher
             models.release_memory()
         meta = [{"id": str(row["id"]), "question_hash": str(row["question_hash"])} for row in rows]
-        columns, masses = builder.shard_columns(meta, sequences, starts, finishes, targets, where=f"on-policy round {r}")
+        columns, masses = builder.shard_columns(meta, sequences, starts, finishes, targets, where=f"on-policy round {r}",
+                                                encoding=settings.encoding, vocab_size=settings.vocab_size)
         path = self._shard_path(r)
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_shard(path, columns, k)
+        write_shard(path, columns, k, settings.encoding, settings.vocab_size)
         record = {
             "round": r, "step": step, "file": path.name, "bytes": path.stat().st_size,
-            "sha256": models.sha256_file(path), "examples": len(rows), "response_tokens": int(masses.numel()),
-            "mean_response_tokens": round(masses.numel() / len(rows), 1),
+            "sha256": models.sha256_file(path), "examples": len(rows), "response_tokens": int(masses.size),
+            "mean_response_tokens": round(masses.size / len(rows), 1),
             "finish": {f: finishes.count(f) for f in sorted(set(finishes))},
-            "mean_topk_mass": round(float(masses.double().mean()), 6),
+            "mean_topk_mass": round(float(masses.mean()), 6),
             "generation_seconds": round(generated, 2), "scoring_seconds": round(time.perf_counter() - t1, 2),
             "decoding": decoding_settings(max_new_tokens=cfg.max_new_tokens, stop_strings=prompts.STOP_STRINGS,
                                           do_sample=cfg.do_sample, temperature=cfg.temperature, seed=seed),

@@ -633,10 +633,10 @@ def _tracker_config(recipe: Recipe) -> dict:
 
 
 def _print_header(s: Session) -> None:
-    tr, plan, acc = s.recipe.train, s.plan, s.accelerator
+    tr, plan, acc, settings = s.recipe.train, s.plan, s.accelerator, s.data.transfer_set.manifest.settings
     dropped = plan.examples - plan.steps_per_epoch * plan.effective_batch
     print(
-        f"llmkd train: {plan.examples} examples from {s.data.path} (top-{s.data.transfer_set.manifest.settings.top_k}); "
+        f"llmkd train: {plan.examples} examples from {s.data.path} (top-{settings.top_k}, {settings.encoding}); "
         f"{acc.num_processes} process(es) on {acc.device} ({acc.distributed_type.value}"
         f"{SHARDED_BY[s.recipe.train.sharding] if sharding.is_sharded(s.model) else ''}); effective batch "
         f"{tr.batch_size} x {tr.grad_accum} x {acc.num_processes} = {plan.effective_batch}; "

@@ -21,48 +21,54 @@ from typing import Any
 import numpy as np
 import torch
 
-from llmkd import atomic, models
+from llmkd import atomic, models, topk_encoding
 from llmkd.config import Recipe
 from llmkd.errors import LlmkdError
 
-FORMAT_VERSION = 4  # 2: settings.decoding; 3: settings.renderings; 4: safetensors shards
+FORMAT_VERSION = 5  # 2: settings.decoding; 3: settings.renderings; 4: safetensors shards; 5: settings.encoding
+READABLE_VERSIONS = (4, 5)  # a version 4 set is read as the fp16 encoding it holds
 MANIFEST = "manifest.json"  # written last: a folder without it is not a transfer set
 BUILD_FILE = "build.json"  # a folder with it and no manifest is an unfinished build
 SHARD_DIR = "shards"
 LLAMA31_VOCAB = 128_256  # the reference study's teacher, for the size comparison
 
 
-# A shard's tensors and their dtypes, and the header metadata key of its string columns (one key,
-# so the header's bytes are deterministic); the layout is transfer_sets/README.md's.
-TENSORS = {"input_ids": "int32", "input_offsets": "int64", "response_start": "int32",
-           "topk_ids": "int32", "topk_logprobs": "float16", "tail_logmass": "float16"}
+# A shard's tensors: the examples' tokens, then the teacher's targets in the set's encoding
+# (`topk_encoding.STORED`); and the header metadata key of its string columns (one key, so the
+# header's bytes are deterministic). The layout is transfer_sets/README.md's.
+TOKEN_TENSORS = {"input_ids": "int32", "input_offsets": "int64", "response_start": "int32"}
 STRINGS = ("id", "question_hash", "finish")
-ROW_ARRAYS = ("input_ids", "response_start", "topk_ids", "topk_logprobs", "tail_logmass")
+ROW_ARRAYS = ("input_ids", "response_start", "topk_ids", "topk_logprobs", "tail_logmass")  # a row's, decoded
 SHARD_METADATA_KEY = "llmkd.transfer_set.strings"
 
 
-def write_shard(path: Path, columns: dict, k: int) -> None:
+def tensor_names(encoding: str) -> tuple[str, ...]:
+    return (*TOKEN_TENSORS, *topk_encoding.STORED[encoding])
+
+
+def write_shard(path: Path, columns: dict, k: int, encoding: str = "fp16", vocab_size: int | None = None) -> None:
     """Write one shard atomically with deterministic bytes (the same rows give the same file).
 
     `columns`: a list per row field (`Examples` gives rows with these keys): id, question_hash,
     finish (str), input_ids (L,), response_start (int), topk_ids / topk_logprobs (R, K) and
-    tail_logmass (R,), R = L - response_start.
+    tail_logmass (R,), R = L - response_start; the targets are stored in `encoding`, which for
+    `compact` needs the teacher's `vocab_size`.
     """
     from safetensors.numpy import save
 
     lengths = np.array([len(x) for x in columns["input_ids"]], dtype=np.int64)
 
-    def joined(key: str, shape: tuple) -> np.ndarray:
-        parts = [np.asarray(x, dtype=TENSORS[key]).reshape(shape) for x in columns[key]]
-        return np.concatenate(parts) if parts else np.zeros((0, *shape[1:]), dtype=TENSORS[key])
+    def joined(key: str, dtype, shape: tuple) -> np.ndarray:
+        parts = [np.asarray(x, dtype=dtype).reshape(shape) for x in columns[key]]
+        return np.concatenate(parts) if parts else np.zeros((0, *shape[1:]), dtype=dtype)
 
     tensors = {
-        "input_ids": joined("input_ids", (-1,)),
+        "input_ids": joined("input_ids", np.int32, (-1,)),
         "input_offsets": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
         "response_start": np.asarray(columns["response_start"], dtype=np.int32).reshape(-1),
-        "topk_ids": joined("topk_ids", (-1, k)),
-        "topk_logprobs": joined("topk_logprobs", (-1, k)),
-        "tail_logmass": joined("tail_logmass", (-1,)),
+        **topk_encoding.encode(encoding, joined("topk_ids", np.int64, (-1, k)),
+                               joined("topk_logprobs", np.float32, (-1, k)),
+                               joined("tail_logmass", np.float32, (-1,)), vocab_size),
     }
     strings = {key: [str(v) for v in columns[key]] for key in STRINGS}
     data = save(tensors, metadata={SHARD_METADATA_KEY: json.dumps(strings, separators=(",", ":"))})
@@ -73,7 +79,7 @@ def write_shard(path: Path, columns: dict, k: int) -> None:
 # safetensors' names of the numpy dtypes (those of the format, and any a foreign file may hold).
 SAFETENSORS_DTYPES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "U16": "uint16", "I16": "int16", "F16": "float16",
                       "U32": "uint32", "I32": "int32", "F32": "float32", "U64": "uint64", "I64": "int64", "F64": "float64"}
-MAPPED = ("input_ids", "topk_ids", "topk_logprobs", "tail_logmass")  # per token: `read_shard` maps them
+PER_EXAMPLE = ("input_offsets", "response_start")  # `read_shard` reads these and maps the rest (per token)
 TARGET_LOGPROBS = ("topk_logprobs", "tail_logmass")  # the float16 columns `verify` checks for finiteness
 
 
@@ -97,30 +103,35 @@ def _header(f, size: int) -> tuple[dict, int]:
     return header, 8 + n
 
 
-def read_shard(path: Path, k: int | None = None, names=tuple(TENSORS)) -> dict:
-    """The arrays `names` of one shard (and its string columns), checked to fit together; a one-line
-    LlmkdError naming the file otherwise. `k`: the top_k the manifest expects.
+def read_shard(path: Path, k: int | None = None, encoding: str = "fp16", names: Sequence[str] | None = None) -> dict:
+    """The arrays `names` (default: all of `encoding`'s) of one shard, and its string columns, checked
+    to fit together; a one-line LlmkdError naming the file otherwise. `k`: the top_k the manifest expects.
 
-    The per-token arrays (MAPPED) are views of the file mapped into memory (copy-on-write: nothing is
-    written back), the per-example ones are read: reading a shard reads its header and offsets only,
-    a row's tokens come from the page cache when it is used, and the processes of a launch share them.
-    Reading the offsets rather than mapping them keeps the open set's resident pages at none (the page
-    cache maps a shard's first 2 MiB at once). Mapped through torch, which keeps no file descriptor
+    The per-token arrays are views of the file mapped into memory (copy-on-write: nothing is written
+    back), the per-example ones (PER_EXAMPLE) are read: reading a shard reads its header and offsets
+    only, a row's tokens come from the page cache when it is used, and the processes of a launch share
+    them. Reading the offsets rather than mapping them keeps the open set's resident pages at none (the
+    page cache maps a shard's first 2 MiB at once). Mapped through torch, which keeps no file descriptor
     open per shard (Python's mmap would: one per shard, of thousands).
     """
+    stored = topk_encoding.STORED[encoding]
+    names = tensor_names(encoding) if names is None else tuple(names)
     out, mapped = {}, None
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             header, start = _header(f, size)
             meta, missing = header.get("__metadata__") or {}, [n for n in names if n not in header]
+            held = [e for e, t in topk_encoding.STORED.items() if e != encoding and all(n in header for n in t)]
+            if missing and held:
+                raise LlmkdError(f"{path}: holds the {held[0]} encoding of the teacher's targets, the manifest says {encoding}")
             if missing or SHARD_METADATA_KEY not in meta:
                 raise LlmkdError(f"{path}: not a transfer-set shard (no {', '.join(missing) or SHARD_METADATA_KEY})")
             strings = json.loads(meta[SHARD_METADATA_KEY])
             for name in names:
                 info = header[name]
                 begin, end = (start + o for o in info["data_offsets"])
-                if name in MAPPED:
+                if name not in PER_EXAMPLE:
                     if mapped is None:
                         mapped = torch.from_file(str(path), shared=False, size=size, dtype=torch.uint8).numpy()  # (size,)
                     data = mapped[begin:end]
@@ -131,9 +142,14 @@ def read_shard(path: Path, k: int | None = None, names=tuple(TENSORS)) -> dict:
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
         raise LlmkdError(f"{path}: unreadable shard ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     for name, a in out.items():
-        if a.dtype != np.dtype(TENSORS[name]) or a.ndim != (2 if name in ("topk_ids", "topk_logprobs") else 1):
-            raise LlmkdError(f"{path}: {name} is {a.dtype} {a.shape}, the format says {TENSORS[name]} "
-                             f"({'R, K' if name.startswith('topk') else 'one axis'})")
+        dtype, per_token = stored[name] if name in stored else (TOKEN_TENSORS[name], ())
+        if a.dtype != np.dtype(dtype) or a.ndim != 1 + len(per_token):
+            raise LlmkdError(f"{path}: {name} is {a.dtype} {a.shape}, the {encoding} format says {dtype} "
+                             f"({', '.join(('R', *per_token)) if name in stored else 'one axis'})")
+        if name in stored and k is not None:
+            expected = topk_encoding.row_shape(encoding, name, k, planes=a.shape[1] if "P" in per_token else 0)
+            if a.shape[1:] != expected:
+                raise LlmkdError(f"{path}: {name} is {a.shape[1:]} per row, the manifest's top_k is {k}")
     n = None
     if "input_offsets" in out:
         offsets = out["input_offsets"]
@@ -147,12 +163,9 @@ def read_shard(path: Path, k: int | None = None, names=tuple(TENSORS)) -> dict:
         if len(starts) != n or ((starts < 1) | (starts >= lengths)).any():
             raise LlmkdError(f"{path}: a response_start outside its example's tokens")
         rows = int((lengths - starts).sum())
-        for t in ("topk_ids", "topk_logprobs", "tail_logmass"):
+        for t in stored:
             if t in out and len(out[t]) != rows:
                 raise LlmkdError(f"{path}: {t} has {len(out[t])} rows, the examples' responses {rows}")
-    for t in ("topk_ids", "topk_logprobs"):
-        if t in out and k is not None and out[t].shape[1:] != (k,):
-            raise LlmkdError(f"{path}: {t} is {out[t].shape[1:]} per row, the manifest's top_k is {k}")
     if not isinstance(strings, dict) or any(not isinstance(strings.get(key), list) for key in STRINGS) or \
             (n is not None and any(len(strings[key]) != n for key in STRINGS)):
         raise LlmkdError(f"{path}: its {', '.join(STRINGS)} do not match its {n} examples")
@@ -202,6 +215,7 @@ class Settings:
     chat_template_sha256: str
     vocab_size: int
     top_k: int
+    encoding: str  # how the targets are stored: `topk_encoding.ENCODINGS`
     response: str
     max_new_tokens: int | None
     do_sample: bool | None
@@ -279,13 +293,17 @@ class Manifest:
         if not isinstance(data, dict):
             raise ValueError(f"expected a JSON object, got {type(data).__name__}")
         version = data.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise ValueError(
-                f"format_version {version!r}, this llmkd reads version {FORMAT_VERSION} "
+                f"format_version {version!r}, this llmkd reads versions {', '.join(map(str, READABLE_VERSIONS))} "
                 "(rebuild the set with this llmkd)"
             )
         top = _fields_of(cls, data, "")
+        if version == 4 and isinstance(top["settings"], dict):
+            top["settings"] = {**top["settings"], "encoding": "fp16"}
         top["settings"] = Settings(**_fields_of(Settings, top["settings"], "settings."))
+        if top["settings"].encoding not in topk_encoding.ENCODINGS:
+            raise ValueError(f"settings.encoding {top['settings'].encoding!r} is none of {', '.join(topk_encoding.ENCODINGS)}")
         if not isinstance(top["shards"], list):
             raise ValueError("shards is not a list")
         top["shards"] = [ShardEntry(**_fields_of(ShardEntry, s, f"shards[{i}].")) for i, s in enumerate(top["shards"])]
@@ -326,10 +344,11 @@ class Examples(Sequence):
     """Transfer-set examples, shard after shard, as a sequence of rows: dicts with the keys of
     `write_shard`'s columns, numpy arrays for the token columns. A row's arrays are views into its
     shard's memory-mapped arrays (`read_shard`): nothing is concatenated or copied, so the examples
-    hold their lengths and strings in memory and their tokens stay in the files until used."""
+    hold their lengths and strings in memory and their tokens stay in the files until used. A row's
+    targets are decoded from the shards' `encoding` when it is read (the fp16 encoding's are views)."""
 
-    def __init__(self, shards: Sequence[dict]):
-        self._shards = list(shards)
+    def __init__(self, shards: Sequence[dict], encoding: str = "fp16"):
+        self._shards, self.encoding = list(shards), encoding
         self._first = np.cumsum([0, *(len(s["response_start"]) for s in self._shards)])  # (S + 1,) first example
         lengths = [np.diff(s["input_offsets"]) for s in self._shards]
         responses = [n - s["response_start"] for n, s in zip(lengths, self._shards)]
@@ -338,8 +357,8 @@ class Examples(Sequence):
         self._row_offsets = [np.concatenate([[0], np.cumsum(r)]) for r in responses]  # per shard (n_s + 1,)
 
     @classmethod
-    def read(cls, paths: Sequence[Path], k: int | None = None) -> "Examples":
-        return cls([read_shard(p, k) for p in paths])
+    def read(cls, paths: Sequence[Path], k: int | None = None, encoding: str = "fp16") -> "Examples":
+        return cls([read_shard(p, k, encoding) for p in paths], encoding)
 
     def __len__(self) -> int:
         return int(self._first[-1])
@@ -353,15 +372,17 @@ class Examples(Sequence):
         s = int(np.searchsorted(self._first, i, side="right")) - 1  # past any empty shard starting at i
         shard, j = self._shards[s], i - int(self._first[s])
         offsets, (a, b) = shard["input_offsets"], self._row_offsets[s][j : j + 2]
+        ids, logprobs, tail = topk_encoding.decode(
+            self.encoding, {name: shard[name][a:b] for name in topk_encoding.STORED[self.encoding]})
         return {
             "id": shard["id"][j],
             "question_hash": shard["question_hash"][j],
             "input_ids": shard["input_ids"][offsets[j] : offsets[j + 1]],
             "response_start": int(shard["response_start"][j]),
             "finish": shard["finish"][j],
-            "topk_ids": shard["topk_ids"][a:b],
-            "topk_logprobs": shard["topk_logprobs"][a:b],
-            "tail_logmass": shard["tail_logmass"][a:b],
+            "topk_ids": ids,
+            "topk_logprobs": logprobs,
+            "tail_logmass": tail,
         }
 
     def rows(self, indices) -> list[dict]:
@@ -441,7 +462,7 @@ class TransferSet:
                 raise LlmkdError(f"{path}: sha256 differs from the manifest (corrupted)")
             if non_finite is not None:
                 raise LlmkdError(f"{path}: non-finite teacher log-probabilities in column {non_finite}")
-            shard = read_shard(path, self.manifest.settings.top_k)  # the header and offsets; nothing else is read
+            shard = read_shard(path, self.manifest.settings.top_k, self.manifest.settings.encoding)  # header, offsets
             if len(shard["response_start"]) != entry.examples:
                 raise LlmkdError(f"{path}: {len(shard['response_start'])} rows, the manifest says {entry.examples}")
 
@@ -461,7 +482,7 @@ class TransferSet:
         for entry, path in zip(self.manifest.shards, self.shard_paths):
             if not path.is_file() or path.stat().st_size != entry.bytes:
                 raise LlmkdError(f"{path}: missing or of the wrong size; run verify()")
-        examples = Examples.read(self.shard_paths, self.manifest.settings.top_k)
+        examples = Examples.read(self.shard_paths, self.manifest.settings.top_k, self.manifest.settings.encoding)
         if len(examples) != self.manifest.totals.examples:
             raise LlmkdError(f"{self.path}: {len(examples)} rows in the shards, the manifest says {self.manifest.totals.examples}")
         return examples
@@ -526,7 +547,7 @@ def summary_lines(manifest: Manifest) -> list[str]:
     return [
         f"examples          {t.examples:,} in {len(manifest.shards)} shard(s) ({s.response} responses, {s.shots}-shot)",
         f"response tokens   {t.response_tokens:,}",
-        f"size              {t.bytes:,} B = {bpt:,.1f} B/token at top-{s.top_k}",
+        f"size              {t.bytes:,} B = {bpt:,.1f} B/token at top-{s.top_k}, {s.encoding} encoding",
         f"full-vocab fp16   {full:,} B/token at V={s.vocab_size:,} ({full / bpt:,.0f}x larger); "
         f"{llama:,} B/token at V={LLAMA31_VOCAB:,} ({llama / bpt:,.0f}x)",
         f"top-{s.top_k} mass       {t.mean_topk_mass:.4f} mean (the tail bucket holds the rest)",

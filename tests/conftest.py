@@ -117,7 +117,7 @@ def stand_in_overrides(stand_in, *extra) -> list[str]:
 
 @pytest.fixture(scope="session")
 def stand_in_transfer_set(stand_in, tmp_path_factory):
-    """A gold-mode transfer set of STAND_IN_SET built by the stand-in teacher (top-64)."""
+    """A gold-mode transfer set of STAND_IN_SET built by the stand-in teacher (the recipe's top-32, compact)."""
     from llmkd.builder import build
 
     out = tmp_path_factory.mktemp("stand-in-set") / "set"

@@ -98,7 +98,7 @@ def test_every_output_path_follows_the_name_unless_set():
     assert explicit.train == Path("/tmp/t") and explicit.transfer_set == Path("sets/x")
     assert explicit.eval == Path("runs/foo/eval")
     shipped = load_recipe("recipes/smollm2-cpu.yaml", ["name=foo"]).layout  # pins its transfer set only
-    assert shipped.transfer_set == Path("transfer_sets/smollm2-cpu-mixed") and shipped.train == Path("runs/foo/train")
+    assert shipped.transfer_set == Path("transfer_sets/smollm2-cpu-mixed-top32") and shipped.train == Path("runs/foo/train")
     with pytest.raises(LlmkdError, match="name"):
         load_recipe(None, ["name=../up"])
 

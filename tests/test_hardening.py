@@ -59,12 +59,13 @@ def corrupt_byte(folder: Path) -> None:
 
 
 def nan_teacher_data(folder: Path) -> None:
-    """A NaN logprob in a shard whose manifest hash is updated to match (so only the content is wrong)."""
+    """A NaN tail log-mass (stored as float16 in every encoding) in a shard whose manifest hash is updated
+    to match (so only the content is wrong)."""
     ts = transfer_set.TransferSet.open(folder)
-    shard = ts.shard_paths[0]
-    columns = transfer_set.Examples.read([shard]).columns()
-    columns["topk_logprobs"][0][2][0] = float("nan")
-    transfer_set.write_shard(shard, columns, ts.manifest.settings.top_k)
+    shard, settings = ts.shard_paths[0], ts.manifest.settings
+    columns = transfer_set.Examples.read([shard], settings.top_k, settings.encoding).columns()
+    columns["tail_logmass"][0][2] = float("nan")
+    transfer_set.write_shard(shard, columns, settings.top_k, settings.encoding, settings.vocab_size)
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest["shards"][0].update(bytes=shard.stat().st_size, sha256=models.sha256_file(shard))
     (folder / "manifest.json").write_text(json.dumps(manifest))
