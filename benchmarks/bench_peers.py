@@ -84,27 +84,21 @@ def run_llmkd(name: str, out: Path, budget: float | None) -> dict:
             "input_tokens": summary["input_tokens"], "teacher_seconds": 0.0,
             "init_seconds": json.loads(init.read_text()).get("seconds") if init.is_file() else None,
             "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20, 2),
-            "lr": load_recipe(RECIPE).train.lr, "adapter": str(out / "train" / "adapter")}
+            "lr": recipe.train.lr, "adapter": str(out / "train" / "adapter")}
 
 
 # --- TRL's entrants --------------------------------------------------------------------------------
 
 
 def rows(recipe, tokenizer) -> list[dict]:
-    """The transfer set's 480 examples as llmkd renders and tokenizes them (prompt text, ids, mask)."""
-    from llmkd.data import prompts
-    from llmkd.data.gsm8k import load_gsm8k, select_range
+    """The transfer set's examples, the very tokens llmkd trains on: prompt text, ids, completion mask."""
+    from llmkd.transfer_set import TransferSet
 
-    ts, out = recipe.transfer_set, []
-    for i, r in enumerate(select_range(load_gsm8k(ts.split, recipe.data.source), ts.start, ts.count)):
-        how = ts.renderings[i % len(ts.renderings)]
-        if how == "llmkd":
-            prompt = prompts.render_prompt(tokenizer, r["question"])
-            response = prompts.render_response(tokenizer, r["question"], prompts.assistant_turn(r["answer"]))
-        else:
-            prompt, response = prompts.render_example(tokenizer, r["question"], r["answer"], how)
-        ids, mask = prompts.tokenize_example(tokenizer, prompt, response)
-        out.append({"prompt": prompt, "input_ids": ids, "completion_mask": mask})
+    out = []
+    for row in TransferSet.open(recipe.layout.transfer_set).examples():
+        ids, start = row["input_ids"].tolist(), row["response_start"]
+        out.append({"prompt": tokenizer.decode(ids[:start]), "input_ids": ids,
+                    "completion_mask": [0] * start + [1] * (len(ids) - start)})
     return out
 
 

@@ -302,8 +302,7 @@ class Manifest:
         if version == 4 and isinstance(top["settings"], dict):
             top["settings"] = {**top["settings"], "encoding": "fp16"}
         top["settings"] = Settings(**_fields_of(Settings, top["settings"], "settings."))
-        if top["settings"].encoding not in topk_encoding.ENCODINGS:
-            raise ValueError(f"settings.encoding {top['settings'].encoding!r} is none of {', '.join(topk_encoding.ENCODINGS)}")
+        topk_encoding.check(top["settings"].encoding)
         if not isinstance(top["shards"], list):
             raise ValueError("shards is not a list")
         top["shards"] = [ShardEntry(**_fields_of(ShardEntry, s, f"shards[{i}].")) for i, s in enumerate(top["shards"])]
