@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     ])
     tok = models.load_tokenizer(recipe.model)
     model = models.load_teacher(recipe.model)
-    rows, _, _ = builder.select_questions(recipe)
+    rows, _, _, _ = builder.select_questions(recipe)
     vocab = model.get_output_embeddings().weight.shape[0]
     tmp = tempfile.TemporaryDirectory() if args.out is None else None
     root = Path(args.out or tmp.name)

@@ -26,10 +26,10 @@ import torch
 from llmkd import __version__, atomic, models, topk_encoding
 from llmkd.fastpath import shared_prefix
 from llmkd.config import Recipe
-from llmkd.data import prompts
+from llmkd.data import prompts, sources
 from llmkd.data.gsm8k import load_gsm8k, select_range
 from llmkd.errors import LlmkdError
-from llmkd.generation import decoding_settings, generate
+from llmkd.generation import decoding_settings, generate_ids
 from llmkd.losses import topk_with_tail
 from llmkd.progress import bar as progress_bar
 from llmkd.provenance import provenance
@@ -55,10 +55,13 @@ def requested_count(recipe: Recipe, limit: int | None) -> int | None:
     return count if limit is None else (limit if count is None else min(count, limit))
 
 
-def select_questions(recipe: Recipe, *, limit: int | None = None, allow_eval_split: bool = False):
-    """(rows, exemplars, excluded_ids): the questions of the set, the prompt's exemplars, and the
-    questions of the range left out because they are exemplars (they would appear, answered, in
-    their own prompts)."""
+def select_questions(recipe: Recipe, *, limit: int | None = None, allow_eval_split: bool = False, tokenizer=None):
+    """(rows, exemplars, excluded_ids, data): the examples of the set, the prompt's exemplars, the
+    questions of the range left out because they are exemplars (they would appear, answered, in their
+    own prompts), and what the data section read (`sources.Rows.describe`, for the manifest).
+
+    Other data than GSM8K is read and checked row by row here, before any teacher runs; with
+    data.max_length its gold responses are measured with `tokenizer`."""
     ts = recipe.transfer_set
     if ts.split == "test" and not allow_eval_split:
         raise LlmkdError(
@@ -66,16 +69,28 @@ def select_questions(recipe: Recipe, *, limit: int | None = None, allow_eval_spl
             "test score; use split 'train' (or --allow-eval-split if you really mean it)"
         )
     count = requested_count(recipe, limit)
+    if not recipe.data.is_gsm8k:
+        data = sources.load_rows(recipe.data, ts.split, gold=ts.response == "gold")
+        if recipe.data.max_length is not None and ts.response == "gold":
+            tok = tokenizer if tokenizer is not None else models.load_tokenizer(recipe.model)
+            lengths = [len(tok(prompts.render_row(tok, r)[1], add_special_tokens=False)["input_ids"]) for r in data.examples]
+            sources.skip_long(data, lengths, recipe.data.max_length, recipe.data.on_bad_row)
+        if recipe.data.max_length is not None and ts.response == "teacher" and recipe.data.max_length <= ts.max_new_tokens:
+            raise LlmkdError(f"data.max_length {recipe.data.max_length} leaves no room for a prompt before "
+                             f"transfer_set.max_new_tokens {ts.max_new_tokens} of teacher response")
+        return list(select_range(data.examples, ts.start, count)), [], [], data.describe()
     exemplars = []
+    source = sources.gsm8k_copy(recipe.data.source)
     if ts.shots > 0:
-        exemplars = prompts.select_exemplars(load_gsm8k("train", recipe.data.source), ts.shots, recipe.data.exemplar_seed)
+        exemplars = prompts.select_exemplars(load_gsm8k("train", source), ts.shots, recipe.data.exemplar_seed)
     taken = {e["question_hash"] for e in exemplars}
-    rows, excluded = [], []
-    for r in select_range(load_gsm8k(ts.split, recipe.data.source), ts.start, count):
-        (excluded if r["question_hash"] in taken else rows).append(r)
-    if not rows:
+    selected, excluded = [], []
+    for r in select_range(load_gsm8k(ts.split, source), ts.start, count):
+        (excluded if r["question_hash"] in taken else selected).append(r)
+    if not selected:
         raise LlmkdError("transfer set: no questions left after excluding the exemplars")
-    return rows, exemplars, [r["id"] for r in excluded]
+    return selected, exemplars, [r["id"] for r in excluded], {"source": recipe.data.source, "format": "gsm8k",
+                                                               "examples": len(selected)}
 
 
 def make_settings(recipe: Recipe, tokenizer, teacher: dict, rows: Sequence[dict], exemplars: Sequence[dict],
@@ -83,6 +98,8 @@ def make_settings(recipe: Recipe, tokenizer, teacher: dict, rows: Sequence[dict]
     ts = recipe.transfer_set
     teacher_mode = ts.response == "teacher"
     sampled = teacher_mode and ts.do_sample
+    stops = sources.stop_strings(recipe.data)
+    gsm8k = recipe.data.is_gsm8k
     if ts.top_k >= vocab_size:
         raise LlmkdError(f"transfer_set.top_k={ts.top_k} is not below the teacher's vocabulary ({vocab_size:,} tokens): "
                          "the tail bucket would be empty; keep top_k well below it (32 is plenty)")
@@ -99,8 +116,8 @@ def make_settings(recipe: Recipe, tokenizer, teacher: dict, rows: Sequence[dict]
         do_sample=ts.do_sample if teacher_mode else None,
         sampling_temperature=ts.sampling_temperature if sampled else None,
         seed=ts.seed if sampled else None,
-        stop_strings=list(prompts.STOP_STRINGS) if teacher_mode else None,
-        decoding=decoding_settings(max_new_tokens=ts.max_new_tokens, stop_strings=prompts.STOP_STRINGS,
+        stop_strings=list(stops) if teacher_mode else None,
+        decoding=decoding_settings(max_new_tokens=ts.max_new_tokens, stop_strings=stops,
                                    do_sample=ts.do_sample, temperature=ts.sampling_temperature,
                                    seed=ts.seed) if teacher_mode else None,
         batch_size=ts.batch_size,
@@ -108,9 +125,10 @@ def make_settings(recipe: Recipe, tokenizer, teacher: dict, rows: Sequence[dict]
         renderings=list(ts.renderings),
         exemplar_seed=recipe.data.exemplar_seed if ts.shots else None,
         exemplar_ids=[e["id"] for e in exemplars],
-        instruction_sha256=sha256_text(prompts.INSTRUCTION),
+        instruction_sha256=sha256_text(prompts.INSTRUCTION if gsm8k else ""),
         prompt_style="chat" if prompts.has_chat_template(tokenizer) else "plain",
-        source=recipe.data.source,
+        # GSM8K's copies keep the names they had before any data ("local", "hub"): the same settings hash.
+        source=sources.gsm8k_copy(recipe.data.source) or recipe.data.source,
         split=ts.split,
         start=ts.start,
         count=count,
@@ -120,8 +138,15 @@ def make_settings(recipe: Recipe, tokenizer, teacher: dict, rows: Sequence[dict]
 
 
 def _questions_sha256(rows: Sequence[dict], *, with_answers: bool) -> str:
-    """Over the ids and question hashes of `rows`, in order (and the solutions, for gold responses)."""
-    lines = [f"{r['id']} {r['question_hash']}" + (f" {sha256_text(r['answer'])}" if with_answers else "") for r in rows]
+    """Over the ids and question hashes of `rows`, in order (and the solutions, for gold responses; with
+    other data, every example's prompt turns and response, so max_length, columns and format are covered)."""
+    def content(r: dict) -> str:
+        if "messages" in r:
+            return sha256_text(json.dumps([list(r["messages"]), r["response"]], ensure_ascii=False))
+        return sha256_text(r["answer"]) if with_answers else ""
+
+    lines = [f"{r['id']} {r['question_hash']}" + (f" {content(r)}" if with_answers or "messages" in r else "")
+             for r in rows]
     return sha256_text("\n".join(lines))
 
 
@@ -298,8 +323,9 @@ def _build_shard(job: _Job, index: int, rows: Sequence[dict]) -> dict:
     t0 = time.perf_counter()
     # Example j of the set (j = index * shard_size + i) is written in renderings[j % n].
     renderings = [ts.renderings[(index * ts.shard_size + i) % len(ts.renderings)] for i in range(len(rows))]
-    texts = [prompts.render_prompt(tok, r["question"], job.exemplars) if how == "llmkd"
-             else prompts.render_example_prompt(tok, r["question"], how) for r, how in zip(rows, renderings)]
+    rendered = [prompts.render_row(tok, r, how, job.exemplars) for r, how in zip(rows, renderings)]
+    texts = [prompt for prompt, _ in rendered]
+    max_length = job.recipe.data.max_length
     sequences, starts, finishes = [None] * len(rows), [0] * len(rows), [""] * len(rows)
     targets: list = [None] * len(rows)
     progress = partial(_advance, job)  # per teacher-forward batch
@@ -309,14 +335,16 @@ def _build_shard(job: _Job, index: int, rows: Sequence[dict]) -> dict:
         order = sorted(range(len(rows)), key=lambda i: -len(texts[i]))
         for b in range(0, len(order), ts.batch_size):
             idx = order[b : b + ts.batch_size]
-            completions, _ = generate(
-                teacher, tok, [texts[i] for i in idx], batch_size=len(idx), max_new_tokens=ts.max_new_tokens,
-                stop_strings=prompts.STOP_STRINGS, do_sample=ts.do_sample, temperature=ts.sampling_temperature,
+            prompt_ids = {i: prompts.encode(tok, texts[i]) for i in idx}
+            if max_length is not None:  # room for the longest response the teacher may write
+                prompt_ids = {i: sources.fit(ids, max_length - ts.max_new_tokens) for i, ids in prompt_ids.items()}
+            completions, _ = generate_ids(
+                teacher, tok, [prompt_ids[i] for i in idx], batch_size=len(idx), max_new_tokens=ts.max_new_tokens,
+                stop_strings=job.settings.stop_strings, do_sample=ts.do_sample, temperature=ts.sampling_temperature,
                 seed=ts.seed + index * ts.shard_size + b, progress=False, share_prefix=job.recipe.fast_paths,
             )
             for i, c in zip(idx, completions):
-                prompt_ids = prompts.encode(tok, texts[i])
-                sequences[i], starts[i], finishes[i] = prompt_ids + c.token_ids, len(prompt_ids), c.finish
+                sequences[i], starts[i], finishes[i] = prompt_ids[i] + c.token_ids, len(prompt_ids[i]), c.finish
             batch_targets = teacher_targets(
                 teacher, [sequences[i] for i in idx], [starts[i] for i in idx], k,
                 pad_id=tok.pad_token_id, batch_size=ts.batch_size, share_prefix=job.recipe.fast_paths,
@@ -325,13 +353,13 @@ def _build_shard(job: _Job, index: int, rows: Sequence[dict]) -> dict:
             for i, t in zip(idx, batch_targets):
                 targets[i] = t
     else:
-        for i, r in enumerate(rows):
-            if renderings[i] == "llmkd":  # k-shot too
-                response = prompts.render_response(tok, r["question"], prompts.assistant_turn(r["answer"]), job.exemplars)
-            else:
-                response = prompts.render_example(tok, r["question"], r["answer"], renderings[i])[1]
-            ids, mask = prompts.tokenize_example(tok, texts[i], response)
-            sequences[i], starts[i], finishes[i] = ids, mask.index(1), "gold"
+        for i, (prompt, response) in enumerate(rendered):
+            ids, mask = prompts.tokenize_example(tok, prompt, response)
+            start = mask.index(1)
+            if max_length is not None and len(ids) > max_length:  # the prompt cut from the left
+                prompt_ids = sources.fit(ids[:start], max_length - (len(ids) - start))
+                ids, start = prompt_ids + ids[start:], len(prompt_ids)
+            sequences[i], starts[i], finishes[i] = ids, start, "gold"
         targets = teacher_targets(teacher, sequences, starts, k, pad_id=tok.pad_token_id, batch_size=ts.batch_size,
                                   share_prefix=job.recipe.fast_paths, on_batch=progress)
 
@@ -394,9 +422,10 @@ def build(recipe: Recipe, *, out: str | Path | None = None, limit: int | None = 
     ts = recipe.transfer_set
     out = Path(out or recipe.layout.transfer_set)
     rank, world, barrier = _processes()
-    rows, exemplars, excluded = select_questions(recipe, limit=limit, allow_eval_split=allow_eval_split)
-    count = requested_count(recipe, limit)
     tok = tokenizer if tokenizer is not None else models.load_tokenizer(recipe.model)
+    rows, exemplars, excluded, data = select_questions(recipe, limit=limit, allow_eval_split=allow_eval_split,
+                                                       tokenizer=tok)
+    count = requested_count(recipe, limit)
     identity = teacher_identity(recipe.model)
     settings = make_settings(recipe, tok, identity, rows, exemplars, count, _vocab_size(identity["resolved"], recipe.model.trust_remote_code))
 
@@ -441,13 +470,13 @@ def build(recipe: Recipe, *, out: str | Path | None = None, limit: int | None = 
         bar.close()
     barrier()
     if rank == 0:
-        _write_manifest(out, settings, identity, rows, excluded, len(shards), world)
+        _write_manifest(out, settings, identity, rows, excluded, len(shards), world, data)
     barrier()
     return read_manifest(out)
 
 
 def _write_manifest(out: Path, settings: Settings, identity: dict, rows: Sequence[dict], excluded: list[str],
-                    num_shards: int, processes: int) -> Manifest:
+                    num_shards: int, processes: int, data: dict) -> Manifest:
     records = []
     for i in range(num_shards):
         record = _finished_shard(out, i)
@@ -478,6 +507,7 @@ def _write_manifest(out: Path, settings: Settings, identity: dict, rows: Sequenc
         build=BuildStats(seconds=round(seconds, 2), tokens_per_s=round(tokens / seconds, 1) if seconds else 0.0,
                          processes=processes),
         provenance=provenance(),
+        data=data,
     )
     atomic.write_json(out / MANIFEST, manifest.to_dict())
     # The manifest now holds every record: drop the build's working files.

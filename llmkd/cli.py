@@ -36,8 +36,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
                    help="exemplars per prompt; repeat for several (default: the recipe's eval.shots)")
     p.add_argument("--model", help="model reference, overriding model.name (hub id, folder or alias)")
     p.add_argument("--teacher", action="store_true", help="score the 16-bit teacher")
-    p.add_argument("--student", action="store_true", help="score the NF4 student (with --adapter: the distilled one)")
-    p.add_argument("--adapter", help="LoRA adapter folder to put on the NF4 student")
+    p.add_argument("--student", action="store_true", help="score the quantised student, model.quant (with --adapter: the distilled one)")
+    p.add_argument("--adapter", help="LoRA adapter folder to put on the quantised student")
     p.add_argument("--limit", type=int, help="score only the first N questions (overrides eval.limit)")
     p.add_argument("--fidelity", action="store_true",
                    help="also report KL(teacher||student) and top-1 agreement on held-out gold solutions")
@@ -186,11 +186,11 @@ def cmd_recipe(args) -> int:
 
 
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
-    "build-transfer-set": ("stage 1: cache the teacher's top-k distributions on GSM8K prompts", add_build_args, cmd_build),
+    "build-transfer-set": ("stage 1: cache the teacher's top-k distributions on the data's prompts (GSM8K by default)", add_build_args, cmd_build),
     "train": ("stage 2: LoRA on the quantised student against the transfer set (also: accelerate launch llmkd/train.py)",
               add_train_args, cmd_train),
-    "eval": ("GSM8K accuracy (both filters) and teacher fidelity of teacher and students", add_eval_args, cmd_eval),
-    "run": ("the main job: build -> train -> eval (teacher, NF4, distilled) -> report", add_recipe_args, cmd_run),
+    "eval": ("held-out fidelity, generation agreement and (GSM8K) accuracy of teacher and students", add_eval_args, cmd_eval),
+    "run": ("the main job: build -> train -> eval (teacher, quantised base, distilled) -> report", add_recipe_args, cmd_run),
     "sweep": ("the bit-width frontier: one transfer set, then base and distilled student per quantizer "
               "(--quant nf4,fp4,int8,hqq2,hqq3,hqq4,hqq8)", add_sweep_args, cmd_sweep),
     "recipe": ("validate a recipe and print it resolved, or list every key (--keys)", add_recipe_cmd_args, cmd_recipe),

@@ -27,6 +27,7 @@ from typing import Any, Literal, Optional, Sequence, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from llmkd.data import sources
 from llmkd.errors import LlmkdError
 
 
@@ -62,10 +63,53 @@ class ModelConfig(Section):
 
 
 class DataConfig(Section):
-    source: Literal["local", "hub"] = "local"
-    """GSM8K from the copy shipped inside llmkd (local) or openai/gsm8k from the hub."""
+    source: str = "gsm8k"
+    """gsm8k (the copy shipped inside llmkd), a local JSON Lines / JSON / CSV / Parquet file or a datasets
+    save_to_disk folder, or hub:NAME (a hub dataset; hub:openai/gsm8k is GSM8K's). llmkd/data/sources.py."""
+    format: Literal["auto", "messages", "prompt_completion", "prompt"] = "auto"
+    """How a row is written: messages ({role, content} turns), prompt + completion, or prompt alone;
+    auto: from the columns. Not for gsm8k."""
+    columns: dict[Literal["messages", "prompt", "completion"], str] = {}
+    """Your column names for llmkd's, e.g. {prompt: question, completion: answer}."""
+    eval_fraction: float = Field(0.1, ge=0, lt=1)
+    """Share of the rows held out for evaluation, chosen by a hash of each row's content (rows appended
+    later do not move them). Not for gsm8k, whose test split is the held-out one."""
+    eval_source: Optional[str] = None
+    """A second file (or folder, or hub:NAME) of held-out rows, instead of eval_fraction's share."""
+    on_bad_row: Literal["error", "skip"] = "error"
+    """error: a bad row (missing column, empty prompt, unknown role, no assistant turn for gold responses,
+    a response of max_length tokens or more) stops the build before the teacher runs, naming the row;
+    skip: it is left out and counted in the manifest and the summary."""
+    max_length: Optional[int] = Field(None, gt=1)
+    """Most tokens of prompt + response: a prompt is cut from the left to fit, a response never is."""
+    hub_config: Optional[str] = None
+    """Config (subset) of a hub:NAME dataset."""
+    hub_split: str = "train"
+    """Split of a hub:NAME dataset (or of a save_to_disk folder holding several)."""
+    revision: Optional[str] = None
+    """Revision of a hub:NAME dataset."""
     exemplar_seed: int = 1234
-    """Seed that picks the k-shot exemplars from the train split (the same for every question)."""
+    """Seed that picks the k-shot exemplars from GSM8K's train split (the same for every question)."""
+
+    @field_validator("source", "eval_source")
+    @classmethod
+    def _legacy_source(cls, value):
+        # Before any data, `local` and `hub` named GSM8K's two copies; they still do.
+        return sources.LEGACY_SOURCES.get(value, value) if value is not None else value
+
+    @property
+    def is_gsm8k(self) -> bool:
+        return sources.gsm8k_copy(self.source) is not None
+
+    @model_validator(mode="after")
+    def _gsm8k_is_its_own_format(self):
+        if self.is_gsm8k:
+            set_keys = [k for k in ("format", "columns", "eval_source", "max_length") if k in self.model_fields_set
+                        and getattr(self, k) not in (None, {}, "auto")]
+            if set_keys:
+                raise ValueError(f"{set_keys[0]} is for your own data; GSM8K (source {self.source}) has its own "
+                                 "format and test split")
+        return self
 
 
 class TransferSetConfig(Section):
@@ -390,9 +434,21 @@ def load_recipe(path: str | Path | None, overrides: Sequence[str] = ()) -> Recip
     for item in overrides:
         apply_override(raw, item, Recipe)
     try:
-        return Recipe.model_validate(raw)
+        recipe = Recipe.model_validate(raw)
     except ValidationError as e:
         raise LlmkdError(f"{source}: {describe(e)}") from None
+    if not recipe.data.is_gsm8k:
+        for key in GSM8K_ONLY:
+            section, _, name = key.partition(".")
+            if name in (raw.get(section) or {}):
+                raise LlmkdError(f"{source}: {key} is a GSM8K setting; with data.source {recipe.data.source} the "
+                                 "examples are your rows as written, evaluated 0-shot (drop the key)")
+    return recipe
+
+
+# Keys that shape GSM8K's prompts and evaluation: a recipe on other data that sets one is refused.
+GSM8K_ONLY = ("transfer_set.shots", "transfer_set.renderings", "eval.shots", "eval.fidelity_renderings",
+              "eval.fidelity_start", "eval.backend", "data.exemplar_seed")
 
 
 def recipe_from_cli(items: Sequence[str], extra_overrides: Sequence[str] = ()) -> Recipe:

@@ -1,4 +1,4 @@
-"""GSM8K accuracy and teacher fidelity of the teacher, the NF4 student and a distilled student.
+"""Accuracy and teacher fidelity of the teacher, the quantised student and a distilled student.
 
 Accuracy: greedy generation on the shared prompt format (`llmkd.data.prompts`), both answer filters
 (strict `#### N` and flexible last-number, `llmkd.data.answer`) with Wilson 95% intervals. Backends:
@@ -12,8 +12,12 @@ adapter state (`shared_prefix`).
 
 Generation agreement: each other model's greedy outputs (the accuracy generations, reread from the
 samples either backend writes) against the teacher's on the same prompts: identical outputs, the
-common token prefix, and the same extracted answer per filter, the last paired with the NF4 base's
+common token prefix, and the same extracted answer per filter, the last paired with the quantised base's
 by the exact McNemar test. It shows behaviour where accuracy sits at the floor.
+
+Other data than GSM8K (`llmkd.data.sources`) has no answer to score: its held-out rows are the
+fidelity set (their own responses teacher-forced; for prompt-only rows, the teacher's greedy output)
+and the prompts generated on (`score_generations`), 0-shot; agreement then has no answer columns.
 
 Each evaluation writes `<out>/<tag>-<shots>shot/samples.jsonl` (prompt, output, extracted, gold,
 correct) and `summary.json` (metrics, recipe, prompt format, versions, git commit); a run writes
@@ -37,9 +41,10 @@ import torch
 from llmkd import atomic, fastpath, models, quantize
 from llmkd.fastpath import shared_prefix
 from llmkd.config import Recipe, eval_cell
-from llmkd.data import answer, prompts
+from llmkd.errors import LlmkdError
+from llmkd.data import answer, prompts, sources
 from llmkd.data.gsm8k import load_gsm8k, select_range
-from llmkd.generation import decoding_settings, generate
+from llmkd.generation import decoding_settings, generate, generate_ids
 from llmkd.losses import dense_kd_metrics
 from llmkd.progress import bar as progress_bar
 from llmkd.provenance import provenance
@@ -57,6 +62,19 @@ class Accuracy:
     flexible: float
     strict_ci95: tuple[float, float]
     flexible_ci95: tuple[float, float]
+    generated_tokens: int
+    seconds: float
+    tokens_per_s: float
+
+
+@dataclass
+class Generations:
+    """Greedy outputs on held-out prompts of data without an answer to score (not GSM8K): what
+    generation agreement compares with the teacher's."""
+
+    tag: str
+    shots: int
+    questions: int
     generated_tokens: int
     seconds: float
     tokens_per_s: float
@@ -83,9 +101,11 @@ class GenerationAgreement:
     prefix_tokens_mean: float  # common token prefix with the teacher's output
     prefix_tokens_median: float
     teacher_tokens_mean: float  # the teacher's output length: the prefix of an identical output
-    strict_answer_agreement: float  # share with the teacher's extracted answer (both valid), strict filter
-    flexible_answer_agreement: float
-    # Filter -> exact McNemar of per-question answer agreement, a = the NF4 base ("student"), b = this
+    # Share with the teacher's extracted answer (both valid), strict and flexible filter; None on data
+    # without an answer extractor (not GSM8K).
+    strict_answer_agreement: float | None
+    flexible_answer_agreement: float | None
+    # Filter -> exact McNemar of per-question answer agreement, a = the quantised base ("student"), b = this
     # model; empty for the base itself or without it.
     vs_base: dict[str, dict] = field(default_factory=dict)
 
@@ -95,6 +115,13 @@ class EvalRun:
     accuracy: list[Accuracy] = field(default_factory=list)
     fidelity: list[Fidelity] = field(default_factory=list)
     agreement: list[GenerationAgreement] = field(default_factory=list)
+    generations: list[Generations] = field(default_factory=list)  # data other than GSM8K: no accuracy
+    data: dict = field(default_factory=dict)  # what was evaluated on: source, format, rows, content hash
+
+    @property
+    def cells(self) -> list[tuple[str, int]]:
+        """(tag, shots) of every model's greedy outputs (samples.jsonl)."""
+        return [(a.tag, a.shots) for a in [*self.accuracy, *self.generations]]
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -120,12 +147,20 @@ def mcnemar_exact(a_correct: Sequence[bool], b_correct: Sequence[bool]) -> dict:
 
 
 def eval_questions(recipe: Recipe, limit: int | None = None):
+    """The rows generated on: GSM8K's eval.split, or the held-out rows of other data (eval.split test)."""
     ev = recipe.eval
-    return select_range(load_gsm8k(ev.split, recipe.data.source), ev.start, limit or ev.limit)
+    if not recipe.data.is_gsm8k:
+        return select_range(sources.load_rows(recipe.data, ev.split, gold=None).examples, ev.start, limit or ev.limit)
+    return select_range(load_gsm8k(ev.split, sources.gsm8k_copy(recipe.data.source)), ev.start, limit or ev.limit)
 
 
 def exemplars(recipe: Recipe, shots: int) -> list[dict]:
-    return prompts.select_exemplars(load_gsm8k("train", recipe.data.source), shots, recipe.data.exemplar_seed)
+    if not recipe.data.is_gsm8k:
+        if shots:
+            raise LlmkdError(f"{shots}-shot: your own data is evaluated 0-shot")
+        return []
+    return prompts.select_exemplars(load_gsm8k("train", sources.gsm8k_copy(recipe.data.source)), shots,
+                                    recipe.data.exemplar_seed)
 
 
 def contamination(recipe: Recipe, questions) -> int:
@@ -221,6 +256,34 @@ def prompt_format(tokenizer, shots_exemplars: Sequence[dict]) -> dict:
     }
 
 
+def score_generations(model, tokenizer, rows, *, tag: str, recipe: Recipe, out_dir: Path,
+                      progress: bool = True) -> Generations:
+    """Greedy outputs on the rows of data other than GSM8K, written as a cell's samples (no answer to score)."""
+    ev, data = recipe.eval, recipe.data
+    stops = sources.stop_strings(data)
+    prompt_texts = [prompts.render_row(tokenizer, r)[0] for r in rows]
+    ids = [prompts.encode(tokenizer, p) for p in prompt_texts]
+    if data.max_length is not None:
+        ids = [sources.fit(i, max(1, data.max_length - ev.max_new_tokens)) for i in ids]
+    completions, stats = generate_ids(model, tokenizer, ids, batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens,
+                                      stop_strings=stops, desc=f"{tag} held-out", progress=progress,
+                                      share_prefix=recipe.fast_paths)
+    samples = [{"id": r["id"], "question_hash": r["question_hash"], "prompt": p, "output": c.text, "finish": c.finish}
+               for r, p, c in zip(rows, prompt_texts, completions)]
+    result = Generations(tag=tag, shots=0, questions=len(samples), generated_tokens=stats.generated_tokens,
+                         seconds=round(stats.seconds, 2),
+                         tokens_per_s=round(stats.generated_tokens / stats.seconds, 1) if stats.seconds else 0.0)
+    folder = eval_cell(out_dir, tag, 0)
+    atomic.write_jsonl(folder / "samples.jsonl", samples)
+    atomic.write_json(folder / "summary.json", {
+        "metrics": asdict(result),
+        "decoding": decoding_settings(max_new_tokens=ev.max_new_tokens, stop_strings=stops),
+        "recipe": recipe.model_dump(),
+        **provenance(),
+    })
+    return result
+
+
 # What a teacher cell's generations depend on, beyond llmkd's code: reused only where all are equal.
 _TEACHER_CELL_KEYS = ("model.name", "model.revision", "model.trust_remote_code", "model.teacher_dtype", "data.", "eval.")
 
@@ -240,7 +303,7 @@ def reuse_teacher_cells(src: Path, out_dir: Path, recipe: Recipe, shots: Sequenc
         except (OSError, ValueError, KeyError):
             return None
         metrics = summary["metrics"]
-        if relevant(earlier.flat()) != relevant(recipe.flat()) or metrics["backend"] != backend \
+        if relevant(earlier.flat()) != relevant(recipe.flat()) or metrics.get("backend", backend) != backend \
                 or not (cell / "samples.jsonl").is_file():
             return None
         cells.append((cell, metrics))
@@ -253,7 +316,8 @@ def reuse_teacher_cells(src: Path, out_dir: Path, recipe: Recipe, shots: Sequenc
                 (tmp / name).write_bytes((cell / name).read_bytes())
             atomic.publish_dir(tmp, target)
         reused.append(Accuracy(**{**metrics, "strict_ci95": tuple(metrics["strict_ci95"]),
-                                  "flexible_ci95": tuple(metrics["flexible_ci95"])}))
+                                  "flexible_ci95": tuple(metrics["flexible_ci95"])})
+                      if "strict" in metrics else Generations(**metrics))
     return reused
 
 
@@ -294,37 +358,38 @@ def agreement_rows(teacher: Sequence[dict], samples: Sequence[dict], tokenize: C
     for t, s in zip(teacher, samples):
         t_ids, s_ids = tokenize(t["output"]), tokenize(s["output"])
         rows.append({"exact": t["output"] == s["output"], "prefix": common_prefix_length(t_ids, s_ids),
-                     "teacher_tokens": len(t_ids), **{f: answers_agree(t[f], s[f]) for f in FILTERS}})
+                     "teacher_tokens": len(t_ids), **{f: answers_agree(t[f], s[f]) for f in FILTERS if f in t}})
     return rows
 
 
 def summarise_agreement(tag: str, shots: int, rows: Sequence[dict],
                         base_rows: Sequence[dict] | None = None) -> GenerationAgreement:
-    """Rates and prefix lengths of `agreement_rows`; with `base_rows` (the NF4 base's on the same
+    """Rates and prefix lengths of `agreement_rows`; with `base_rows` (the quantised base's on the same
     questions), McNemar of answer agreement base vs this model, per filter."""
     n = max(len(rows), 1)
     prefixes = [r["prefix"] for r in rows]
+    answered = bool(rows) and all(f in r for r in rows for f in FILTERS)  # an answer extractor ran (GSM8K)
     return GenerationAgreement(
         tag=tag, shots=shots, questions=len(rows),
         exact_match=sum(r["exact"] for r in rows) / n,
         prefix_tokens_mean=sum(prefixes) / n,
         prefix_tokens_median=float(statistics.median(prefixes)) if prefixes else 0.0,
         teacher_tokens_mean=sum(r["teacher_tokens"] for r in rows) / n,
-        strict_answer_agreement=sum(r["strict"] for r in rows) / n,
-        flexible_answer_agreement=sum(r["flexible"] for r in rows) / n,
+        strict_answer_agreement=sum(r["strict"] for r in rows) / n if answered else None,
+        flexible_answer_agreement=sum(r["flexible"] for r in rows) / n if answered else None,
         vs_base={f: mcnemar_exact([b[f] for b in base_rows], [r[f] for r in rows]) for f in FILTERS}
-        if base_rows is not None else {},
+        if base_rows is not None and answered else {},
     )
 
 
-def generation_agreement(accuracy: Sequence[Accuracy], eval_dir: Path, tokenizer) -> list[GenerationAgreement]:
-    """Each non-teacher model of `accuracy` against the teacher, at every shot count the teacher was
-    scored at, from the samples already written (no generation); order as in `accuracy`."""
+def generation_agreement(cells: Sequence[tuple[str, int]], eval_dir: Path, tokenizer) -> list[GenerationAgreement]:
+    """Each non-teacher model of `cells` ((tag, shots), `EvalRun.cells`) against the teacher, at every
+    shot count the teacher was scored at, from the samples already written (no generation); in order."""
     def tokenize(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    teacher_shots = {a.shots for a in accuracy if a.tag == "teacher"}
-    cells = [(a.tag, a.shots) for a in accuracy if a.tag != "teacher" and a.shots in teacher_shots]
+    teacher_shots = {k for tag, k in cells if tag == "teacher"}
+    cells = [(tag, k) for tag, k in cells if tag != "teacher" and k in teacher_shots]
     teacher = {k: read_samples(eval_dir, "teacher", k) for k in teacher_shots}
     rows = {(tag, k): agreement_rows(teacher[k], read_samples(eval_dir, tag, k), tokenize) for tag, k in cells}
     return [summarise_agreement(tag, k, rows[tag, k], rows.get(("student", k)) if tag != "student" else None)
@@ -358,15 +423,19 @@ class TeacherLogits:
         return True
 
 
-def fidelity_batches(tokenizer, questions, batch_size: int, rendering: str = "llmkd"):
+def fidelity_batches(tokenizer, questions, batch_size: int, rendering: str = "llmkd", max_length: int | None = None):
     """Right-padded (input_ids, attention_mask, keep) batches of 0-shot prompt + gold solution in
-    `rendering` (`prompts.render_example`), sorted by length so that little is padding (the metrics
-    are sums: order does not matter). `keep` marks the positions whose next token is a response token."""
+    `rendering` (`prompts.render_row`; rows of other data as written), sorted by length so that little
+    is padding (the metrics are sums: order does not matter). `keep` marks the positions whose next token
+    is a response token. With `max_length`, prompts are cut from the left as the builder cuts them."""
     examples = []
     for r in questions:
-        prompt, response = prompts.render_example(tokenizer, r["question"], r["answer"], rendering)
-        ids, mask = prompts.tokenize_example(tokenizer, prompt, response)
-        examples.append((ids, mask.index(1)))
+        ids, mask = prompts.tokenize_example(tokenizer, *prompts.render_row(tokenizer, r, rendering))
+        start = mask.index(1)
+        if max_length is not None and len(ids) > max_length:
+            prompt_ids = sources.fit(ids[:start], max(1, max_length - (len(ids) - start)))
+            ids, start = prompt_ids + ids[start:], len(prompt_ids)
+        examples.append((ids, start))
     examples.sort(key=lambda e: len(e[0]))
     for b in range(0, len(examples), batch_size):
         chunk = examples[b : b + batch_size]
@@ -374,14 +443,14 @@ def fidelity_batches(tokenizer, questions, batch_size: int, rendering: str = "ll
 
 
 def adapter_off(model, tag: str):
-    """The NF4 base student is the distilled student with its adapter disabled: one model, two tags."""
+    """The quantised base student is the distilled student with its adapter disabled: one model, two tags."""
     return model.disable_adapter() if tag == "student" and hasattr(model, "disable_adapter") else nullcontext()
 
 
 @torch.no_grad()
 def score_fidelity(teacher, student, tokenizer, questions, *, tags: Sequence[str], batch_size: int = FIDELITY_BATCH,
                    share_prefix: bool = True, progress: bool = True, rendering: str = "llmkd",
-                   teacher_logits: TeacherLogits | None = None) -> list[Fidelity]:
+                   teacher_logits: TeacherLogits | None = None, max_length: int | None = None) -> list[Fidelity]:
     """KL(teacher || model) and top-1 agreement of `student` as each of `tags` ("student": adapter off,
     "distilled"/other: as given) on `questions` in `rendering`; the teacher's forward runs once per
     batch for all of them, or not at all for the batches `teacher_logits` holds (then `teacher` may be
@@ -389,7 +458,7 @@ def score_fidelity(teacher, student, tokenizer, questions, *, tags: Sequence[str
     sums = {tag: [0.0, 0] for tag in tags}  # KL sum, agreements
     tokens = 0
     device = next(student.parameters()).device
-    batches = list(fidelity_batches(tokenizer, questions, batch_size, rendering))
+    batches = list(fidelity_batches(tokenizer, questions, batch_size, rendering, max_length))
     rows = [row for input_ids, _, _ in batches for row in input_ids.tolist()]
     first_kept = min(int(keep.float().argmax(1).min()) for _, _, keep in batches)  # a prefix keeps no logits
     prefix = shared_prefix.usable_prefix_length(rows, student, limit=first_kept) if share_prefix else 0
@@ -427,8 +496,26 @@ def score_fidelity(teacher, student, tokenizer, questions, *, tags: Sequence[str
 
 
 def fidelity_questions(recipe: Recipe):
+    """GSM8K's test questions from eval.fidelity_start, or the first held-out rows of other data; both
+    eval.fidelity_count of them. Rows of prompt-only data have no response yet (`with_responses`)."""
     ev = recipe.eval
-    return select_range(load_gsm8k("test", recipe.data.source), ev.fidelity_start, ev.fidelity_count)
+    if not recipe.data.is_gsm8k:
+        return select_range(sources.load_rows(recipe.data, "test", gold=None).examples, 0, ev.fidelity_count)
+    return select_range(load_gsm8k("test", sources.gsm8k_copy(recipe.data.source)), ev.fidelity_start, ev.fidelity_count)
+
+
+def with_responses(rows, eval_dir: Path) -> list[dict]:
+    """Held-out rows of prompt-only data, each given the teacher's greedy output (its samples in
+    `eval_dir`) as the response to teacher-force; rows it has not answered are left out."""
+    def answered(r: dict) -> bool:
+        return "messages" not in r or r["response"] is not None  # GSM8K rows carry their answer
+
+    if all(answered(r) for r in rows):
+        return list(rows)
+    path = eval_cell(eval_dir, "teacher", 0) / "samples.jsonl"
+    written = {s["id"]: s["output"] for s in read_samples(eval_dir, "teacher", 0)} if path.is_file() else {}
+    return [r if answered(r) else {**r, "response": written[r["id"]]}
+            for r in rows if answered(r) or r["id"] in written]
 
 
 def run_eval(
@@ -452,13 +539,20 @@ def run_eval(
     questions = eval_questions(recipe, limit)
     overlap = contamination(recipe, questions)
     tokenizer = models.load_tokenizer(recipe.model)
+    gsm8k = recipe.data.is_gsm8k
+    shots = shots if gsm8k else [0]  # other data: its held-out prompts as written
     shot_sets = {k: exemplars(recipe, k) for k in shots}
     students = [t for t in tags if t != "teacher"]
     held_out = fidelity_questions(recipe) if with_fidelity and students else None
-    run = EvalRun()
+    run = EvalRun(data={"source": recipe.data.source, "questions": len(questions)} if gsm8k else
+                  sources.load_rows(recipe.data, recipe.eval.split, gold=None).describe())
     fast, quantization = None, None
 
     def accuracy(model, tag):
+        if not gsm8k:  # no answer to score: the outputs, for agreement with the teacher
+            run.generations.append(score_generations(model, tokenizer, questions, tag=tag, recipe=recipe,
+                                                     out_dir=out_dir, progress=progress))
+            return
         for ex in shot_sets.values():
             run.accuracy.append(score_accuracy(model, tokenizer, questions, ex, tag=tag, recipe=recipe,
                                                out_dir=out_dir, backend=backend, progress=progress))
@@ -466,9 +560,10 @@ def run_eval(
     reused = reuse_teacher_cells(Path(teacher_from), out_dir, recipe, shots, backend) \
         if teacher_from is not None and "teacher" in tags else None
     if reused is not None:
-        run.accuracy += reused
+        run.accuracy += [c for c in reused if isinstance(c, Accuracy)]
+        run.generations += [c for c in reused if isinstance(c, Generations)]
     generate_teacher = "teacher" in tags and reused is None
-    renderings = recipe.eval.fidelity_renderings
+    renderings = recipe.eval.fidelity_renderings if gsm8k else [prompts.DATA_RENDERING]
     held = teacher_logits is not None and set(renderings) <= teacher_logits.complete
     teacher_forward = held_out is not None and not held
     teacher = models.load_teacher(recipe.model) if generate_teacher or teacher_forward else None
@@ -488,18 +583,25 @@ def run_eval(
                 with adapter_off(student, tag):
                     accuracy(student, tag)
             if held_out is not None:
-                for rendering in renderings:
+                held_out = with_responses(held_out, out_dir)
+                if not held_out:
+                    log.warning("no held-out fidelity: prompt-only data is teacher-forced on the teacher's outputs, "
+                                "and the teacher was not evaluated here")
+                for rendering in renderings if held_out else ():
                     run.fidelity += score_fidelity(teacher, student, tokenizer, held_out, tags=students,
                                                    batch_size=min(recipe.eval.batch_size, FIDELITY_BATCH),
                                                    share_prefix=recipe.fast_paths, progress=progress,
-                                                   rendering=rendering, teacher_logits=teacher_logits)
-    run.agreement = generation_agreement(run.accuracy, out_dir, tokenizer)
+                                                   rendering=rendering, teacher_logits=teacher_logits,
+                                                   max_length=recipe.data.max_length)
+    run.agreement = generation_agreement(run.cells, out_dir, tokenizer)
     atomic.write_json(out_dir / "eval-summary.json", {
         "accuracy": [asdict(a) for a in run.accuracy],
         "fidelity": [asdict(f) for f in run.fidelity],
         "agreement": [asdict(g) for g in run.agreement],
+        "generations": [asdict(g) for g in run.generations],
         "questions": {"split": recipe.eval.split, "start": recipe.eval.start, "count": len(questions),
                       "in_transfer_set": overlap},
+        "data": run.data,
         "fast_paths": fast, "student_quantization": quantization, "student_load_seconds": load_seconds,
         **provenance(),
     })
@@ -513,6 +615,8 @@ def format_table(run: EvalRun) -> str:
 
 def accuracy_table(run: EvalRun) -> str:
     """Both filters with Wilson 95% intervals, and generation speed."""
+    if not run.accuracy:
+        return ""
     lines = [
         "| model | shots | n | strict | flexible | tokens/s |",
         "|---|---:|---:|---|---|---:|",
@@ -552,23 +656,31 @@ def gap_closed_table(run: EvalRun) -> str:
 
 
 def in_format(fidelity: Sequence[Fidelity]) -> list[Fidelity]:
-    """The fidelity rows measured in llmkd's own format (the training format)."""
-    return [f for f in fidelity if f.rendering == "llmkd"]
+    """The fidelity rows measured in the training format (llmkd's on GSM8K, the rows' own on other data)."""
+    return [f for f in fidelity if f.rendering in ("llmkd", prompts.DATA_RENDERING)]
 
 
 def agreement_table(run: EvalRun) -> str:
-    """Greedy outputs against the teacher's; the p-values pair each model's answer agreement with the base's."""
+    """Greedy outputs against the teacher's; the p-values pair each model's answer agreement with the base's.
+    Without an answer extractor (data other than GSM8K) the answer columns are left out."""
     if not run.agreement:
         return ""
-    lines = ["| model | shots | n | same output as teacher | common prefix, tokens: mean / median (teacher's length) "
-             "| same answer, strict | same answer, flexible | vs base: p strict / flexible |",
-             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    answered = all(g.strict_answer_agreement is not None for g in run.agreement)
+    head = "| model | shots | n | same output as teacher | common prefix, tokens: mean / median (teacher's length) |"
+    lines = [head + (" same answer, strict | same answer, flexible | vs base: p strict / flexible |" if answered else ""),
+             "|---|---:|---:|---:|---:|" + ("---:|---:|---|" if answered else "")]
     for g in run.agreement:
-        paired = " / ".join(f"{g.vs_base[f]['p_value']:.3g}" for f in FILTERS) if g.vs_base else ""
-        lines.append(f"| {g.tag} | {g.shots} | {g.questions} | {100 * g.exact_match:.1f}% | "
-                     f"{g.prefix_tokens_mean:.1f} / {g.prefix_tokens_median:g} ({g.teacher_tokens_mean:.1f}) | "
-                     f"{100 * g.strict_answer_agreement:.1f}% | {100 * g.flexible_answer_agreement:.1f}% | {paired} |")
+        line = (f"| {g.tag} | {g.shots} | {g.questions} | {100 * g.exact_match:.1f}% | "
+                f"{g.prefix_tokens_mean:.1f} / {g.prefix_tokens_median:g} ({g.teacher_tokens_mean:.1f}) |")
+        if answered:
+            paired = " / ".join(f"{g.vs_base[f]['p_value']:.3g}" for f in FILTERS) if g.vs_base else ""
+            line += f" {_share(g.strict_answer_agreement)} | {_share(g.flexible_answer_agreement)} | {paired} |"
+        lines.append(line)
     return "\n".join(lines)
+
+
+def _share(p: float | None) -> str:
+    return "n/a" if p is None else f"{100 * p:.1f}%"
 
 
 def _pct(p: float, ci: tuple[float, float]) -> str:

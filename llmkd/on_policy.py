@@ -34,7 +34,7 @@ import torch
 
 from llmkd import atomic, builder, checkpoint, models
 from llmkd.config import Recipe, RunLayout
-from llmkd.data import prompts
+from llmkd.data import sources
 from llmkd.errors import LlmkdError
 from llmkd.generation import decoding_settings, generate_ids
 from llmkd.transfer_set import Examples, check_file, sha256_text, write_shard
@@ -160,8 +160,8 @@ class Rounds:
             with torch.random.fork_rng(devices=devices):
                 completions, stats = generate_ids(
                     student, tok, prompt_ids, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
-                    stop_strings=prompts.STOP_STRINGS, do_sample=cfg.do_sample, temperature=cfg.temperature,
-                    seed=seed, desc=f"on-policy round {r}", progress=self.progress, share_prefix=fast)
+                    stop_strings=sources.stop_strings(self.recipe.data), do_sample=cfg.do_sample,
+                    temperature=cfg.temperature, seed=seed, desc=f"on-policy round {r}", progress=self.progress, share_prefix=fast)
         finally:
             student.train(was_training)
         generated = time.perf_counter() - t0
@@ -190,7 +190,7 @@ class Rounds:
             "finish": {f: finishes.count(f) for f in sorted(set(finishes))},
             "mean_topk_mass": round(float(masses.mean()), 6),
             "generation_seconds": round(generated, 2), "scoring_seconds": round(time.perf_counter() - t1, 2),
-            "decoding": decoding_settings(max_new_tokens=cfg.max_new_tokens, stop_strings=prompts.STOP_STRINGS,
+            "decoding": decoding_settings(max_new_tokens=cfg.max_new_tokens, stop_strings=sources.stop_strings(self.recipe.data),
                                           do_sample=cfg.do_sample, temperature=cfg.temperature, seed=seed),
             "settings_hash": self.settings_hash,
         }

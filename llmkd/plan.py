@@ -118,10 +118,32 @@ def sequence_plan(recipe: Recipe) -> tuple[int, int, int | None, str]:
         tokens, responses = TransferSet.open(path).lengths()
         return int(tokens.max()), int(responses.max()), len(tokens), f"measured in {path}"
     ts = recipe.transfer_set
+    if not recipe.data.is_gsm8k:
+        return _measured_in_rows(recipe)
     prompt = 160 * (1 + ts.shots)  # GSM8K: ~160 tokens per question turn with the chat template
     response = ts.max_new_tokens if ts.response == "teacher" else 320
     return prompt + response, response, ts.count, f"estimated (no transfer set at {path} yet): " \
         f"~{prompt} prompt tokens ({ts.shots}-shot) + {response} response tokens"
+
+
+def _measured_in_rows(recipe: Recipe) -> tuple[int, int, int, str]:
+    """sequence_plan for data other than GSM8K before its transfer set exists: the selected rows rendered
+    and tokenized (gold responses as written; teacher responses at transfer_set.max_new_tokens)."""
+    from llmkd import builder
+    from llmkd.data import prompts
+
+    ts, tok = recipe.transfer_set, models.load_tokenizer(recipe.model)
+    rows = builder.select_questions(recipe, allow_eval_split=True, tokenizer=tok)[0]
+    longest, longest_response = 0, 0
+    for row in rows:
+        prompt, response = prompts.render_row(tok, row)
+        r = len(tok(response, add_special_tokens=False)["input_ids"]) if response is not None else ts.max_new_tokens
+        n = len(prompts.encode(tok, prompt)) + r
+        if recipe.data.max_length is not None:
+            n = min(n, recipe.data.max_length)
+        longest, longest_response = max(longest, n), max(longest_response, r)
+    return longest, longest_response, len(rows), f"measured in {len(rows)} rows of {recipe.data.source} " \
+        f"(no transfer set yet{'; teacher responses at max_new_tokens' if ts.response == 'teacher' else ''})"
 
 
 def memory_estimate(recipe: Recipe, plan: ModelPlan, seq_len: int, response_len: int,

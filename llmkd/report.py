@@ -1,4 +1,4 @@
-"""The main job's report: teacher, NF4 base and distilled student side by side, with paired tests.
+"""The main job's report: teacher, quantised base and distilled student side by side, with paired tests.
 
 It leads with what distillation moves: fidelity to the teacher (held-out KL and top-1 agreement)
 and generation agreement (does the student say what the teacher says?), base against distilled,
@@ -26,7 +26,7 @@ from llmkd.evaluate import (FILTERS, EvalRun, accuracy_table, agreement_table, f
                             mcnemar_exact, read_samples)
 from llmkd.provenance import provenance
 
-BASE = "student"  # the tag of the NF4 base (the student without its adapter)
+BASE = "student"  # the tag of the quantised base (the student without its adapter)
 LABELS = {"teacher": "teacher", BASE: "base", "distilled": "distilled"}
 COLORS = {"teacher": "0.55", BASE: "tab:orange", "distilled": "tab:blue"}
 
@@ -70,18 +70,22 @@ def _loss_curve(metrics_path: Path | None) -> list[dict]:
 
 
 def write_report(run: EvalRun, eval_dir: Path, out_dir: Path, *, train_metrics: Path | None = None,
-                 extra: dict | None = None) -> Path:
+                 extra: dict | None = None, quant: str = "nf4") -> Path:
+    """`quant`: the student's quantizer (model.quant), as the base is named."""
     out_dir.mkdir(parents=True, exist_ok=True)
     tests = paired_tests(run, eval_dir)
     agreeing = agreement_tests(run)
     curve = _loss_curve(train_metrics)
     lines = ["# llmkd report"]
+    if run.data:
+        lines += ["", f"Data: {data_line(run.data)}. Student: the teacher's {quant} copy (base) and that copy with "
+                  "the distilled adapter."]
     if run.fidelity:
-        lines += ["", "## Fidelity to the teacher (held-out gold solutions, teacher-forced)", "",
+        lines += ["", "## Fidelity to the teacher (held-out responses, teacher-forced)", "",
                   "The teacher's KL to itself is 0 and its top-1 agreement 100%.", "", fidelity_table(run)]
         gaps = gap_closed_table(run)
         if gaps:
-            lines += ["", "Gap closed: the share of the NF4 base's KL the adapter wins back, 1 - KL(distilled) / "
+            lines += ["", f"Gap closed: the share of the {quant} base's KL the adapter wins back, 1 - KL(distilled) / "
                       "KL(base), on each text:", "", gaps]
     if run.agreement:
         lines += ["", "## Generation agreement with the teacher (greedy, same prompts)", "",
@@ -92,7 +96,7 @@ def write_report(run: EvalRun, eval_dir: Path, out_dir: Path, *, train_metrics: 
             lines += ["", "Answer agreement with the teacher, base → distilled (exact McNemar, same questions):", "",
                       *_test_table(agreeing, "a-only / b-only agreeing")]
     if run.accuracy:
-        lines += ["", "## GSM8K accuracy", ""]
+        lines += ["", "## GSM8K accuracy", ""]  # the only task with an answer extractor
         if at_floor(run):
             lines += ["Every model scores 0% under both filters: accuracy cannot separate them here "
                       "(see fidelity and agreement above).", ""]
@@ -115,10 +119,22 @@ def write_report(run: EvalRun, eval_dir: Path, out_dir: Path, *, train_metrics: 
         "accuracy": [asdict(a) for a in run.accuracy],
         "accuracy_at_floor": at_floor(run),
         "paired_tests": tests,
+        "data": run.data,
+        "quant": quant,
         "extra": extra or {},
         **provenance(),
     })
     return out_dir / "report.md"
+
+
+def data_line(data: dict) -> str:
+    """The evaluated data in one line: source, format, rows, content hash."""
+    if data.get("format") in (None, "gsm8k"):
+        return f"GSM8K ({data['source']}), {data.get('questions', '?')} question(s) generated on"
+    skipped = sum((data.get("skipped") or {}).values())
+    return (f"{data['source']} ({data['format']}), {data['conversations']} held-out conversation(s), "
+            f"{data['examples']} response(s), content sha256 {data['content_sha256'][:12]}"
+            + (f", {skipped} bad row(s) skipped" if skipped else ""))
 
 
 def _test_table(tests: list[dict], counts: str) -> list[str]:
@@ -245,8 +261,9 @@ def _agreement_panel(ax, run: EvalRun) -> None:
     tags = list(dict.fromkeys(g.tag for g in run.agreement))
     shots = sorted({g.shots for g in run.agreement})
     cell = {(g.tag, g.shots): g for g in run.agreement}
-    measures = [("exact_match", "same output"), ("strict_answer_agreement", "answer\nstrict"),
-                ("flexible_answer_agreement", "answer\nflexible")]
+    measures = [("exact_match", "same output")]
+    if all(g.strict_answer_agreement is not None for g in run.agreement):  # an answer extractor ran (GSM8K)
+        measures += [("strict_answer_agreement", "answer\nstrict"), ("flexible_answer_agreement", "answer\nflexible")]
     groups = [(k, attr, name) for k in shots for attr, name in measures]
     many = len(shots) > 1
 

@@ -14,7 +14,7 @@ import os
 import re
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -283,6 +283,9 @@ class Manifest:
     totals: Totals
     build: BuildStats
     provenance: dict
+    # What the data section read: source, format, examples, bad rows skipped per reason, content hash
+    # (`sources.Rows.describe`); {} in sets built before it.
+    data: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -298,7 +301,7 @@ class Manifest:
                 f"format_version {version!r}, this llmkd reads versions {', '.join(map(str, READABLE_VERSIONS))} "
                 "(rebuild the set with this llmkd)"
             )
-        top = _fields_of(cls, data, "")
+        top = _fields_of(cls, {"data": {}, **data}, "")
         if version == 4 and isinstance(top["settings"], dict):
             top["settings"] = {**top["settings"], "encoding": "fp16"}
         top["settings"] = Settings(**_fields_of(Settings, top["settings"], "settings."))
@@ -551,7 +554,20 @@ def summary_lines(manifest: Manifest) -> list[str]:
         f"{llama:,} B/token at V={LLAMA31_VOCAB:,} ({llama / bpt:,.0f}x)",
         f"top-{s.top_k} mass       {t.mean_topk_mass:.4f} mean (the tail bucket holds the rest)",
         f"build             {b.seconds:,.1f} s of teacher time, {b.tokens_per_s:,.1f} response tokens/s per process",
+        *data_lines(manifest.data),
     ]
+
+
+def data_lines(data: dict) -> list[str]:
+    """Which data the set holds, and the bad rows left out (data.on_bad_row: skip), for other data than GSM8K."""
+    if not data or data.get("format") == "gsm8k":
+        return []
+    skipped = data.get("skipped") or {}
+    lines = [f"data              {data['source']} ({data['format']}): {data['conversations']:,} conversation(s), "
+             f"content {data['content_sha256'][:12]}"]
+    if skipped:
+        lines.append(f"bad rows skipped  {sum(skipped.values()):,}: " + "; ".join(f"{n} {why}" for why, n in skipped.items()))
+    return lines
 
 
 # --- Hashes ---------------------------------------------------------------------------------------

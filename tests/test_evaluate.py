@@ -112,7 +112,7 @@ def test_generation_agreement_reads_the_written_samples_and_skips_shots_without_
         rows = [sample(i, o, flexible=o.split()[-1]) for i, o in enumerate(outputs)]
         (folder / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     accuracy = [_acc(t, k) for t, k in cells]
-    base, distilled = generation_agreement(accuracy, tmp_path, CharTokenizer())
+    base, distilled = generation_agreement([(a.tag, a.shots) for a in accuracy], tmp_path, CharTokenizer())
     assert [(g.tag, g.shots) for g in (base, distilled)] == [("student", 0), ("distilled", 0)]
     assert (base.prefix_tokens_mean, distilled.prefix_tokens_mean) == ((2 + 0) / 2, (5 + 1) / 2)
     assert (base.exact_match, distilled.exact_match) == (0.0, 0.5)

@@ -178,3 +178,40 @@ def test_commands_of_one_process_refuse_a_launch_of_several(monkeypatch, capsys,
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main([command, "recipes/smollm2-cpu.yaml"]) == 2
     assert f"llmkd {command} runs in one process, launched here as 2 (WORLD_SIZE)" in capsys.readouterr().err
+
+
+def test_main_job_on_the_shipped_chat_example_reports_held_out_fidelity_and_agreement(scratch_dir, stand_in):
+    """recipes/chat-example.yaml (JSON Lines of messages rows, not GSM8K), end to end on the stand-in."""
+    recipe = load_recipe(REPO / "recipes/chat-example.yaml", stand_in_overrides(
+        stand_in, "name=chat", "transfer_set.out=", "train.max_steps=2", "train.lr=5e-3", "train.loss.alpha=0.5",
+        "eval.limit=3", "eval.batch_size=3", "eval.max_new_tokens=4", "eval.fidelity_count=3"))
+    report = pipeline.run(recipe, progress=False, say=lambda _: None)
+    summary = json.loads((recipe.layout.eval / "eval-summary.json").read_text())
+    assert summary["accuracy"] == [] and [g["tag"] for g in summary["generations"]] == ["teacher", "student", "distilled"]
+    assert [(f["tag"], f["rendering"], f["questions"]) for f in summary["fidelity"]] == [
+        ("student", "data", 3), ("distilled", "data", 3)]
+    assert [g["tag"] for g in summary["agreement"]] == ["student", "distilled"]
+    assert summary["data"]["source"] == "recipes/data/python-docs-chat.jsonl" and summary["data"]["format"] == "messages"
+    manifest = json.loads((recipe.layout.transfer_set / "manifest.json").read_text())
+    held = {json.loads(line)["question_hash"]
+            for line in (recipe.layout.eval / "teacher-0shot/samples.jsonl").read_text().splitlines()}
+    assert held and not held & set(manifest["question_hashes"])  # no held-out row was trained on
+    text = report.read_text()
+    assert "held-out rows of your data" in text and "GSM8K" not in text and "nf4 base" in text
+
+
+def test_prompt_only_data_trains_on_the_teachers_answers_and_scores_fidelity_on_them(scratch_dir, stand_in):
+    rows = [{"query": f"Describe the number {i} in one word."} for i in range(24)]
+    (scratch_dir / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = load_recipe(None, stand_in_overrides(
+        stand_in, "name=prompts", "data.source=prompts.jsonl", "data.columns={prompt: query}", "data.eval_fraction=0.25",
+        "transfer_set.response=teacher", "transfer_set.max_new_tokens=4", "transfer_set.count=8",
+        "train.max_steps=1", "train.batch_size=4", "eval.limit=2", "eval.batch_size=2", "eval.max_new_tokens=3",
+        "eval.fidelity_count=2"))
+    pipeline.run(recipe, progress=False, say=lambda _: None)
+    summary = json.loads((recipe.layout.eval / "eval-summary.json").read_text())
+    teacher = [json.loads(line) for line in (recipe.layout.eval / "teacher-0shot/samples.jsonl").read_text().splitlines()]
+    assert summary["data"]["format"] == "prompt" and len(teacher) == 2
+    # The teacher-forced responses are the teacher's own greedy outputs (+ the end-of-turn marker): at most 4 tokens.
+    assert [f["tag"] for f in summary["fidelity"]] == ["student", "distilled"]
+    assert 2 <= summary["fidelity"][0]["tokens"] <= 2 * 4

@@ -195,7 +195,7 @@ def test_test_split_refused_without_allow_eval_split():
     r = recipe(["transfer_set.split=test", "transfer_set.count=2"])
     with pytest.raises(LlmkdError, match="contaminat"):
         builder.build(r, out="/nonexistent/never-written")
-    rows, _, _ = builder.select_questions(r, allow_eval_split=True)
+    rows, _, _, _ = builder.select_questions(r, allow_eval_split=True)
     assert [q["id"] for q in rows] == ["gsm8k-test-00000", "gsm8k-test-00001"]
 
 
@@ -204,14 +204,14 @@ def test_exemplars_excluded_from_the_questions():
     first = min(e["index"] for e in exemplars)
     r = recipe(["transfer_set.renderings=[llmkd]", "transfer_set.shots=2", "data.exemplar_seed=1234",
                 f"transfer_set.start={first - 1}", "transfer_set.count=3"])
-    rows, chosen, excluded = builder.select_questions(r)
+    rows, chosen, excluded, _ = builder.select_questions(r)
     assert [e["id"] for e in chosen] == [e["id"] for e in exemplars]
     assert excluded == [f"gsm8k-train-{first:05d}"]
     assert [q["index"] for q in rows] == [first - 1, first + 1]
 
 
 def test_limit_caps_count():
-    rows, _, _ = builder.select_questions(recipe(["transfer_set.count=10"]), limit=3)
+    rows, _, _, _ = builder.select_questions(recipe(["transfer_set.count=10"]), limit=3)
     assert len(rows) == 3
 
 

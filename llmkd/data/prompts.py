@@ -95,10 +95,11 @@ def render_prompt(tokenizer, question: str, exemplars: Sequence[dict] = ()) -> s
 
     Turn it into token ids with `encode` (every stage does), never with the tokenizer's defaults.
     """
-    return _render_turns(tokenizer, build_messages(question, exemplars))
+    return render_messages(tokenizer, build_messages(question, exemplars))
 
 
-def _render_turns(tokenizer, messages: Sequence[dict]) -> str:
+def render_messages(tokenizer, messages: Sequence[dict]) -> str:
+    """Chat turns as the prompt text, ending where the assistant's reply begins."""
     if has_chat_template(tokenizer):
         return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
     return render_plain(messages)
@@ -112,11 +113,15 @@ def render_response(tokenizer, question: str, response: str, exemplars: Sequence
     the marker, so nothing after it is ever predicted). Derived from the template itself, not
     hard-coded per model family.
     """
-    return _render_reply(tokenizer, build_messages(question, exemplars), response)
+    return render_reply(tokenizer, build_messages(question, exemplars), response)
+
+
+# The fidelity "rendering" of data other than GSM8K: its held-out rows as written, through the chat template.
+DATA_RENDERING = "data"
 
 
 def rendering_label(rendering: str) -> str:
-    return RENDERINGS[rendering][3]
+    return "held-out rows of your data" if rendering == DATA_RENDERING else RENDERINGS[rendering][3]
 
 
 def _example_messages(question: str, rendering: str) -> list[dict]:
@@ -131,7 +136,7 @@ def render_example_prompt(tokenizer, question: str, rendering: str = "llmkd") ->
     messages = _example_messages(question, rendering)
     if not RENDERINGS[rendering][2]:
         return f"Question: {question.strip()}\nAnswer:"
-    return _render_turns(tokenizer, messages)
+    return render_messages(tokenizer, messages)
 
 
 def render_example(tokenizer, question: str, answer: str, rendering: str = "llmkd") -> tuple[str, str]:
@@ -142,10 +147,11 @@ def render_example(tokenizer, question: str, answer: str, rendering: str = "llmk
     reply = answer.strip() if notes else assistant_turn(answer)
     if not chat:
         return render_example_prompt(tokenizer, question, rendering), " " + reply + "\n\n"
-    return _render_turns(tokenizer, messages), _render_reply(tokenizer, messages, reply)
+    return render_messages(tokenizer, messages), render_reply(tokenizer, messages, reply)
 
 
-def _render_reply(tokenizer, messages: Sequence[dict], response: str) -> str:
+def render_reply(tokenizer, messages: Sequence[dict], response: str) -> str:
+    """The text that follows `render_messages(messages)` when the assistant answers `response`."""
     if not has_chat_template(tokenizer):
         return " " + response.strip() + "\n\n"
     prompt = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
@@ -155,6 +161,21 @@ def _render_reply(tokenizer, messages: Sequence[dict], response: str) -> str:
     if not full.startswith(prompt):
         raise ValueError("the chat template renders an assistant turn that does not extend the prompt")
     return full[len(prompt):].rstrip()
+
+
+def render_row(tokenizer, row: dict, rendering: str = "llmkd", exemplars: Sequence[dict] = ()) -> tuple[str, str | None]:
+    """(prompt, gold response or None) of an example: a GSM8K row (question, answer) in `rendering`
+    with `exemplars`, or a row of other data (`llmkd.data.sources`: messages, response) as its turns."""
+    if "messages" in row:
+        if not has_chat_template(tokenizer):
+            raise LlmkdError("the model's tokenizer has no chat template: rows of your own data are rendered "
+                             "by it (use a chat model, or GSM8K, which has a plain-text format)")
+        prompt = render_messages(tokenizer, row["messages"])
+        return prompt, None if row["response"] is None else render_reply(tokenizer, row["messages"], row["response"])
+    if rendering == "llmkd":  # k-shot too
+        return (render_prompt(tokenizer, row["question"], exemplars),
+                render_response(tokenizer, row["question"], assistant_turn(row["answer"]), exemplars))
+    return render_example(tokenizer, row["question"], row["answer"], rendering)
 
 
 def adds_bos(tokenizer) -> bool:
