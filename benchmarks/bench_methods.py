@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import re
 import shutil
 import sys
 import time
@@ -37,7 +36,8 @@ sys.path.insert(0, str(ROOT))
 
 from llmkd import atomic, builder, checkpoint, sweep  # noqa: E402
 from llmkd.config import Recipe, apply_override, load_recipe  # noqa: E402
-from llmkd.evaluate import TeacherLogits, run_eval  # noqa: E402
+from llmkd.evaluate import run_eval  # noqa: E402
+from llmkd.fidelity import TeacherLogits  # noqa: E402
 
 # The old default's transfer set (llmkd's format only) keeps its own folder.
 PLAIN = ["transfer_set.out=transfer_sets/smollm2-cpu", "transfer_set.response=gold", "transfer_set.renderings=[llmkd]", "lora.init=default", "lora.r=16",
@@ -217,12 +217,6 @@ def split_section(text: str, title: str) -> tuple[str, str, str]:
     end = text.find("\n# ", start + 1)
     end = len(text) if end < 0 else end + 1
     return text[:start], text[start:end], text[end:]
-
-
-def methods_sections(text: str) -> str:
-    """Every section of results.md about the methods (this script's tables and the notes beside them)."""
-    parts = re.split(r"(?m)^(?=# )", text)
-    return "".join(p.rstrip("\n") + "\n\n" for p in parts if p.startswith(SECTION_PREFIX))
 
 
 def write_section(path: Path, title: str, table: str) -> None:

@@ -8,14 +8,16 @@ after another (they time things: nothing else of ours runs beside them). Every f
 ratio against a baseline measured in the same run; absolute times drift on a shared machine. The
 machine's matmul peak heads the file for context. results.md is replaced only once every selected
 benchmark has finished (a failed one is reported in its section and makes the exit code non-zero).
-`bench_methods.py` (recovery methods, an hour on 2 cores) runs on its own and writes its own sections
-(one per student quantizer), which this script keeps with the notes beside them.
+Only the head and the sections of the benchmarks run are replaced: every other section is kept as it
+is (those `bench_methods.py`, `bench_unseen_text.py` and `bench_peers.py` write, hours of runs of their
+own; the data examples'; notes written by hand).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import platform
 import subprocess
 import sys
@@ -58,6 +60,14 @@ def machine_lines() -> list[str]:
     ]
 
 
+def kept_sections(text: str, rewritten: list[str]) -> list[str]:
+    """The sections of results.md this run does not write: the methods' (hours of runs of their own), the
+    peers', the data examples', notes. Only the head and the sections of the benchmarks run now are replaced."""
+    parts = re.split(r"(?m)^(?=# )", text)
+    return [p.rstrip("\n") + "\n" for p in parts if p.startswith("# ") and not p.startswith("# Benchmarks\n")
+            and not any(p.startswith(f"# {name}: ") for name in rewritten)]
+
+
 def main(argv=None) -> int:
     args = make_parser().parse_args(argv)
     names = args.only or list(BENCHMARKS)
@@ -80,12 +90,10 @@ def main(argv=None) -> int:
         sections.append(f"# {name}: {what}\n\n`python benchmarks/{script}` ({seconds:.0f} s)\n\n{body}\n")
     head = ["# Benchmarks", "", f"Written by `benchmarks/run_all.py` on {started} in "
             f"{(time.perf_counter() - t_all) / 60:.1f} minutes.", "", *machine_lines(), ""]
-    from bench_methods import methods_sections  # its sections (hours of runs of their own) are kept as they are
     from llmkd import atomic
 
     out = Path(args.out)
-    methods = methods_sections(out.read_text() if out.is_file() else "")
-    kept = [methods.rstrip("\n") + "\n"] if methods else []
+    kept = kept_sections(out.read_text() if out.is_file() else "", names)
     atomic.write_text(out, "\n".join(head) + "\n" + "\n".join([*sections, *kept]))
     print(f"written: {args.out}")
     if failed:

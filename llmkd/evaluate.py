@@ -1,53 +1,40 @@
-"""Accuracy and teacher fidelity of the teacher, the quantised student and a distilled student.
+"""Stage 3: teacher, quantised base and distilled student evaluated side by side (`run_eval`).
 
-Accuracy: greedy generation on the shared prompt format (`llmkd.data.prompts`), both answer filters
-(strict `#### N` and flexible last-number, `llmkd.data.answer`) with Wilson 95% intervals. Backends:
-llmkd's own batched generation, or lm-eval's gsm8k harness fed exactly the same prompts.
+Accuracy (GSM8K): greedy generation on the shared prompt format (`llmkd.data.prompts`), both answer
+filters (strict `#### N` and flexible last-number, `llmkd.data.answer`) with Wilson 95% intervals.
+Backends: llmkd's own batched generation, or lm-eval's gsm8k harness fed exactly the same prompts.
+Other data (`llmkd.data.sources`) has no answer to score: its held-out prompts are generated on 0-shot
+(`score_generations`) for agreement alone.
 
-Fidelity: on held-out test questions, the gold solution is teacher-forced through teacher and
-student (0-shot prompt, response tokens only); per-token KL(teacher || student) over the full
-vocabulary and top-1 agreement (`llmkd.losses.dense_kd_metrics`). The teacher's logits of a batch
-serve every student; the prompt prefix all questions share runs once per model and
-adapter state (`shared_prefix`).
+Fidelity to the teacher on held-out responses: `llmkd.fidelity`. Generation agreement with the
+teacher, from the samples written here: `llmkd.agreement`. At most two models are loaded: the teacher,
+then one quantised student that serves as base (adapter off) and distilled student.
 
-Generation agreement: each other model's greedy outputs (the accuracy generations, reread from the
-samples either backend writes) against the teacher's on the same prompts: identical outputs, the
-common token prefix, and the same extracted answer per filter, the last paired with the quantised base's
-by the exact McNemar test. It shows behaviour where accuracy sits at the floor.
-
-Other data than GSM8K (`llmkd.data.sources`) has no answer to score: its held-out rows are the
-fidelity set (their own responses teacher-forced; for prompt-only rows, the teacher's greedy output)
-and the prompts generated on (`score_generations`), 0-shot; agreement then has no answer columns.
-
-Each evaluation writes `<out>/<tag>-<shots>shot/samples.jsonl` (prompt, output, extracted, gold,
-correct) and `summary.json` (metrics, recipe, prompt format, versions, git commit); a run writes
-`<out>/eval-summary.json` (accuracy, fidelity, agreement).
+Each evaluation writes `<out>/<tag>-<shots>shot/samples.jsonl` (prompt, output, and for GSM8K extracted,
+gold, correct) and `summary.json` (metrics, recipe, prompt format, versions, git commit); a run writes
+`<out>/eval-summary.json` (accuracy or generations, fidelity, agreement, data). `EvalRun` holds the same.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
-import statistics
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
-
-import torch
+from typing import Sequence
 
 from llmkd import atomic, fastpath, models, quantize
-from llmkd.fastpath import shared_prefix
+from llmkd.agreement import GenerationAgreement, agreement_table, generation_agreement, read_samples
 from llmkd.config import Recipe, eval_cell
-from llmkd.errors import LlmkdError
 from llmkd.data import answer, prompts, sources
 from llmkd.data.gsm8k import load_gsm8k, select_range
+from llmkd.errors import LlmkdError
+from llmkd.fidelity import (FIDELITY_BATCH, Fidelity, TeacherLogits, adapter_off, fidelity_questions, fidelity_table,
+                            score_fidelity, with_responses)
 from llmkd.generation import decoding_settings, generate, generate_ids
-from llmkd.losses import dense_kd_metrics
-from llmkd.progress import bar as progress_bar
 from llmkd.provenance import provenance
+from llmkd.stats import wilson_interval
 
 log = logging.getLogger(__name__)
 
@@ -81,69 +68,17 @@ class Generations:
 
 
 @dataclass
-class Fidelity:
-    tag: str
-    questions: int
-    tokens: int
-    kl: float  # mean per response token, nats, KL(teacher || model)
-    top1_agreement: float
-    rendering: str = "llmkd"  # prompts.RENDERINGS: llmkd's format (in-format), plain_chat (off-format), ...
-
-
-@dataclass
-class GenerationAgreement:
-    """A model's greedy outputs against the teacher's on the same prompts (the accuracy questions)."""
-
-    tag: str
-    shots: int
-    questions: int
-    exact_match: float  # share of outputs identical to the teacher's
-    prefix_tokens_mean: float  # common token prefix with the teacher's output
-    prefix_tokens_median: float
-    teacher_tokens_mean: float  # the teacher's output length: the prefix of an identical output
-    # Share with the teacher's extracted answer (both valid), strict and flexible filter; None on data
-    # without an answer extractor (not GSM8K).
-    strict_answer_agreement: float | None
-    flexible_answer_agreement: float | None
-    # Filter -> exact McNemar of per-question answer agreement, a = the quantised base ("student"), b = this
-    # model; empty for the base itself or without it.
-    vs_base: dict[str, dict] = field(default_factory=dict)
-
-
-@dataclass
 class EvalRun:
     accuracy: list[Accuracy] = field(default_factory=list)
     fidelity: list[Fidelity] = field(default_factory=list)
     agreement: list[GenerationAgreement] = field(default_factory=list)
     generations: list[Generations] = field(default_factory=list)  # data other than GSM8K: no accuracy
     data: dict = field(default_factory=dict)  # what was evaluated on: source, format, rows, content hash
-
-    @property
-    def cells(self) -> list[tuple[str, int]]:
-        """(tag, shots) of every model's greedy outputs (samples.jsonl)."""
-        return [(a.tag, a.shots) for a in [*self.accuracy, *self.generations]]
-
-
-def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion: sane at 0% and 100%, unlike mean +- 1.96 SE."""
-    if n == 0:
-        return (0.0, 0.0)
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
-
-def mcnemar_exact(a_correct: Sequence[bool], b_correct: Sequence[bool]) -> dict:
-    """Two-sided exact McNemar test of paired outcomes: a binomial test on the discordant pairs."""
-    if len(a_correct) != len(b_correct):
-        raise ValueError("paired outcomes must cover the same questions")
-    only_a = sum(a and not b for a, b in zip(a_correct, b_correct))
-    only_b = sum(b and not a for a, b in zip(a_correct, b_correct))
-    n = only_a + only_b
-    tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2**n if n else 1.0
-    return {"only_a": only_a, "only_b": only_b, "p_value": min(1.0, 2 * tail)}
+    # (tag, shots) -> the per-question rows of that cell's samples.jsonl, in the order scored
+    samples: dict[tuple[str, int], list[dict]] = field(default_factory=dict)
+    student_quantization: dict | None = None  # `quantize.quantization_report` of the student evaluated
+    student_load_seconds: float | None = None
+    fast_paths: dict | None = None
 
 
 def eval_questions(recipe: Recipe, limit: int | None = None):
@@ -321,203 +256,6 @@ def reuse_teacher_cells(src: Path, out_dir: Path, recipe: Recipe, shots: Sequenc
     return reused
 
 
-def read_samples(eval_dir: Path, tag: str, shots: int) -> list[dict]:
-    """The per-question rows `score_accuracy` wrote for one model and shot count (either backend)."""
-    path = eval_cell(eval_dir, tag, shots) / "samples.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-# --- Generation agreement with the teacher -----------------------------------------------------
-
-FILTERS = ("strict", "flexible")
-
-
-def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
-    """How many leading tokens `a` and `b` share."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def answers_agree(a: str, b: str) -> bool:
-    """Two extracted answers name the same number; a failed extraction agrees with nothing. Compared
-    as canonical numbers: lm-eval's extractions are raw text ("$18." is 18)."""
-    number = answer.normalize_number(a)
-    return number is not None and number == answer.normalize_number(b)
-
-
-def agreement_rows(teacher: Sequence[dict], samples: Sequence[dict], tokenize: Callable[[str], list[int]]) -> list[dict]:
-    """Per question, a model's sample against the teacher's: identical output, common token prefix,
-    the teacher's length in tokens, and for each filter whether the extracted answers agree."""
-    if [t["id"] for t in teacher] != [s["id"] for s in samples]:
-        raise ValueError("teacher and model were scored on different questions")
-    rows = []
-    for t, s in zip(teacher, samples):
-        t_ids, s_ids = tokenize(t["output"]), tokenize(s["output"])
-        rows.append({"exact": t["output"] == s["output"], "prefix": common_prefix_length(t_ids, s_ids),
-                     "teacher_tokens": len(t_ids), **{f: answers_agree(t[f], s[f]) for f in FILTERS if f in t}})
-    return rows
-
-
-def summarise_agreement(tag: str, shots: int, rows: Sequence[dict],
-                        base_rows: Sequence[dict] | None = None) -> GenerationAgreement:
-    """Rates and prefix lengths of `agreement_rows`; with `base_rows` (the quantised base's on the same
-    questions), McNemar of answer agreement base vs this model, per filter."""
-    n = max(len(rows), 1)
-    prefixes = [r["prefix"] for r in rows]
-    answered = bool(rows) and all(f in r for r in rows for f in FILTERS)  # an answer extractor ran (GSM8K)
-    return GenerationAgreement(
-        tag=tag, shots=shots, questions=len(rows),
-        exact_match=sum(r["exact"] for r in rows) / n,
-        prefix_tokens_mean=sum(prefixes) / n,
-        prefix_tokens_median=float(statistics.median(prefixes)) if prefixes else 0.0,
-        teacher_tokens_mean=sum(r["teacher_tokens"] for r in rows) / n,
-        strict_answer_agreement=sum(r["strict"] for r in rows) / n if answered else None,
-        flexible_answer_agreement=sum(r["flexible"] for r in rows) / n if answered else None,
-        vs_base={f: mcnemar_exact([b[f] for b in base_rows], [r[f] for r in rows]) for f in FILTERS}
-        if base_rows is not None and answered else {},
-    )
-
-
-def generation_agreement(cells: Sequence[tuple[str, int]], eval_dir: Path, tokenizer) -> list[GenerationAgreement]:
-    """Each non-teacher model of `cells` ((tag, shots), `EvalRun.cells`) against the teacher, at every
-    shot count the teacher was scored at, from the samples already written (no generation); in order."""
-    def tokenize(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    teacher_shots = {k for tag, k in cells if tag == "teacher"}
-    cells = [(tag, k) for tag, k in cells if tag != "teacher" and k in teacher_shots]
-    teacher = {k: read_samples(eval_dir, "teacher", k) for k in teacher_shots}
-    rows = {(tag, k): agreement_rows(teacher[k], read_samples(eval_dir, tag, k), tokenize) for tag, k in cells}
-    return [summarise_agreement(tag, k, rows[tag, k], rows.get(("student", k)) if tag != "student" else None)
-            for tag, k in cells]
-
-
-FIDELITY_BATCH = 16  # teacher-forced batches: bigger ones only add padding and (N, V) logits memory
-
-
-@dataclass
-class TeacherLogits:
-    """The teacher's logits at the response positions of the held-out fidelity batches, kept in CPU
-    memory so that several students scored on the same questions (`llmkd sweep`) run the teacher once.
-    Bitwise what the teacher's forward gives again: a forward is deterministic for the same batch."""
-
-    max_bytes: int = 8 * 2**30  # beyond it the teacher runs again for each student
-    batches: dict = field(default_factory=dict)  # (rendering, batch index) -> (input_ids, logits)
-    complete: set = field(default_factory=set)  # renderings whose every batch is held
-    held_bytes: int = 0
-
-    def get(self, rendering: str, index: int, input_ids):
-        hit = self.batches.get((rendering, index))
-        return hit[1] if hit is not None and torch.equal(hit[0], input_ids.cpu()) else None
-
-    def put(self, rendering: str, index: int, input_ids, logits) -> bool:
-        size = logits.numel() * logits.element_size()
-        if self.held_bytes + size > self.max_bytes:
-            return False
-        self.batches[rendering, index] = (input_ids.cpu(), logits.cpu())
-        self.held_bytes += size
-        return True
-
-
-def fidelity_batches(tokenizer, questions, batch_size: int, rendering: str = "llmkd", max_length: int | None = None):
-    """Right-padded (input_ids, attention_mask, keep) batches of 0-shot prompt + gold solution in
-    `rendering` (`prompts.render_row`; rows of other data as written), sorted by length so that little
-    is padding (the metrics are sums: order does not matter). `keep` marks the positions whose next token
-    is a response token. With `max_length`, prompts are cut from the left as the builder cuts them."""
-    examples = []
-    for r in questions:
-        ids, mask = prompts.tokenize_example(tokenizer, *prompts.render_row(tokenizer, r, rendering))
-        start = mask.index(1)
-        if max_length is not None and len(ids) > max_length:
-            prompt_ids = sources.fit(ids[:start], max(1, max_length - (len(ids) - start)))
-            ids, start = prompt_ids + ids[start:], len(prompt_ids)
-        examples.append((ids, start))
-    examples.sort(key=lambda e: len(e[0]))
-    for b in range(0, len(examples), batch_size):
-        chunk = examples[b : b + batch_size]
-        yield prompts.teacher_forced_batch([ids for ids, _ in chunk], [s for _, s in chunk], tokenizer.pad_token_id)
-
-
-def adapter_off(model, tag: str):
-    """The quantised base student is the distilled student with its adapter disabled: one model, two tags."""
-    return model.disable_adapter() if tag == "student" and hasattr(model, "disable_adapter") else nullcontext()
-
-
-@torch.no_grad()
-def score_fidelity(teacher, student, tokenizer, questions, *, tags: Sequence[str], batch_size: int = FIDELITY_BATCH,
-                   share_prefix: bool = True, progress: bool = True, rendering: str = "llmkd",
-                   teacher_logits: TeacherLogits | None = None, max_length: int | None = None) -> list[Fidelity]:
-    """KL(teacher || model) and top-1 agreement of `student` as each of `tags` ("student": adapter off,
-    "distilled"/other: as given) on `questions` in `rendering`; the teacher's forward runs once per
-    batch for all of them, or not at all for the batches `teacher_logits` holds (then `teacher` may be
-    None if it holds them all)."""
-    sums = {tag: [0.0, 0] for tag in tags}  # KL sum, agreements
-    tokens = 0
-    device = next(student.parameters()).device
-    batches = list(fidelity_batches(tokenizer, questions, batch_size, rendering, max_length))
-    rows = [row for input_ids, _, _ in batches for row in input_ids.tolist()]
-    first_kept = min(int(keep.float().argmax(1).min()) for _, _, keep in batches)  # a prefix keeps no logits
-    prefix = shared_prefix.usable_prefix_length(rows, student, limit=first_kept) if share_prefix else 0
-    caches: dict = {}  # the prefix's KV per model (and adapter state), computed once
-
-    def forward(model, key, input_ids, attention, keep):
-        if prefix and key not in caches:
-            caches[key] = shared_prefix.prefix_cache(model, rows[0][:prefix])
-        return shared_prefix.forward(model, input_ids, attention, keep, prefix, caches.get(key)).logits
-
-    desc = f"fidelity {'/'.join(tags)} ({rendering})"
-    with progress_bar(total=len(batches), desc=desc, unit="batch", disable=not progress) as bar:
-        held = teacher_logits is not None
-        for i, (input_ids, attention, keep) in enumerate(batches):
-            t_logits = teacher_logits.get(rendering, i, input_ids) if held else None
-            input_ids, attention, keep = input_ids.to(device), attention.to(device), keep.to(device)
-            if t_logits is None:
-                if teacher is None:
-                    raise ValueError(f"score_fidelity: no teacher, and no held logits for {rendering} batch {i}")
-                t_logits = forward(teacher, None, input_ids, attention, keep)  # (N, V) at the response positions
-                held = held and teacher_logits.put(rendering, i, input_ids, t_logits)
-            t_logits = t_logits.to(device)
-            mask = torch.ones(t_logits.shape[0], dtype=torch.bool, device=device)
-            for tag in tags:
-                with adapter_off(student, tag):
-                    k, a, n = dense_kd_metrics(t_logits, forward(student, tag, input_ids, attention, keep), mask)
-                sums[tag][0] += float(k)
-                sums[tag][1] += int(a)
-            tokens += int(n)
-            bar.update(1)
-    if held:
-        teacher_logits.complete.add(rendering)
-    return [Fidelity(tag=tag, questions=len(questions), tokens=tokens, kl=kl / max(tokens, 1),
-                     top1_agreement=agree / max(tokens, 1), rendering=rendering) for tag, (kl, agree) in sums.items()]
-
-
-def fidelity_questions(recipe: Recipe):
-    """GSM8K's test questions from eval.fidelity_start, or the first held-out rows of other data; both
-    eval.fidelity_count of them. Rows of prompt-only data have no response yet (`with_responses`)."""
-    ev = recipe.eval
-    if not recipe.data.is_gsm8k:
-        return select_range(sources.load_rows(recipe.data, "test", gold=None).examples, 0, ev.fidelity_count)
-    return select_range(load_gsm8k("test", sources.gsm8k_copy(recipe.data.source)), ev.fidelity_start, ev.fidelity_count)
-
-
-def with_responses(rows, eval_dir: Path) -> list[dict]:
-    """Held-out rows of prompt-only data, each given the teacher's greedy output (its samples in
-    `eval_dir`) as the response to teacher-force; rows it has not answered are left out."""
-    def answered(r: dict) -> bool:
-        return "messages" not in r or r["response"] is not None  # GSM8K rows carry their answer
-
-    if all(answered(r) for r in rows):
-        return list(rows)
-    path = eval_cell(eval_dir, "teacher", 0) / "samples.jsonl"
-    written = {s["id"]: s["output"] for s in read_samples(eval_dir, "teacher", 0)} if path.is_file() else {}
-    return [r if answered(r) else {**r, "response": written[r["id"]]}
-            for r in rows if answered(r) or r["id"] in written]
-
-
 def run_eval(
     recipe: Recipe, *, shots: Sequence[int], tags: Sequence[str], adapter: str | Path | None = None,
     limit: int | None = None, with_fidelity: bool = False, backend: str | None = None,
@@ -546,22 +284,24 @@ def run_eval(
     held_out = fidelity_questions(recipe) if with_fidelity and students else None
     run = EvalRun(data={"source": recipe.data.source, "questions": len(questions)} if gsm8k else
                   sources.load_rows(recipe.data, recipe.eval.split, gold=None).describe())
-    fast, quantization = None, None
+
+    def add(cell: Accuracy | Generations) -> None:
+        (run.accuracy if isinstance(cell, Accuracy) else run.generations).append(cell)
+        run.samples[cell.tag, cell.shots] = read_samples(out_dir, cell.tag, cell.shots)  # as written, either backend
 
     def accuracy(model, tag):
         if not gsm8k:  # no answer to score: the outputs, for agreement with the teacher
-            run.generations.append(score_generations(model, tokenizer, questions, tag=tag, recipe=recipe,
-                                                     out_dir=out_dir, progress=progress))
+            add(score_generations(model, tokenizer, questions, tag=tag, recipe=recipe, out_dir=out_dir,
+                                  progress=progress))
             return
         for ex in shot_sets.values():
-            run.accuracy.append(score_accuracy(model, tokenizer, questions, ex, tag=tag, recipe=recipe,
-                                               out_dir=out_dir, backend=backend, progress=progress))
+            add(score_accuracy(model, tokenizer, questions, ex, tag=tag, recipe=recipe, out_dir=out_dir,
+                               backend=backend, progress=progress))
 
     reused = reuse_teacher_cells(Path(teacher_from), out_dir, recipe, shots, backend) \
         if teacher_from is not None and "teacher" in tags else None
-    if reused is not None:
-        run.accuracy += [c for c in reused if isinstance(c, Accuracy)]
-        run.generations += [c for c in reused if isinstance(c, Generations)]
+    for cell in reused or ():
+        add(cell)
     generate_teacher = "teacher" in tags and reused is None
     renderings = recipe.eval.fidelity_renderings if gsm8k else [prompts.DATA_RENDERING]
     held = teacher_logits is not None and set(renderings) <= teacher_logits.complete
@@ -572,18 +312,18 @@ def run_eval(
     if not teacher_forward:
         teacher = None
         models.release_memory()
-    load_seconds = None
     if students:
         start = time.perf_counter()
         student = models.load_student(recipe.model, adapter=adapter if "distilled" in students else None)
-        load_seconds = round(time.perf_counter() - start, 1)
+        run.student_load_seconds = round(time.perf_counter() - start, 1)
         with fastpath.dequantized_once(student, enabled=recipe.fast_paths) as fast:
-            quantization = quantize.quantization_report(student)
+            run.fast_paths = fast
+            run.student_quantization = quantize.quantization_report(student)
             for tag in students:
                 with adapter_off(student, tag):
                     accuracy(student, tag)
             if held_out is not None:
-                held_out = with_responses(held_out, out_dir)
+                held_out = with_responses(held_out, run.samples.get(("teacher", 0)))
                 if not held_out:
                     log.warning("no held-out fidelity: prompt-only data is teacher-forced on the teacher's outputs, "
                                 "and the teacher was not evaluated here")
@@ -593,7 +333,7 @@ def run_eval(
                                                    share_prefix=recipe.fast_paths, progress=progress,
                                                    rendering=rendering, teacher_logits=teacher_logits,
                                                    max_length=recipe.data.max_length)
-    run.agreement = generation_agreement(run.cells, out_dir, tokenizer)
+    run.agreement = generation_agreement(run.samples, tokenizer)
     atomic.write_json(out_dir / "eval-summary.json", {
         "accuracy": [asdict(a) for a in run.accuracy],
         "fidelity": [asdict(f) for f in run.fidelity],
@@ -602,7 +342,8 @@ def run_eval(
         "questions": {"split": recipe.eval.split, "start": recipe.eval.start, "count": len(questions),
                       "in_transfer_set": overlap},
         "data": run.data,
-        "fast_paths": fast, "student_quantization": quantization, "student_load_seconds": load_seconds,
+        "fast_paths": run.fast_paths, "student_quantization": run.student_quantization,
+        "student_load_seconds": run.student_load_seconds,
         **provenance(),
     })
     return run
@@ -610,7 +351,7 @@ def run_eval(
 
 def format_table(run: EvalRun) -> str:
     """Side by side: accuracy (one row per model and shot count), then fidelity, then agreement."""
-    return "\n\n".join(t for t in (accuracy_table(run), fidelity_table(run), agreement_table(run)) if t)
+    return "\n\n".join(t for t in (accuracy_table(run), fidelity_table(run.fidelity), agreement_table(run.agreement)) if t)
 
 
 def accuracy_table(run: EvalRun) -> str:
@@ -627,60 +368,6 @@ def accuracy_table(run: EvalRun) -> str:
             f"{_pct(a.flexible, a.flexible_ci95)} | {a.tokens_per_s:.0f} |"
         )
     return "\n".join(lines)
-
-
-def fidelity_table(run: EvalRun) -> str:
-    if not run.fidelity:
-        return ""
-    lines = ["| model | text | held-out tokens | KL(teacher‖model) | top-1 agreement |", "|---|---|---:|---:|---:|"]
-    for f in run.fidelity:
-        lines.append(f"| {f.tag} | {prompts.rendering_label(f.rendering)} | {f.tokens} | {f.kl:.4f} | "
-                     f"{100 * f.top1_agreement:.1f}% |")
-    return "\n".join(lines)
-
-
-def gap_closed_table(run: EvalRun) -> str:
-    """Per text: how much of the quantised base's KL the adapter wins back, 1 - KL(distilled) / KL(base)."""
-    cells = {(f.tag, f.rendering): f for f in run.fidelity}
-    rows = []
-    for r in dict.fromkeys(f.rendering for f in run.fidelity):
-        base, distilled = cells.get(("student", r)), cells.get(("distilled", r))
-        if base is not None and distilled is not None and base.kl > 0:
-            rows.append(f"| {prompts.rendering_label(r)} | {base.kl:.4f} | {distilled.kl:.4f} | "
-                        f"{100 * (1 - distilled.kl / base.kl):.1f}% | {100 * base.top1_agreement:.1f}% → "
-                        f"{100 * distilled.top1_agreement:.1f}% |")
-    if not rows:
-        return ""
-    return "\n".join(["| text | base KL | distilled KL | gap closed | top-1 base → distilled |",
-                      "|---|---:|---:|---:|---:|", *rows])
-
-
-def in_format(fidelity: Sequence[Fidelity]) -> list[Fidelity]:
-    """The fidelity rows measured in the training format (llmkd's on GSM8K, the rows' own on other data)."""
-    return [f for f in fidelity if f.rendering in ("llmkd", prompts.DATA_RENDERING)]
-
-
-def agreement_table(run: EvalRun) -> str:
-    """Greedy outputs against the teacher's; the p-values pair each model's answer agreement with the base's.
-    Without an answer extractor (data other than GSM8K) the answer columns are left out."""
-    if not run.agreement:
-        return ""
-    answered = all(g.strict_answer_agreement is not None for g in run.agreement)
-    head = "| model | shots | n | same output as teacher | common prefix, tokens: mean / median (teacher's length) |"
-    lines = [head + (" same answer, strict | same answer, flexible | vs base: p strict / flexible |" if answered else ""),
-             "|---|---:|---:|---:|---:|" + ("---:|---:|---|" if answered else "")]
-    for g in run.agreement:
-        line = (f"| {g.tag} | {g.shots} | {g.questions} | {100 * g.exact_match:.1f}% | "
-                f"{g.prefix_tokens_mean:.1f} / {g.prefix_tokens_median:g} ({g.teacher_tokens_mean:.1f}) |")
-        if answered:
-            paired = " / ".join(f"{g.vs_base[f]['p_value']:.3g}" for f in FILTERS) if g.vs_base else ""
-            line += f" {_share(g.strict_answer_agreement)} | {_share(g.flexible_answer_agreement)} | {paired} |"
-        lines.append(line)
-    return "\n".join(lines)
-
-
-def _share(p: float | None) -> str:
-    return "n/a" if p is None else f"{100 * p:.1f}%"
 
 
 def _pct(p: float, ci: tuple[float, float]) -> str:

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from llmkd import atomic, builder, checkpoint, models
+from llmkd import atomic, checkpoint, models, teacher_scoring
 from llmkd.config import Recipe, RunLayout
 from llmkd.data import sources
 from llmkd.errors import LlmkdError
@@ -172,13 +172,13 @@ class Rounds:
         t1 = time.perf_counter()
         teacher = models.load_teacher(self.recipe.model)
         try:
-            targets = builder.teacher_targets(teacher, sequences, starts, k, pad_id=tok.pad_token_id,
+            targets = teacher_scoring.teacher_targets(teacher, sequences, starts, k, pad_id=tok.pad_token_id,
                                               batch_size=cfg.batch_size, share_prefix=fast)
         finally:
             del teacher
             models.release_memory()
         meta = [{"id": str(row["id"]), "question_hash": str(row["question_hash"])} for row in rows]
-        columns, masses = builder.shard_columns(meta, sequences, starts, finishes, targets, where=f"on-policy round {r}",
+        columns, masses = teacher_scoring.shard_columns(meta, sequences, starts, finishes, targets, where=f"on-policy round {r}",
                                                 encoding=settings.encoding, vocab_size=settings.vocab_size)
         path = self._shard_path(r)
         path.parent.mkdir(parents=True, exist_ok=True)

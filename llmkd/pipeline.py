@@ -39,7 +39,7 @@ def run(recipe: Recipe, *, progress: bool = True, say: Callable[[str], None] = p
                           adapter=result.adapter, with_fidelity=True, out_dir=layout.eval, progress=progress)
     say(format_table(evaluation))
     say("[4/4] report")
-    path = report.write_report(evaluation, layout.eval, layout.report, train_metrics=layout.metrics, quant=recipe.model.quant,
+    path = report.write_report(evaluation, layout.report, train_metrics=layout.metrics, quant=recipe.model.quant,
                                extra={"Training": train.summary_line(result),
                                       "Transfer set": "\n".join(transfer_set.summary_lines(manifest))})
     say(f"written: {path}")

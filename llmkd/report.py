@@ -22,8 +22,10 @@ from itertools import combinations
 from pathlib import Path
 
 from llmkd import atomic
-from llmkd.evaluate import (FILTERS, EvalRun, accuracy_table, agreement_table, fidelity_table, gap_closed_table,
-                            mcnemar_exact, read_samples)
+from llmkd.agreement import FILTERS, agreement_table
+from llmkd.evaluate import EvalRun, accuracy_table
+from llmkd.fidelity import fidelity_table, gap_closed_table
+from llmkd.stats import mcnemar_exact
 from llmkd.provenance import provenance
 
 BASE = "student"  # the tag of the quantised base (the student without its adapter)
@@ -31,14 +33,14 @@ LABELS = {"teacher": "teacher", BASE: "base", "distilled": "distilled"}
 COLORS = {"teacher": "0.55", BASE: "tab:orange", "distilled": "tab:blue"}
 
 
-def paired_tests(run: EvalRun, eval_dir: Path) -> list[dict]:
+def paired_tests(run: EvalRun) -> list[dict]:
     """McNemar between every two models at each shot count, for both answer filters."""
     rows = []
     shots = sorted({a.shots for a in run.accuracy})
     for k in shots:
         tags = [a.tag for a in run.accuracy if a.shots == k]
         for a, b in combinations(tags, 2):
-            sa, sb = read_samples(eval_dir, a, k), read_samples(eval_dir, b, k)
+            sa, sb = run.samples[a, k], run.samples[b, k]
             assert [s["id"] for s in sa] == [s["id"] for s in sb], "models were scored on different questions"
             for filt in FILTERS:
                 test = mcnemar_exact([s[f"{filt}_correct"] for s in sa], [s[f"{filt}_correct"] for s in sb])
@@ -69,11 +71,11 @@ def _loss_curve(metrics_path: Path | None) -> list[dict]:
     return [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
 
 
-def write_report(run: EvalRun, eval_dir: Path, out_dir: Path, *, train_metrics: Path | None = None,
+def write_report(run: EvalRun, out_dir: Path, *, train_metrics: Path | None = None,
                  extra: dict | None = None, quant: str = "nf4") -> Path:
     """`quant`: the student's quantizer (model.quant), as the base is named."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    tests = paired_tests(run, eval_dir)
+    tests = paired_tests(run)
     agreeing = agreement_tests(run)
     curve = _loss_curve(train_metrics)
     lines = ["# llmkd report"]
@@ -82,8 +84,8 @@ def write_report(run: EvalRun, eval_dir: Path, out_dir: Path, *, train_metrics: 
                   "the distilled adapter."]
     if run.fidelity:
         lines += ["", "## Fidelity to the teacher (held-out responses, teacher-forced)", "",
-                  "The teacher's KL to itself is 0 and its top-1 agreement 100%.", "", fidelity_table(run)]
-        gaps = gap_closed_table(run)
+                  "The teacher's KL to itself is 0 and its top-1 agreement 100%.", "", fidelity_table(run.fidelity)]
+        gaps = gap_closed_table(run.fidelity)
         if gaps:
             lines += ["", f"Gap closed: the share of the {quant} base's KL the adapter wins back, 1 - KL(distilled) / "
                       "KL(base), on each text:", "", gaps]
@@ -91,7 +93,7 @@ def write_report(run: EvalRun, eval_dir: Path, out_dir: Path, *, train_metrics: 
         lines += ["", "## Generation agreement with the teacher (greedy, same prompts)", "",
                   "Identical outputs, the common token prefix (the teacher's own output length in brackets) "
                   "and the same final answer as the teacher; the teacher agrees with itself 100%.", "",
-                  agreement_table(run)]
+                  agreement_table(run.agreement)]
         if agreeing:
             lines += ["", "Answer agreement with the teacher, base → distilled (exact McNemar, same questions):", "",
                       *_test_table(agreeing, "a-only / b-only agreeing")]

@@ -21,7 +21,9 @@ from pydantic import ValidationError
 from llmkd import atomic, builder, checkpoint, models, plan, quantize, train
 from llmkd.config import Recipe, apply_override, describe
 from llmkd.errors import LlmkdError
-from llmkd.evaluate import TeacherLogits, run_eval
+from llmkd.data.prompts import DATA_RENDERING
+from llmkd.evaluate import run_eval
+from llmkd.fidelity import TeacherLogits
 from llmkd.provenance import provenance
 
 POINT_FILE = "sweep-point.json"
@@ -129,15 +131,15 @@ def run_point(point: Recipe, teacher_eval: Path, teacher_logits: TeacherLogits, 
     evaluation = run_eval(point, shots=point.eval.shots, tags=["teacher", "student", "distilled"],
                           adapter=trained.adapter, with_fidelity=True, out_dir=point.layout.eval,
                           progress=progress, teacher_from=teacher_eval, teacher_logits=teacher_logits)
-    summary = json.loads((point.layout.eval / "eval-summary.json").read_text())
-    figures = point_figures(point, evaluation, summary, trained, time.perf_counter() - start)
+    figures = point_figures(point, evaluation, trained, time.perf_counter() - start)
     atomic.write_json(marker, {"settings": settings, "point": figures})
     return figures
 
 
 def _model_figures(evaluation, tag: str) -> dict:
     cells = {f.rendering: f for f in evaluation.fidelity if f.tag == tag}
-    figures = {"kl": cells["llmkd"].kl, "top1": cells["llmkd"].top1_agreement}  # in-format: the training format
+    trained_on = cells.get("llmkd") or cells[DATA_RENDERING]  # in-format: the training format
+    figures = {"kl": trained_on.kl, "top1": trained_on.top1_agreement}
     if "plain_chat" in cells:
         figures.update(kl_off_format=cells["plain_chat"].kl, top1_off_format=cells["plain_chat"].top1_agreement)
     figures["fidelity"] = {r: {"kl": f.kl, "top1": f.top1_agreement} for r, f in cells.items()}  # every rendering
@@ -154,15 +156,15 @@ def _model_figures(evaluation, tag: str) -> dict:
     return figures
 
 
-def point_figures(point: Recipe, evaluation, summary: dict, trained, eval_seconds: float) -> dict:
+def point_figures(point: Recipe, evaluation, trained, eval_seconds: float) -> dict:
     q = quantize.quantizer(point.model)
-    held = summary["student_quantization"]["weight_bytes"]
+    held = evaluation.student_quantization["weight_bytes"]
     base, distilled = _model_figures(evaluation, "student"), _model_figures(evaluation, "distilled")
     agreement = next((g for g in evaluation.agreement if g.tag == "distilled"), None)
     return {
         "quant": q.name, "bits": q.bits, "name": point.name,
         "weight_bytes": held["total"], "quantized_linear_bytes": held["quantized_linears"],
-        "load_seconds": summary["student_load_seconds"],
+        "load_seconds": evaluation.student_load_seconds,
         "train_tokens_per_s": trained.tokens_per_s, "train_seconds": trained.seconds, "eval_seconds": round(eval_seconds, 1),
         "base": base, "distilled": distilled,
         "gap_closed": 1 - distilled["kl"] / base["kl"] if base["kl"] > 0 else None,

@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from llmkd.data.gsm8k import load_gsm8k, select_range
-from llmkd.evaluate import (Accuracy, EvalRun, agreement_rows, answers_agree, common_prefix_length, fidelity_questions,
-                            format_table, generation_agreement, mcnemar_exact, run_eval, score_fidelity,
-                            summarise_agreement, wilson_interval)
+from llmkd.agreement import agreement_rows, answers_agree, common_prefix_length, generation_agreement, summarise_agreement
+from llmkd.evaluate import Accuracy, EvalRun, format_table, run_eval
+from llmkd.fidelity import fidelity_questions, score_fidelity
+from llmkd.stats import mcnemar_exact, wilson_interval
 
 
 def test_wilson_interval_known_values():
@@ -103,16 +104,12 @@ def _acc(tag, shots):
                     strict_ci95=(0.0, 0.8), flexible_ci95=(0.0, 0.8), generated_tokens=1, seconds=1.0, tokens_per_s=1.0)
 
 
-def test_generation_agreement_reads_the_written_samples_and_skips_shots_without_teacher(tmp_path):
+def test_generation_agreement_pairs_each_cell_with_the_teachers_and_skips_shots_without_teacher():
     cells = {("teacher", 0): ["abc 1", "de 2"], ("student", 0): ["abX 3", "zz 4"], ("distilled", 0): ["abc 1", "dX 2"],
              ("student", 2): ["q", "r"], ("distilled", 2): ["q", "r"]}  # no teacher at 2 shots
-    for (tag, k), outputs in cells.items():
-        folder = tmp_path / f"{tag}-{k}shot"
-        folder.mkdir()
-        rows = [sample(i, o, flexible=o.split()[-1]) for i, o in enumerate(outputs)]
-        (folder / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    samples = {cell: [sample(i, o, flexible=o.split()[-1]) for i, o in enumerate(outputs)] for cell, outputs in cells.items()}
     accuracy = [_acc(t, k) for t, k in cells]
-    base, distilled = generation_agreement([(a.tag, a.shots) for a in accuracy], tmp_path, CharTokenizer())
+    base, distilled = generation_agreement(samples, CharTokenizer())
     assert [(g.tag, g.shots) for g in (base, distilled)] == [("student", 0), ("distilled", 0)]
     assert (base.prefix_tokens_mean, distilled.prefix_tokens_mean) == ((2 + 0) / 2, (5 + 1) / 2)
     assert (base.exact_match, distilled.exact_match) == (0.0, 0.5)
@@ -246,7 +243,7 @@ def test_held_teacher_logits_give_the_same_fidelity_without_loading_the_teacher(
     """`llmkd sweep` scores many students on the same held-out batches: the second evaluation reads
     the teacher's logits the first one held, loads no teacher, and gets bitwise the same figures."""
     from llmkd import models
-    from llmkd.evaluate import TeacherLogits
+    from llmkd.fidelity import TeacherLogits
 
     recipe = stand_in_eval_recipe(stand_in, "eval.limit=1", "eval.max_new_tokens=2", "eval.fidelity_count=3")
     held = TeacherLogits()

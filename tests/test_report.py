@@ -3,15 +3,14 @@ from pathlib import Path
 
 import pytest
 
-from llmkd.evaluate import Accuracy, EvalRun, Fidelity, GenerationAgreement
+from llmkd.agreement import GenerationAgreement
+from llmkd.evaluate import Accuracy, EvalRun
+from llmkd.fidelity import Fidelity
 from llmkd.report import write_report
 
 
-def _write_samples(eval_dir, tag, shots, correct):
-    folder = eval_dir / f"{tag}-{shots}shot"
-    folder.mkdir(parents=True)
-    rows = [{"id": f"q{i}", "strict_correct": c, "flexible_correct": c} for i, c in enumerate(correct)]
-    (folder / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+def _samples(correct):
+    return [{"id": f"q{i}", "strict_correct": c, "flexible_correct": c} for i, c in enumerate(correct)]
 
 
 def _acc(tag, k, n):
@@ -40,11 +39,9 @@ def _metrics(tmp_path):
 
 
 def test_report_leads_with_fidelity_and_agreement_and_writes_all_files(tmp_path):
-    eval_dir = tmp_path / "eval"
-    _write_samples(eval_dir, "student", 0, [False] * 20)
-    _write_samples(eval_dir, "distilled", 0, [True] * 12 + [False] * 8)
-    run = EvalRun(accuracy=[_acc("student", 0, 20), _acc("distilled", 12, 20)], fidelity=FIDELITY, agreement=AGREEMENT)
-    report = write_report(run, eval_dir, tmp_path / "report", train_metrics=_metrics(tmp_path))
+    run = EvalRun(accuracy=[_acc("student", 0, 20), _acc("distilled", 12, 20)], fidelity=FIDELITY, agreement=AGREEMENT,
+                  samples={("student", 0): _samples([False] * 20), ("distilled", 0): _samples([True] * 12 + [False] * 8)})
+    report = write_report(run, tmp_path / "report", train_metrics=_metrics(tmp_path))
     text = report.read_text()
     sections = [line for line in text.splitlines() if line.startswith("## ")]
     assert [s.split(" (")[0] for s in sections] == ["## Fidelity to the teacher", "## Generation agreement with the teacher",
@@ -71,14 +68,12 @@ def test_report_leads_with_fidelity_and_agreement_and_writes_all_files(tmp_path)
 def test_accuracy_at_the_floor_is_a_table_not_empty_bars(tmp_path, monkeypatch):
     from llmkd import report as report_module
 
-    eval_dir = tmp_path / "eval"
-    for tag in ("teacher", "student", "distilled"):
-        _write_samples(eval_dir, tag, 0, [False] * 20)
-    run = EvalRun(accuracy=[_acc(t, 0, 20) for t in ("teacher", "student", "distilled")], fidelity=FIDELITY,
-                  agreement=AGREEMENT)
+    tags = ("teacher", "student", "distilled")
+    run = EvalRun(accuracy=[_acc(t, 0, 20) for t in tags], fidelity=FIDELITY, agreement=AGREEMENT,
+                  samples={(t, 0): _samples([False] * 20) for t in tags})
     drawn = []
     monkeypatch.setattr(report_module, "_accuracy_panel", lambda ax, run: drawn.append(run))
-    text = write_report(run, eval_dir, tmp_path / "report").read_text()
+    text = write_report(run, tmp_path / "report").read_text()
     assert "Every model scores 0% under both filters" in text
     assert "| teacher | 0 | 20 | 0.0% [0.0, 100.0] |" in text  # the accuracy table is still there
     assert drawn == [] and (tmp_path / "report" / "models.png").exists()  # no accuracy bars in the figure
@@ -97,7 +92,7 @@ def test_figures_give_each_loss_part_an_axis_and_write_values_and_the_teacher_re
         return original(fig, path, **kw)
 
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
-    write_report(EvalRun(fidelity=FIDELITY, agreement=AGREEMENT), tmp_path, tmp_path / "report",
+    write_report(EvalRun(fidelity=FIDELITY, agreement=AGREEMENT), tmp_path / "report",
                  train_metrics=_metrics(tmp_path))
     loss = saved["loss.png"]
     assert [ax.get_title() for ax in loss.axes] == ["loss", "kl", "ce"]  # each part on its own scale

@@ -134,7 +134,7 @@ def test_a_version_4_set_is_read_as_the_fp16_encoding_it_holds(tmp_path):
 @pytest.mark.parametrize("bad", ["nan_logprob", "inf_tail"])
 def test_a_teacher_target_that_is_not_finite_is_refused_in_every_encoding(encoding, bad):
     """compact stores bytes of sqrt(p), where a NaN would become a 0: the builder checks before encoding."""
-    from llmkd.builder import shard_columns
+    from llmkd.teacher_scoring import shard_columns
 
     ids, logprobs, tail = targets(49_152, 8, rows=6)
     if bad == "nan_logprob":
