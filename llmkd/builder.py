@@ -66,8 +66,9 @@ def select_questions(recipe: Recipe, *, limit: int | None = None, allow_eval_spl
     count = requested_count(recipe, limit)
     if not recipe.data.is_gsm8k:
         data = sources.load_rows(recipe.data, ts.split, gold=ts.response == "gold")
+        tok = tokenizer if tokenizer is not None else models.load_tokenizer(recipe.model)
+        prompts.render_row(tok, data.examples[0])  # a tokenizer without a chat template: refused before any write
         if recipe.data.max_length is not None and ts.response == "gold":
-            tok = tokenizer if tokenizer is not None else models.load_tokenizer(recipe.model)
             lengths = [len(tok(prompts.render_row(tok, r)[1], add_special_tokens=False)["input_ids"]) for r in data.examples]
             sources.skip_long(data, lengths, recipe.data.max_length, recipe.data.on_bad_row)
         if recipe.data.max_length is not None and ts.response == "teacher" and recipe.data.max_length <= ts.max_new_tokens:

@@ -48,6 +48,9 @@ class ModelConfig(Section):
     """Hub revision (branch, tag or commit) for a Hugging Face id."""
     trust_remote_code: bool = False
     """Run model code shipped with the checkpoint. Off unless you trust the checkpoint."""
+    chat_template: Optional[str] = None
+    """A Jinja chat template (the text, or a file holding it) for a tokenizer that has none, or to replace its
+    own: your own data is rendered by the chat template."""
     teacher_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     """Teacher weights' dtype. auto: bfloat16 on a GPU; on CPU bfloat16 where a matmul probe finds it faster than float32, else float32."""
     quant: Quant = "nf4"
@@ -294,6 +297,12 @@ class EvalConfig(Section):
     and plain_chat (the bare question, GSM8K's answer as shipped with its calculator notes): other text."""
     backend: Literal["llmkd", "lm-eval"] = "llmkd"
     """llmkd's own batched generation, or lm-eval's gsm8k harness with the same prompts."""
+    tasks: list[str] = []
+    """lm-eval tasks run for every model evaluated, side by side in the report with paired tests: lm-eval
+    task names (gsm8k, arc_easy, ...; their data from the hub) or paths of task YAMLs of your own
+    (llmkd/lm_eval_tasks.py). Greedy, eval.max_new_tokens, llmkd's BOS rule and chat template."""
+    task_limit: Optional[int] = Field(None, gt=0)
+    """Documents scored per eval.tasks task (null: all)."""
 
     @model_validator(mode="after")
     def _shots_non_negative(self):
@@ -330,7 +339,7 @@ class Recipe(Section):
     """Names the run folder: every output goes under runs/<name>/ (transfer_set, train, eval, report) unless its path is set."""
     fast_paths: bool = True
     """Speed-ups that give the same numbers: the shared prompt prefix's KV computed once (generation,
-    teacher targets, fidelity) and, on CPU, NF4 weights dequantized once. false: the plain library calls."""
+    teacher targets, fidelity) and, on CPU, 4-bit and HQQ weights dequantized once. false: the plain library calls."""
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     transfer_set: TransferSetConfig = TransferSetConfig()

@@ -33,6 +33,7 @@ from llmkd.errors import LlmkdError
 from llmkd.fidelity import (FIDELITY_BATCH, Fidelity, TeacherLogits, adapter_off, fidelity_questions, fidelity_table,
                             score_fidelity, with_responses)
 from llmkd.generation import decoding_settings, generate, generate_ids
+from llmkd.lm_eval_tasks import TaskScore, paired_task_tests, run_tasks, tasks_table
 from llmkd.provenance import provenance
 from llmkd.stats import wilson_interval
 
@@ -76,6 +77,9 @@ class EvalRun:
     data: dict = field(default_factory=dict)  # what was evaluated on: source, format, rows, content hash
     # (tag, shots) -> the per-question rows of that cell's samples.jsonl, in the order scored
     samples: dict[tuple[str, int], list[dict]] = field(default_factory=dict)
+    tasks: list[TaskScore] = field(default_factory=list)  # eval.tasks, every model
+    # (tag, task) -> per-document 0/1 results of that model on that task (`lm_eval_tasks.run_tasks`)
+    task_documents: dict[tuple[str, str], list[dict]] = field(default_factory=dict)
     student_quantization: dict | None = None  # `quantize.quantization_report` of the student evaluated
     student_load_seconds: float | None = None
     fast_paths: dict | None = None
@@ -290,6 +294,11 @@ def run_eval(
         run.samples[cell.tag, cell.shots] = read_samples(out_dir, cell.tag, cell.shots)  # as written, either backend
 
     def accuracy(model, tag):
+        if recipe.eval.tasks:
+            scores, documents = run_tasks(model, tokenizer, recipe.eval.tasks, tag=tag, batch_size=recipe.eval.batch_size,
+                                          max_new_tokens=recipe.eval.max_new_tokens, limit=recipe.eval.task_limit)
+            run.tasks += scores
+            run.task_documents.update({(tag, task): docs for task, docs in documents.items()})
         if not gsm8k:  # no answer to score: the outputs, for agreement with the teacher
             add(score_generations(model, tokenizer, questions, tag=tag, recipe=recipe, out_dir=out_dir,
                                   progress=progress))
@@ -339,6 +348,8 @@ def run_eval(
         "fidelity": [asdict(f) for f in run.fidelity],
         "agreement": [asdict(g) for g in run.agreement],
         "generations": [asdict(g) for g in run.generations],
+        "tasks": [asdict(t) for t in run.tasks],
+        "task_tests": paired_task_tests(run.task_documents),
         "questions": {"split": recipe.eval.split, "start": recipe.eval.start, "count": len(questions),
                       "in_transfer_set": overlap},
         "data": run.data,
@@ -351,7 +362,8 @@ def run_eval(
 
 def format_table(run: EvalRun) -> str:
     """Side by side: accuracy (one row per model and shot count), then fidelity, then agreement."""
-    return "\n\n".join(t for t in (accuracy_table(run), fidelity_table(run.fidelity), agreement_table(run.agreement)) if t)
+    tables = (accuracy_table(run), tasks_table(run.tasks), fidelity_table(run.fidelity), agreement_table(run.agreement))
+    return "\n\n".join(t for t in tables if t)
 
 
 def accuracy_table(run: EvalRun) -> str:

@@ -210,7 +210,7 @@ def _check_rows(rows: Sequence[dict], what: str, keys: tuple[str, ...]) -> None:
 
 
 @contextlib.contextmanager
-def _quiet(quiet: bool) -> Iterator[None]:
+def quiet_lm_eval(quiet: bool) -> Iterator[None]:
     """Hide lm-eval's noise while it runs; lm-eval's own tqdm bars stay (a long run's progress).
 
     - the "lm_eval" logger below ERROR: it WARNs on every run with a model object ("`pretrained`
@@ -244,7 +244,7 @@ def _quiet(quiet: bool) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _global_rng_kept() -> Iterator[None]:
+def global_rng_kept() -> Iterator[None]:
     """Restore the python, numpy and torch global RNGs afterwards.
 
     `simple_evaluate` reseeds all three (random 0, numpy and torch 1234), and lm-eval 0.4.13 draws
@@ -277,7 +277,7 @@ def run_lm_eval(model, tokenizer, questions: Sequence[dict], exemplars: Sequence
     `question`, `answer` (extra keys ignored). `exemplars`: GSM8K rows (`question`, `answer`)
     shown as k-shot turns, in this order; k = len(exemplars). `batch_size`: lm-eval batches the
     prompts longest first. `workdir`: the task goes to `workdir/task/`, replaced on every call.
-    `quiet`: see `_quiet`. Needs no network (HF_DATASETS_OFFLINE=1 is enough).
+    `quiet`: see `quiet_lm_eval`. Needs no network (HF_DATASETS_OFFLINE=1 is enough).
     """
     if not questions:
         raise LlmkdError("run_lm_eval: no questions")
@@ -301,7 +301,7 @@ def run_lm_eval(model, tokenizer, questions: Sequence[dict], exemplars: Sequence
 
     was_training = getattr(model, "training", False)
     try:
-        with _quiet(quiet), _global_rng_kept():
+        with quiet_lm_eval(quiet), global_rng_kept():
             # llmkd's BOS rule (prompts.encode): HFLM then adds BOS unless the text starts with it.
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
                       add_bos_token=prompts.adds_bos(tokenizer))

@@ -169,6 +169,12 @@ def load_tokenizer(cfg: ModelConfig):
         raise _hub_error(cfg.name, e) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    if cfg.chat_template is not None:
+        template = Path(cfg.chat_template).expanduser()
+        try:
+            tok.chat_template = template.read_text(encoding="utf-8") if template.is_file() else cfg.chat_template
+        except (OSError, UnicodeDecodeError) as e:
+            raise LlmkdError(f"model.chat_template: cannot read {template} ({type(e).__name__})") from None
     return tok
 
 

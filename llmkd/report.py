@@ -25,6 +25,7 @@ from llmkd import atomic
 from llmkd.agreement import FILTERS, agreement_table
 from llmkd.evaluate import EvalRun, accuracy_table
 from llmkd.fidelity import fidelity_table, gap_closed_table
+from llmkd.lm_eval_tasks import paired_task_tests, tasks_table
 from llmkd.stats import mcnemar_exact
 from llmkd.provenance import provenance
 
@@ -106,6 +107,16 @@ def write_report(run: EvalRun, out_dir: Path, *, train_metrics: Path | None = No
     if tests:
         lines += ["", "Paired accuracy differences (exact McNemar, same questions):", "",
                   *_test_table(tests, "a-only / b-only correct")]
+    task_tests = paired_task_tests(run.task_documents)
+    if run.tasks:
+        lines += ["", "## lm-eval tasks (eval.tasks)", "", "Each model on each task with llmkd's decoding (greedy) "
+                  "and BOS rule; value ± lm-eval's stderr.", "", tasks_table(run.tasks)]
+    if task_tests:
+        lines += ["", "Paired differences on the same documents, base → each model (exact McNemar):", "",
+                  "| task | metric | a → b | b − a | a-only / b-only | p | |", "|---|---|---|---:|---|---:|---|",
+                  *(f"| {t['task']} | {t['metric']} | {t['a']} → {t['b']} | {100 * t['b_minus_a']:+.1f} pts | "
+                    f"{t['only_a']} / {t['only_b']} | {t['p_value']:.3g} | "
+                    f"{'significant' if t['p_value'] < 0.05 else 'within noise'} |" for t in task_tests)]
     for key, value in (extra or {}).items():
         lines += ["", f"## {key}", "", str(value)]
     figures = _plot(run, curve, out_dir)
@@ -121,6 +132,8 @@ def write_report(run: EvalRun, out_dir: Path, *, train_metrics: Path | None = No
         "accuracy": [asdict(a) for a in run.accuracy],
         "accuracy_at_floor": at_floor(run),
         "paired_tests": tests,
+        "tasks": [asdict(t) for t in run.tasks],
+        "task_tests": task_tests,
         "data": run.data,
         "quant": quant,
         "extra": extra or {},

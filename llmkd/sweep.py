@@ -189,9 +189,11 @@ def format_sweep(result: dict) -> str:
     lines = [
         "# Bit-width frontier", "",
         f"Teacher: {result['recipe']['model']['name']} ({t['dtype']}, {t['weight_bytes'] / 2**20:.0f} MiB of weights).",
-        "Held-out fidelity: per-token KL(teacher || model) and top-1 agreement, teacher-forced in llmkd's "
-        "prompt format (off-format: the bare question with GSM8K's answer as shipped); generation: greedy "
-        "outputs against the teacher's on the evaluation questions.", "",
+        "Held-out fidelity: per-token KL(teacher || model) and top-1 agreement, teacher-forced "
+        + ("in llmkd's prompt format (off-format: the bare question with GSM8K's answer as shipped)"
+           if Recipe.model_validate(result["recipe"]).data.is_gsm8k else
+           f"on the held-out rows of {result['recipe']['data']['source']}")
+        + "; generation: greedy outputs against the teacher's on the evaluation prompts.", "",
         "| quant | bits | MiB held | base KL | distilled KL | gap closed | off-format gap closed | base top-1 | "
         "distilled top-1 | base gen prefix | distilled gen prefix | base exact | distilled exact | train tok/s |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",

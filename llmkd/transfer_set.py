@@ -430,7 +430,7 @@ class TransferSet:
         if teacher_identity(recipe.model)["sha256"] != self.manifest.settings.teacher_sha256:
             raise LlmkdError(
                 f"{self.path}: built from another teacher than model.name={recipe.model.name!r} (weights differ); "
-                "the student must be the teacher's own NF4 copy: rebuild the transfer set or fix model.name"
+                "the student must be the teacher's own quantised copy: rebuild the transfer set or fix model.name"
             )
 
     def identity(self) -> dict:

@@ -182,11 +182,19 @@ def test_commands_of_one_process_refuse_a_launch_of_several(monkeypatch, capsys,
 
 def test_main_job_on_the_shipped_chat_example_reports_held_out_fidelity_and_agreement(scratch_dir, stand_in):
     """recipes/chat-example.yaml (JSON Lines of messages rows, not GSM8K), end to end on the stand-in."""
+    from test_lm_eval_tasks import write_tasks
+
+    tasks = write_tasks(scratch_dir)  # with lm-eval tasks of the user's own beside
     recipe = load_recipe(REPO / "recipes/chat-example.yaml", stand_in_overrides(
         stand_in, "name=chat", "transfer_set.out=", "train.max_steps=2", "train.lr=5e-3", "train.loss.alpha=0.5",
-        "eval.limit=3", "eval.batch_size=3", "eval.max_new_tokens=4", "eval.fidelity_count=3"))
+        "eval.limit=3", "eval.batch_size=3", "eval.max_new_tokens=4", "eval.fidelity_count=3",
+        f"eval.tasks=[{', '.join(tasks)}]"))
     report = pipeline.run(recipe, progress=False, say=lambda _: None)
     summary = json.loads((recipe.layout.eval / "eval-summary.json").read_text())
+    assert [(t["tag"], t["task"]) for t in summary["tasks"]] == [
+        (tag, task) for tag in ("teacher", "student", "distilled") for task in ("py_gen", "py_choice")]
+    assert {(t["task"], t["a"], t["b"]) for t in summary["task_tests"]} == {
+        ("py_gen", "student", "distilled"), ("py_choice", "student", "distilled")}
     assert summary["accuracy"] == [] and [g["tag"] for g in summary["generations"]] == ["teacher", "student", "distilled"]
     assert [(f["tag"], f["rendering"], f["questions"]) for f in summary["fidelity"]] == [
         ("student", "data", 3), ("distilled", "data", 3)]
@@ -198,6 +206,7 @@ def test_main_job_on_the_shipped_chat_example_reports_held_out_fidelity_and_agre
     assert held and not held & set(manifest["question_hashes"])  # no held-out row was trained on
     text = report.read_text()
     assert "held-out rows of your data" in text and "GSM8K" not in text and "nf4 base" in text
+    assert "## lm-eval tasks" in text and "| py_choice | acc,none | 3 |" in text
 
 
 def test_prompt_only_data_trains_on_the_teachers_answers_and_scores_fidelity_on_them(scratch_dir, stand_in):

@@ -213,3 +213,34 @@ def test_the_dry_run_measures_sequence_lengths_in_the_rows(tmp_path, stand_in, s
     assert examples == 4 and how.startswith(f"measured in 4 rows of {path}")
     assert longest == len(smol_tokenizer(rendered.rstrip("\n"), add_special_tokens=False)["input_ids"])
     assert response == len(smol_tokenizer("Eleven.<|im_end|>", add_special_tokens=False)["input_ids"])
+
+
+def test_a_model_without_a_chat_template_is_refused_in_one_line_unless_the_recipe_gives_one(tmp_path, stand_in):
+    bare = tmp_path / "no-template"
+    bare.mkdir()
+    for f in stand_in.iterdir():
+        if f.name != "chat_template.jinja":
+            (bare / f.name).symlink_to(f)
+    path = write_jsonl(tmp_path / "chat.jsonl", CHAT)
+    rows = [f"data.source={path}", "data.eval_fraction=0", "transfer_set.count=null", "transfer_set.response=gold"]
+    with pytest.raises(LlmkdError, match="has no chat template.*model.chat_template"):
+        build(load_recipe(None, stand_in_overrides(bare, *rows)), out=tmp_path / "refused", progress=False)
+    assert not (tmp_path / "refused").exists()  # refused before anything is written
+    given = build(load_recipe(None, stand_in_overrides(bare, *rows, f"model.chat_template={stand_in / 'chat_template.jinja'}")),
+                  out=tmp_path / "given", progress=False)
+    own = build(load_recipe(None, stand_in_overrides(stand_in, *rows)), out=tmp_path / "own", progress=False)
+    assert [s.sha256 for s in given.shards] == [s.sha256 for s in own.shards]  # the same template, the same set
+
+
+def test_the_sweep_runs_on_your_own_data_and_names_it(tmp_path, stand_in):
+    from llmkd import sweep
+
+    path = write_jsonl(tmp_path / "chat.jsonl", [*CHAT, *CHAT[1:]] * 2)  # 10 conversations, duplicates hash alike
+    recipe = load_recipe(None, stand_in_overrides(
+        stand_in, "name=own", f"data.source={path}", "data.eval_fraction=0.5", "transfer_set.count=null",
+        "transfer_set.response=gold", "train.max_steps=1", "train.batch_size=1", "eval.max_new_tokens=2",
+        "eval.fidelity_count=2"))
+    held = sources.load_rows(recipe.data, "test", gold=True).examples
+    assert held  # "Say hello." / "What is a dict?" / the two-turn one: whichever hash below 0.5
+    table = sweep.run(recipe, ["nf4"], progress=False, say=lambda _: None).read_text()
+    assert f"teacher-forced on the held-out rows of {path}" in table and "| nf4 | 4 |" in table

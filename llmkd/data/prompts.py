@@ -169,7 +169,7 @@ def render_row(tokenizer, row: dict, rendering: str = "llmkd", exemplars: Sequen
     if "messages" in row:
         if not has_chat_template(tokenizer):
             raise LlmkdError("the model's tokenizer has no chat template: rows of your own data are rendered "
-                             "by it (use a chat model, or GSM8K, which has a plain-text format)")
+                             "by it; give one with model.chat_template (a Jinja template or a file holding it)")
         prompt = render_messages(tokenizer, row["messages"])
         return prompt, None if row["response"] is None else render_reply(tokenizer, row["messages"], row["response"])
     if rendering == "llmkd":  # k-shot too

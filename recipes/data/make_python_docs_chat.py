@@ -1,6 +1,8 @@
-"""Write python-docs-chat.jsonl: chat rows whose answers are Python's own documentation.
+"""Write python-docs-chat.jsonl: chat rows whose answers are Python's own documentation; and
+python-docs-choice.jsonl: an lm-eval task's documents (recipes/tasks/python-docs-choice.yaml) on other
+modules than the chats': which of four functions a docstring describes.
 
-    python recipes/data/make_python_docs_chat.py   # rewrites python-docs-chat.jsonl beside this file
+    python recipes/data/make_python_docs_chat.py   # rewrites both files beside this one
 
 The shipped file was written with CPython 3.11.7. Every assistant turn is text from the Python
 documentation that ships with the interpreter (the docstrings of standard-library functions, and the
@@ -83,8 +85,32 @@ def rows() -> list[dict]:
     return out
 
 
+# The multiple-choice task's modules: none of the chats' (MODULES), so no stage trains on its docstrings.
+CHOICE_MODULES = ("calendar", "codecs", "contextlib", "dataclasses", "enum", "inspect", "io", "logging", "pprint",
+                  "queue", "secrets", "struct", "threading", "timeit", "traceback", "types", "typing", "warnings",
+                  "weakref", "zipfile")
+
+
+def choice_rows() -> list[dict]:
+    """Per module, each function with a docstring against three others of the module, the answer's place
+    turning so that no position is favoured."""
+    out = []
+    for module_name in CHOICE_MODULES:
+        items = functions(module_name)
+        for i, (name, doc) in enumerate(items[: len(items) - len(items) % 4]):
+            group = [items[(i + j) % len(items)][0] for j in range(4)]  # the answer first, then its next three
+            target = len(out) % 4
+            group[0], group[target] = group[target], group[0]
+            out.append({"docstring": doc, "choices": [f"`{g}`" for g in group], "label": target})
+    return out
+
+
+def write(name: str, rows_: list[dict]) -> None:
+    path = Path(__file__).with_name(name)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows_), encoding="utf-8")
+    print(f"{path}: {len(rows_)} rows")
+
+
 if __name__ == "__main__":
-    path = Path(__file__).with_name("python-docs-chat.jsonl")
-    lines = [json.dumps(r, ensure_ascii=False) for r in rows()]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    print(f"{path}: {len(lines)} rows")
+    write("python-docs-chat.jsonl", rows())
+    write("python-docs-choice.jsonl", choice_rows())
