@@ -14,7 +14,7 @@ def run_cli(*args):
 def test_the_parser_has_every_command_and_its_help_names_each():
     # The parser's own sub-commands: a help text search would find "train" and "eval" in other words.
     sub = next(a for a in make_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    commands = ["build-transfer-set", "train", "eval", "run", "sweep", "recipe"]
+    commands = ["build-transfer-set", "train", "eval", "run", "sweep", "export", "recipe"]
     assert list(sub.choices) == commands
     assert [c.dest for c in sub._choices_actions] == commands and all(c.help for c in sub._choices_actions)
 

@@ -1,0 +1,91 @@
+"""`llmkd export --to transformers`: the folder a user serves loads with plain transformers + peft, scores
+what llmkd measured (the gate, in a fresh process), and bad input is one line with nothing written."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import REPO, stand_in_overrides
+from llmkd import export, models, pipeline
+from llmkd.config import load_recipe
+from llmkd.errors import LlmkdError
+
+TINY = ["name=tiny", "transfer_set.out=", "transfer_set.start=746", "transfer_set.count=4", "transfer_set.batch_size=4",
+        "train.batch_size=4", "train.max_steps=2", "train.warmup_steps=0", "train.schedule=constant", "train.lr=5e-3",
+        "train.loss.alpha=0.5", "eval.limit=1", "eval.batch_size=1", "eval.max_new_tokens=4", "eval.shots=[0]",
+        "eval.fidelity_count=2", "eval.fidelity_start=1000"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(stand_in, tmp_path_factory):
+    """A run of the main job on the stand-in, finished (its adapter written), in a folder of its own."""
+    import os
+
+    home = tmp_path_factory.mktemp("run")
+    (home / "recipes").symlink_to(REPO / "recipes")
+    cwd = os.getcwd()
+    os.chdir(home)
+    try:
+        recipe = load_recipe(REPO / "recipes/smollm2-cpu.yaml", stand_in_overrides(stand_in, *TINY))
+        pipeline.run(recipe, progress=False, say=lambda _: None)
+    finally:
+        os.chdir(cwd)
+    return home, recipe
+
+
+def test_the_export_loads_in_plain_transformers_and_peft_and_scores_what_llmkd_measured(finished_run, monkeypatch):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    home, recipe = finished_run
+    monkeypatch.chdir(home)
+    out = export.export(export.recipe_of(["runs/tiny"]), out=home / "exported", check=2, say=lambda _: None)
+    record = json.loads((out / "export.json").read_text())
+    for tag in ("student", "distilled"):  # the gate: the engine's figures against llmkd's on the same rows
+        assert record["engine"][tag]["kl"] == pytest.approx(record["llmkd"][tag]["kl"], rel=1e-4, abs=1e-7)
+        assert record["engine"][tag]["tokens"] == record["llmkd"][tag]["tokens"] > 0
+    assert record["engine"]["distilled"]["kl"] != record["engine"]["student"]["kl"]  # the adapter acts
+    # What a user does, here in this process: the folder alone, no recipe, gives llmkd's distilled student.
+    served = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out, device_map={"": "cpu"}),
+                                       str(out / "adapter")).eval()
+    ours = models.load_student(recipe.model, recipe.layout.adapter)
+    ids = models.load_tokenizer(recipe.model)("Natalia sold clips.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(served(input_ids=ids).logits, ours(input_ids=ids).logits, rtol=0, atol=1e-5)
+    config = json.loads((out / "generation_config.json").read_text())
+    assert config["do_sample"] is False and config["max_new_tokens"] == 4 and "Question:" in config["stop_strings"]
+    assert "vllm serve" in (out / "README.md").read_text() and (out / "chat_template.jinja").is_file()
+    # Exporting the same run again to the same folder replaces it; nothing is left beside it.
+    export.export(recipe, out=out, check=1, say=lambda _: None)
+    assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith((".exported", "exported"))) == ["exported"]
+
+
+def test_bad_input_is_one_line_and_writes_nothing(finished_run, monkeypatch, tmp_path):
+    home, recipe = finished_run
+    monkeypatch.chdir(home)
+    cases = {
+        "no run": (load_recipe(None, ["name=never"]), tmp_path / "a", "transformers", "no run"),
+        "gguf": (recipe, tmp_path / "b", "gguf", "gguf-q4_0"),
+        "hqq": (recipe.model_copy(update={"model": recipe.model.model_copy(update={"quant": "hqq4"})}), tmp_path / "c",
+                "transformers", "train model.quant=nf4"),
+    }
+    for name, (r, out, to, says) in cases.items():
+        with pytest.raises(LlmkdError, match=says) as err:
+            export.export(r, to=to, out=out, check=1, say=lambda _: None)
+        assert "\n" not in str(err.value) and not out.exists(), name
+    (home / "runs" / "half" / "train" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(LlmkdError, match="an unfinished run"):
+        export.export(load_recipe(None, ["name=half"]), out=tmp_path / "d", check=1)
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("mine")
+    with pytest.raises(LlmkdError, match="not an llmkd export"):
+        export.export(recipe, out=taken, check=1)
+    assert [p.name for p in taken.iterdir()] == ["notes.txt"]
+    # A gate that fails publishes nothing.
+    monkeypatch.setattr(export, "engine", lambda folder, r, rows: {
+        tag: {"kl": 9.0, "top1_agreement": 0.0, "tokens": 1} for tag in ("student", "distilled")})
+    with pytest.raises(LlmkdError, match="the fidelity gate failed, nothing published: student KL 9.00000"):
+        export.export(recipe, out=tmp_path / "e", check=1, say=lambda _: None)
+    assert not (tmp_path / "e").exists() and not list(tmp_path.glob(".e*"))
