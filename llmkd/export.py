@@ -16,9 +16,10 @@
 The fidelity gate: before anything is published, a fresh Python process loads the folder with plain
 transformers + peft (`llmkd/export_check.py`, which imports nothing of llmkd), scores held-out KL to the
 teacher and top-1 agreement on `--check` held-out rows for the base and the distilled student, and
-llmkd's own evaluator scores the same rows. The folder is published (atomically) only if the two agree
-within TOLERANCE; otherwise a one-line error and nothing is written. Other formats (gguf, merged) and
-HQQ students are refused in one line.
+completes the first GENERATED_ROWS prompts with `generate` and the folder's generation config; llmkd's
+own evaluator scores the same rows and generates on the same prompts. The folder is published
+(atomically) only if the two agree within TOLERANCE; otherwise a one-line error and nothing is written.
+Other formats (gguf, merged) and HQQ students are refused in one line.
 """
 
 from __future__ import annotations
@@ -41,7 +42,10 @@ FORMATS = ("transformers", "gguf", "merged")
 EXPORT_FILE = "export.json"  # marks a folder as an export, and names the run and adapter it holds
 # The engine's figures against llmkd's own on the same rows. transformers + peft runs the same bitsandbytes
 # kernels as llmkd's evaluator, whose fast paths are off here: what differs is summation order.
-TOLERANCE = {"transformers": {"kl_relative": 0.02, "kl_absolute": 1e-4, "top1_points": 1.0}}
+# Greedy outputs: the share of rows whose output in the engine (generate with the folder's generation config)
+# is llmkd's own, up to its stop strings.
+TOLERANCE = {"transformers": {"kl_relative": 0.02, "kl_absolute": 1e-4, "top1_points": 1.0, "same_output": 0.9}}
+GENERATED_ROWS = 8  # of the --check rows, those whose prompts both sides also complete (one at a time: slow on CPU)
 
 
 def recipe_of(reference: list[str]) -> Recipe:
@@ -121,16 +125,25 @@ def held_out_rows(recipe: Recipe, tokenizer, n: int) -> list[dict]:
 
 
 def ours(recipe: Recipe, adapter: Path, rows: list[dict]) -> dict:
-    """llmkd's evaluator on `rows`: KL(teacher || model) and top-1 of base and distilled, row by row as the
-    engine side scores them (fast paths off: the library's kernels)."""
+    """llmkd's evaluator on `rows`: KL(teacher || model) and top-1 of base and distilled, and their greedy
+    outputs, row by row as the engine side runs them (fast paths off: the library's kernels)."""
     import torch
 
     from llmkd.fidelity import adapter_off
+    from llmkd.generation import generate_ids
     from llmkd.losses import dense_kd_metrics
 
     teacher = models.load_teacher(recipe.model)
     student = models.load_student(recipe.model, adapter=adapter)
+    tokenizer = models.load_tokenizer(recipe.model)
     sums = {tag: [0.0, 0, 0] for tag in ("student", "distilled")}
+    texts = {}
+    for tag in sums:  # greedy outputs, one prompt at a time as the engine side runs them
+        with adapter_off(student, tag):
+            done, _ = generate_ids(student, tokenizer, [r["input_ids"][: r["start"]] for r in rows[:GENERATED_ROWS]], batch_size=1,
+                                   max_new_tokens=recipe.eval.max_new_tokens, stop_strings=sources.stop_strings(recipe.data),
+                                   progress=False, share_prefix=False)
+        texts[tag] = [c.text for c in done]
     with torch.no_grad():
         for row in rows:
             ids = torch.tensor([row["input_ids"]])
@@ -145,13 +158,24 @@ def ours(recipe: Recipe, adapter: Path, rows: list[dict]) -> dict:
                 sums[tag][2] += int(n)
     del teacher, student
     models.release_memory()
-    return {tag: {"kl": kl / max(n, 1), "top1_agreement": a / max(n, 1), "tokens": n} for tag, (kl, a, n) in sums.items()}
+    return {tag: {"kl": kl / max(n, 1), "top1_agreement": a / max(n, 1), "tokens": n, "outputs": texts[tag]}
+            for tag, (kl, a, n) in sums.items()}
+
+
+def same_outputs(ours_: list[str], theirs: list[str], stops) -> float:
+    """Share of rows whose engine output, cut at the first stop string, is llmkd's output (both stripped)."""
+    def cut(text: str) -> str:
+        ends = [text.find(s) for s in stops if s in text]
+        return (text[: min(ends)] if ends else text).strip()
+
+    return sum(cut(a) == cut(b) for a, b in zip(ours_, theirs)) / max(len(ours_), 1)
 
 
 def engine(folder: Path, recipe: Recipe, rows: list[dict]) -> dict:
     """The same figures from the folder as transformers + peft load it, in a fresh process (export_check.py)."""
     rows_file, out_file = folder.parent / f".{folder.name}.rows.json", folder.parent / f".{folder.name}.check.json"
-    rows_file.write_text(json.dumps([{"input_ids": r["input_ids"], "start": r["start"]} for r in rows]))
+    rows_file.write_text(json.dumps([{"input_ids": r["input_ids"], "start": r["start"], "generate": i < GENERATED_ROWS}
+                                     for i, r in enumerate(rows)]))
     dtype = str(models.teacher_dtype(recipe.model)).removeprefix("torch.")
     command = [sys.executable, str(Path(__file__).with_name("export_check.py")), "--export", str(folder),
                "--teacher", str(models.resolve(recipe.model.name)), "--teacher-dtype", dtype,
@@ -168,11 +192,16 @@ def engine(folder: Path, recipe: Recipe, rows: list[dict]) -> dict:
         out_file.unlink(missing_ok=True)
 
 
-def gate(to: str, llmkd_figures: dict, engine_figures: dict) -> list[str]:
-    """What differs beyond TOLERANCE (empty: the folder serves what llmkd measured)."""
+def gate(to: str, llmkd_figures: dict, engine_figures: dict, stops=()) -> list[str]:
+    """What differs beyond TOLERANCE (empty: the folder serves what llmkd measured). Records in
+    engine_figures each model's share of outputs the same as llmkd's."""
     tol, problems = TOLERANCE[to], []
     for tag in ("student", "distilled"):
         a, b = llmkd_figures[tag], engine_figures[tag]
+        if "outputs" in a and "outputs" in b:
+            b["same_output_as_llmkd"] = same_outputs(a["outputs"], b["outputs"], stops)
+            if b["same_output_as_llmkd"] < tol["same_output"]:
+                problems.append(f"{tag} greedy outputs the same as llmkd's on {100 * b['same_output_as_llmkd']:.0f}% of rows")
         if abs(a["kl"] - b["kl"]) > tol["kl_relative"] * a["kl"] + tol["kl_absolute"]:
             problems.append(f"{tag} KL {b['kl']:.5f} in the engine, {a['kl']:.5f} in llmkd")
         if abs(a["top1_agreement"] - b["top1_agreement"]) * 100 > tol["top1_points"]:
@@ -199,7 +228,7 @@ def export(recipe: Recipe, *, to: str = "transformers", out: str | Path, check: 
         say(f"[2/3] scoring {len(rows)} held-out rows in llmkd and, in a fresh process, in transformers + peft")
         llmkd_figures = ours(recipe, adapter, rows)
         engine_figures = engine(tmp, recipe, rows)
-        problems = gate(to, llmkd_figures, engine_figures)
+        problems = gate(to, llmkd_figures, engine_figures, sources.stop_strings(recipe.data))
         if problems:
             raise LlmkdError(f"the fidelity gate failed, nothing published: {'; '.join(problems)} "
                              f"(tolerance {TOLERANCE[to]})")
@@ -209,7 +238,9 @@ def export(recipe: Recipe, *, to: str = "transformers", out: str | Path, check: 
         atomic.write_json(tmp / EXPORT_FILE, record)
         atomic.write_text(tmp / "README.md", model_card(recipe, record))
         say("[3/3] the gate passed: " + "; ".join(
-            f"{tag} KL {engine_figures[tag]['kl']:.4f} (llmkd {llmkd_figures[tag]['kl']:.4f})" for tag in ("student", "distilled")))
+            f"{tag} KL {engine_figures[tag]['kl']:.4f} (llmkd {llmkd_figures[tag]['kl']:.4f}), greedy output as "
+            f"llmkd's on {100 * engine_figures[tag]['same_output_as_llmkd']:.0f}% of {len(engine_figures[tag]['outputs'])} "
+            "prompts" for tag in ("student", "distilled")))
         atomic.publish_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -264,10 +295,12 @@ A pre-quantized bitsandbytes checkpoint with the adapter as a LoRA module:
 On {record['rows']} held-out rows, teacher-forced, per response token against the 16-bit teacher; this folder
 loaded in a fresh process by plain transformers + peft (llmkd's own evaluator in brackets):
 
-| model | KL(teacher‖model) | top-1 agreement |
-|---|---:|---:|
-| base ({recipe.model.quant}, adapter off) | {e['student']['kl']:.4f} ({o['student']['kl']:.4f}) | {100 * e['student']['top1_agreement']:.1f}% ({100 * o['student']['top1_agreement']:.1f}%) |
-| distilled | {e['distilled']['kl']:.4f} ({o['distilled']['kl']:.4f}) | {100 * e['distilled']['top1_agreement']:.1f}% ({100 * o['distilled']['top1_agreement']:.1f}%) |
+| model | KL(teacher‖model) | top-1 agreement | greedy output as llmkd's |
+|---|---:|---:|---:|
+| base ({recipe.model.quant}, adapter off) | {e['student']['kl']:.4f} ({o['student']['kl']:.4f}) | {100 * e['student']['top1_agreement']:.1f}% ({100 * o['student']['top1_agreement']:.1f}%) | {100 * e['student']['same_output_as_llmkd']:.0f}% |
+| distilled | {e['distilled']['kl']:.4f} ({o['distilled']['kl']:.4f}) | {100 * e['distilled']['top1_agreement']:.1f}% ({100 * o['distilled']['top1_agreement']:.1f}%) | {100 * e['distilled']['same_output_as_llmkd']:.0f}% |
+
+Greedy outputs: `generate` with this folder's generation_config.json, against llmkd's own generation.
 
 The adapter closes {100 * gap:.1f}% of the base's KL to the teacher. Tolerance of the gate: {record['tolerance']}.
 """

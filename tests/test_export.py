@@ -45,6 +45,8 @@ def test_the_export_loads_in_plain_transformers_and_peft_and_scores_what_llmkd_m
     for tag in ("student", "distilled"):  # the gate: the engine's figures against llmkd's on the same rows
         assert record["engine"][tag]["kl"] == pytest.approx(record["llmkd"][tag]["kl"], rel=1e-4, abs=1e-7)
         assert record["engine"][tag]["tokens"] == record["llmkd"][tag]["tokens"] > 0
+        # generate with the folder's generation_config.json gives llmkd's greedy outputs
+        assert record["engine"][tag]["same_output_as_llmkd"] == 1.0 and len(record["engine"][tag]["outputs"]) == 2
     assert record["engine"]["distilled"]["kl"] != record["engine"]["student"]["kl"]  # the adapter acts
     # What a user does, here in this process: the folder alone, no recipe, gives llmkd's distilled student.
     served = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out, device_map={"": "cpu"}),

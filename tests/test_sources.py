@@ -244,3 +244,24 @@ def test_the_sweep_runs_on_your_own_data_and_names_it(tmp_path, stand_in):
     assert held  # "Say hello." / "What is a dict?" / the two-turn one: whichever hash below 0.5
     table = sweep.run(recipe, ["nf4"], progress=False, say=lambda _: None).read_text()
     assert f"teacher-forced on the held-out rows of {path}" in table and "| nf4 | 4 |" in table
+
+
+def test_on_policy_rounds_run_on_your_own_data_and_stop_at_its_end_of_turn(tmp_path, stand_in):
+    from llmkd import train
+    from llmkd.transfer_set import Examples
+
+    path = write_jsonl(tmp_path / "chat.jsonl", CHAT)
+    recipe = load_recipe(None, stand_in_overrides(
+        stand_in, f"data.source={path}", "data.eval_fraction=0", "transfer_set.count=null", "transfer_set.response=gold",
+        f"transfer_set.out={tmp_path / 'set'}", f"train.out={tmp_path / 'run'}", "lora.init=default",
+        "train.batch_size=2", "train.max_steps=2", "train.on_policy.rounds=1", "train.on_policy.questions=2",
+        "train.on_policy.max_new_tokens=4", "train.on_policy.batch_size=2", "train.on_policy.fraction=1"))
+    build(recipe, progress=False)
+    train.train(recipe, progress=False)
+    record = json.loads((recipe.layout.on_policy / "round-000.json").read_text())
+    assert record["decoding"]["stop_strings"] == list(sources.END_OF_TURN)  # not GSM8K's "Question:"
+    cached = {e["id"]: e for e in TransferSet.open(tmp_path / "set").examples()}
+    ts = recipe.transfer_set
+    for row in Examples.read([recipe.layout.on_policy / "round-000.safetensors"], ts.top_k, ts.encoding):
+        start = int(row["response_start"])
+        assert row["input_ids"][:start].tolist() == cached[row["id"]]["input_ids"][:start].tolist()  # the row's prompt

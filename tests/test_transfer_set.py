@@ -507,25 +507,34 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_build_equals_one_process(tmp_path, stand_in):
+@pytest.mark.parametrize("data", ["gsm8k", "chat rows"])
+def test_two_process_build_equals_one_process(tmp_path, stand_in, data):
     """accelerate launch --multi_gpu --num_processes 2: two gloo ranks on CPU, shard i on rank i % 2.
 
     On the random stand-in (byte equality does not depend on the weights): the gold set of
-    GOLD_OVERRIDES built here in one process, then by two.
+    GOLD_OVERRIDES (or the 4 responses of a messages file, 2 shards) built here in one process, then by two.
     """
+    from test_sources import CHAT, write_jsonl
+
     accelerate = Path(sys.executable).parent / "accelerate"
     if not accelerate.exists():
         pytest.skip("accelerate's launcher is not installed next to this python")
-    overrides = stand_in_overrides(stand_in, *GOLD_OVERRIDES)
-    builder.build(recipe(overrides), out=tmp_path / "one", progress=False)
+    if data == "gsm8k":
+        path, overrides, shards = str(REPO / RECIPE), stand_in_overrides(stand_in, *GOLD_OVERRIDES), 2
+    else:
+        rows = write_jsonl(tmp_path / "chat.jsonl", CHAT)
+        path, shards = None, 2
+        overrides = stand_in_overrides(stand_in, f"data.source={rows}", "data.eval_fraction=0", "transfer_set.count=null",
+                                       "transfer_set.response=gold", "transfer_set.batch_size=2", "transfer_set.shard_size=2")
+    builder.build(load_recipe(path, overrides), out=tmp_path / "one", progress=False)
     one = transfer_set.TransferSet.open(tmp_path / "one")
-    assert len(one.shard_paths) == 2  # one shard per rank
+    assert len(one.shard_paths) == shards  # shard i on rank i % 2
     out = tmp_path / "two"
     script = tmp_path / "build.py"
     script.write_text(
         "from llmkd.config import load_recipe\n"
         "from llmkd.builder import build\n"
-        f"m = build(load_recipe({str(REPO / RECIPE)!r}, {overrides!r}), out={str(out)!r}, progress=False)\n"
+        f"m = build(load_recipe({path!r}, {overrides!r}), out={str(out)!r}, progress=False)\n"
         "assert m.build.processes == 2, m.build\n"
     )
     cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
