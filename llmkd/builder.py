@@ -271,11 +271,8 @@ def _build_shard(job: _Job, index: int, rows: Sequence[dict]) -> dict:
     else:
         for i, (prompt, response) in enumerate(rendered):
             ids, mask = prompts.tokenize_example(tok, prompt, response)
-            start = mask.index(1)
-            if max_length is not None and len(ids) > max_length:  # the prompt cut from the left
-                prompt_ids = sources.fit(ids[:start], max_length - (len(ids) - start))
-                ids, start = prompt_ids + ids[start:], len(prompt_ids)
-            sequences[i], starts[i], finishes[i] = ids, start, "gold"
+            sequences[i], starts[i] = sources.fit_example(ids, mask.index(1), max_length)
+            finishes[i] = "gold"
         targets = teacher_targets(teacher, sequences, starts, k, pad_id=tok.pad_token_id, batch_size=ts.batch_size,
                                   share_prefix=job.recipe.fast_paths, on_batch=progress)
 

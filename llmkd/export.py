@@ -107,59 +107,44 @@ def _claim(out: Path, identity: dict) -> None:
 
 
 def held_out_rows(recipe: Recipe, tokenizer, n: int) -> list[dict]:
-    """The first `n` held-out fidelity rows as token ids and response starts (what `fidelity_batches` feeds)."""
-    from llmkd.fidelity import fidelity_questions, with_responses
+    """The first `n` held-out fidelity rows: each the row as evaluation reads it, and its token ids and
+    response start as fidelity scoring feeds them (`fidelity_example`)."""
+    from llmkd.fidelity import fidelity_example, fidelity_questions, with_responses
 
     rows = with_responses(list(fidelity_questions(recipe))[:n], None)
     if not rows:
         raise LlmkdError("the fidelity gate has no held-out row with a response to score (prompt-only data)")
     out = []
     for row in rows:
-        ids, mask = prompts.tokenize_example(tokenizer, *prompts.render_row(tokenizer, row))
-        start = mask.index(1)
-        if recipe.data.max_length is not None and len(ids) > recipe.data.max_length:
-            kept = sources.fit(ids[:start], max(1, recipe.data.max_length - (len(ids) - start)))
-            ids, start = kept + ids[start:], len(kept)
-        out.append({"id": row["id"], "input_ids": ids, "start": start})
+        ids, start = fidelity_example(tokenizer, row, max_length=recipe.data.max_length)
+        out.append({"row": row, "input_ids": ids, "start": start})
     return out
 
 
 def ours(recipe: Recipe, adapter: Path, rows: list[dict]) -> dict:
-    """llmkd's evaluator on `rows`: KL(teacher || model) and top-1 of base and distilled, and their greedy
-    outputs, row by row as the engine side runs them (fast paths off: the library's kernels)."""
-    import torch
-
-    from llmkd.fidelity import adapter_off
+    """llmkd's evaluator on `rows`: KL(teacher || model) and top-1 of base and distilled (`score_fidelity`,
+    one row at a time as the engine side runs them, fast paths off: the library's kernels), and their
+    greedy outputs on the first GENERATED_ROWS prompts."""
+    from llmkd.fidelity import adapter_off, score_fidelity
     from llmkd.generation import generate_ids
-    from llmkd.losses import dense_kd_metrics
 
     teacher = models.load_teacher(recipe.model)
     student = models.load_student(recipe.model, adapter=adapter)
     tokenizer = models.load_tokenizer(recipe.model)
-    sums = {tag: [0.0, 0, 0] for tag in ("student", "distilled")}
-    texts = {}
-    for tag in sums:  # greedy outputs, one prompt at a time as the engine side runs them
+    figures = {f.tag: {"kl": f.kl, "top1_agreement": f.top1_agreement, "tokens": f.tokens}
+               for f in score_fidelity(teacher, student, tokenizer, [r["row"] for r in rows], tags=["student", "distilled"],
+                                       batch_size=1, share_prefix=False, progress=False,
+                                       rendering="llmkd" if recipe.data.is_gsm8k else prompts.DATA_RENDERING,
+                                       max_length=recipe.data.max_length)}
+    for tag, shown in figures.items():
         with adapter_off(student, tag):
-            done, _ = generate_ids(student, tokenizer, [r["input_ids"][: r["start"]] for r in rows[:GENERATED_ROWS]], batch_size=1,
-                                   max_new_tokens=recipe.eval.max_new_tokens, stop_strings=sources.stop_strings(recipe.data),
-                                   progress=False, share_prefix=False)
-        texts[tag] = [c.text for c in done]
-    with torch.no_grad():
-        for row in rows:
-            ids = torch.tensor([row["input_ids"]])
-            keep = slice(row["start"] - 1, len(row["input_ids"]) - 1)
-            t = teacher(input_ids=ids).logits[0, keep].float()
-            for tag in sums:
-                with adapter_off(student, tag):
-                    s = student(input_ids=ids).logits[0, keep].float()
-                k, a, n = dense_kd_metrics(t, s, torch.ones(t.shape[0], dtype=torch.bool))
-                sums[tag][0] += float(k)
-                sums[tag][1] += int(a)
-                sums[tag][2] += int(n)
+            done, _ = generate_ids(student, tokenizer, [r["input_ids"][: r["start"]] for r in rows[:GENERATED_ROWS]],
+                                   batch_size=1, max_new_tokens=recipe.eval.max_new_tokens,
+                                   stop_strings=sources.stop_strings(recipe.data), progress=False, share_prefix=False)
+        shown["outputs"] = [c.text for c in done]
     del teacher, student
     models.release_memory()
-    return {tag: {"kl": kl / max(n, 1), "top1_agreement": a / max(n, 1), "tokens": n, "outputs": texts[tag]}
-            for tag, (kl, a, n) in sums.items()}
+    return figures
 
 
 def same_outputs(ours_: list[str], theirs: list[str], stops) -> float:

@@ -64,19 +64,18 @@ class TeacherLogits:
         return True
 
 
+def fidelity_example(tokenizer, row: dict, rendering: str = "llmkd", max_length: int | None = None):
+    """(token ids, response start) of one held-out row with its response, as the builder would write it."""
+    ids, mask = prompts.tokenize_example(tokenizer, *prompts.render_row(tokenizer, row, rendering))
+    return sources.fit_example(ids, mask.index(1), max_length)
+
+
 def fidelity_batches(tokenizer, questions, batch_size: int, rendering: str = "llmkd", max_length: int | None = None):
     """Right-padded (input_ids, attention_mask, keep) batches of 0-shot prompt + gold solution in
     `rendering` (`prompts.render_row`; rows of other data as written), sorted by length so that little
     is padding (the metrics are sums: order does not matter). `keep` marks the positions whose next token
     is a response token. With `max_length`, prompts are cut from the left as the builder cuts them."""
-    examples = []
-    for r in questions:
-        ids, mask = prompts.tokenize_example(tokenizer, *prompts.render_row(tokenizer, r, rendering))
-        start = mask.index(1)
-        if max_length is not None and len(ids) > max_length:
-            prompt_ids = sources.fit(ids[:start], max(1, max_length - (len(ids) - start)))
-            ids, start = prompt_ids + ids[start:], len(prompt_ids)
-        examples.append((ids, start))
+    examples = [fidelity_example(tokenizer, r, rendering, max_length) for r in questions]
     examples.sort(key=lambda e: len(e[0]))
     for b in range(0, len(examples), batch_size):
         chunk = examples[b : b + batch_size]

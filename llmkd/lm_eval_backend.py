@@ -292,34 +292,18 @@ def run_lm_eval(model, tokenizer, questions: Sequence[dict], exemplars: Sequence
         )
 
     import lm_eval
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
     chat = prompts.has_chat_template(tokenizer)
     task_dir = Path(workdir) / "task"
     write_task(task_dir, questions, exemplars, chat=chat, max_new_tokens=max_new_tokens)
 
-    was_training = getattr(model, "training", False)
-    try:
-        with quiet_lm_eval(quiet), global_rng_kept():
-            # llmkd's BOS rule (prompts.encode): HFLM then adds BOS unless the text starts with it.
-            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
-                      add_bos_token=prompts.adds_bos(tokenizer))
-            out = lm_eval.simple_evaluate(
-                model=lm,
-                tasks=[TASK_NAME],
-                # include_defaults=False: index only our task, not lm-eval's ~10k built-in YAMLs.
-                task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
-                num_fewshot=len(exemplars),
-                apply_chat_template=chat,
-                fewshot_as_multiturn=chat,
-                log_samples=True,
-                # exact_match is a mean: its stderr is closed-form, no bootstrap is drawn.
-                bootstrap_iters=1000,
-            )
-    finally:
-        if was_training:
-            model.train()
+    out = simple_evaluate(
+        model, tokenizer, batch_size=batch_size, quiet=quiet, tasks=[TASK_NAME],
+        # include_defaults=False: index only our task, not lm-eval's ~10k built-in YAMLs.
+        task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
+        num_fewshot=len(exemplars),
+    )
 
     return LmEvalResult(
         samples=_collect_samples(out["samples"][TASK_NAME], [q["id"] for q in questions]),
@@ -327,6 +311,29 @@ def run_lm_eval(model, tokenizer, questions: Sequence[dict], exemplars: Sequence
         task_dir=task_dir,
         lm_eval_version=lm_eval.__version__,
     )
+
+
+def simple_evaluate(model, tokenizer, *, batch_size: int, quiet: bool = True, **options) -> dict:
+    """`lm_eval.simple_evaluate` on a loaded model, as llmkd runs it: BOS by `prompts.encode`'s rule, the
+    tokenizer's chat template (earlier turns as multi-turn few-shot) where it has one, every sample logged;
+    lm-eval's noise hidden (`quiet_lm_eval`), the global RNGs and the model's train/eval mode as they were.
+    `options`: the rest of simple_evaluate's arguments (tasks, task_manager, limit, gen_kwargs, ...)."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    chat = prompts.has_chat_template(tokenizer)
+    was_training = getattr(model, "training", False)
+    try:
+        with quiet_lm_eval(quiet), global_rng_kept():
+            # llmkd's BOS rule (prompts.encode): HFLM then adds BOS unless the text starts with it.
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
+                      add_bos_token=prompts.adds_bos(tokenizer))
+            # bootstrap_iters: exact_match and acc are means, their stderr closed-form; no bootstrap is drawn.
+            return lm_eval.simple_evaluate(model=lm, apply_chat_template=chat, fewshot_as_multiturn=chat,
+                                           log_samples=True, bootstrap_iters=1000, **options)
+    finally:
+        if was_training:
+            model.train()
 
 
 def _collect_samples(logged: list[dict], ids: list) -> list[dict]:

@@ -20,9 +20,8 @@ from typing import Sequence
 
 import yaml
 
-from llmkd.data import prompts
 from llmkd.errors import LlmkdError
-from llmkd.lm_eval_backend import global_rng_kept, quiet_lm_eval
+from llmkd.lm_eval_backend import simple_evaluate
 from llmkd.stats import mcnemar_exact
 
 
@@ -75,8 +74,6 @@ def run_tasks(model, tokenizer, entries: Sequence[str], *, tag: str, batch_size:
               limit: int | None, quiet: bool = True) -> tuple[list[TaskScore], dict[str, list[dict]]]:
     """Run `entries` (eval.tasks) on one model; (scores, per task its per-document 0/1 results as
     [{"doc_id", metric: 0/1, ...}] in document order)."""
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
     refs = task_refs(entries)
@@ -85,25 +82,13 @@ def run_tasks(model, tokenizer, entries: Sequence[str], *, tag: str, batch_size:
     unknown = [r.name for r in refs if r.name not in manager.all_tasks]
     if unknown:
         raise LlmkdError(f"eval.tasks: lm-eval knows no task {unknown[0]!r} (a name lm-eval lists, or a task YAML's path)")
-    chat = prompts.has_chat_template(tokenizer)
-    was_training = getattr(model, "training", False)
     try:
-        with quiet_lm_eval(quiet), global_rng_kept():
-            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
-                      add_bos_token=prompts.adds_bos(tokenizer))
-            out = lm_eval.simple_evaluate(
-                model=lm, tasks=[r.name for r in refs], task_manager=manager, limit=limit, log_samples=True,
-                apply_chat_template=chat, fewshot_as_multiturn=chat, bootstrap_iters=1000,
-                gen_kwargs={"do_sample": False, "temperature": 0.0, "max_gen_toks": max_new_tokens},
-            )
-    except LlmkdError:
-        raise
+        out = simple_evaluate(model, tokenizer, batch_size=batch_size, quiet=quiet, tasks=[r.name for r in refs],
+                              task_manager=manager, limit=limit,
+                              gen_kwargs={"do_sample": False, "temperature": 0.0, "max_gen_toks": max_new_tokens})
     except Exception as err:  # a task's data missing offline, a malformed task: one line naming the tasks
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise LlmkdError(f"eval.tasks {', '.join(entries)}: lm-eval failed ({type(err).__name__}: {first})") from err
-    finally:
-        if was_training:
-            model.train()
     scores, per_doc = [], {}
     for ref in refs:
         results = out["results"][ref.name]

@@ -290,3 +290,12 @@ def skip_long(rows: Rows, response_tokens: list[int], max_length: int | None, on
 def fit(prompt_ids: list[int], room: int) -> list[int]:
     """The prompt cut from the left to at most `room` tokens (its end, next to the response, stays)."""
     return prompt_ids[len(prompt_ids) - room:] if len(prompt_ids) > room else prompt_ids
+
+
+def fit_example(ids: list[int], start: int, max_length: int | None) -> tuple[list[int], int]:
+    """(ids, response start) of prompt + response within `max_length` tokens: the prompt cut from the left
+    (to one token at least), the response whole."""
+    if max_length is None or len(ids) <= max_length:
+        return ids, start
+    prompt = fit(ids[:start], max(1, max_length - (len(ids) - start)))
+    return prompt + ids[start:], len(prompt)
