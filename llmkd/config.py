@@ -37,7 +37,8 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
-Quant = Literal["nf4", "fp4", "int8", "hqq2", "hqq3", "hqq4", "hqq8"]
+Quant = Literal["nf4", "fp4", "int8", "hqq2", "hqq3", "hqq4", "hqq8",
+                "gguf-q4_0", "gguf-q4_1", "gguf-q5_0", "gguf-q5_1", "gguf-q8_0"]
 Rendering = Literal["llmkd", "bare", "notes", "plain_chat", "plain_text"]  # llmkd/data/prompts.py: RENDERINGS
 
 
@@ -54,7 +55,8 @@ class ModelConfig(Section):
     teacher_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     """Teacher weights' dtype. auto: bfloat16 on a GPU; on CPU bfloat16 where a matmul probe finds it faster than float32, else float32."""
     quant: Quant = "nf4"
-    """The student's quantizer: bitsandbytes nf4, fp4 (4-bit) or int8 (LLM.int8), or HQQ at 2/3/4/8 bits (llmkd/quantize.py)."""
+    """The student's quantizer: bitsandbytes nf4, fp4 (4-bit) or int8 (LLM.int8), HQQ at 2/3/4/8 bits, or llama.cpp's
+    GGUF blocks gguf-q4_0/q4_1/q5_0/q5_1/q8_0 (to export --to gguf) (llmkd/quantize.py)."""
     double_quant: bool = True
     """Quantise the quantisation constants too (QLoRA's double quantisation; nf4 and fp4)."""
     hqq_group_size: int = Field(64, gt=0, multiple_of=8)

@@ -13,13 +13,24 @@
     generation_config.json           llmkd's decoding: greedy, eval.max_new_tokens, its stop strings
     README.md, export.json           the model card and the figures of the fidelity gate
 
+`--to gguf` (GGUF students: gguf-q4_0, q4_1, q5_0, q5_1, q8_0) writes
+
+    model.gguf                       the base as llama.cpp runs it: the very blocks the student trained against
+    adapter.gguf                     the adapter as llama.cpp's LoRA file (`--lora`), applied at run time
+    README.md, export.json           the model card and the figures of the fidelity gate
+
 The fidelity gate: before anything is published, a fresh Python process loads the folder with plain
 transformers + peft (`llmkd/export_check.py`, which imports nothing of llmkd), scores held-out KL to the
 teacher and top-1 agreement on `--check` held-out rows for the base and the distilled student, and
 completes the first GENERATED_ROWS prompts with `generate` and the folder's generation config; llmkd's
 own evaluator scores the same rows and generates on the same prompts. The folder is published
 (atomically) only if the two agree within TOLERANCE; otherwise a one-line error and nothing is written.
-Other formats (gguf, merged) and HQQ students are refused in one line.
+For gguf the engine is llama.cpp, whose CPU kernels round activations to 8 bits against a quantised
+weight: its figures cannot equal llmkd's token for token. So the gate is two checks. Exact: an all-F32
+copy of the same weights and adapter (F32 KV cache) gives llmkd's fp32 log-probabilities of every
+response token. Statistical: on the quantised files, the adapter closes within a few points the share
+of the base's KL gap that it closes in llmkd, and lowers the KL. `merged` and HQQ students are refused
+in one line.
 """
 
 from __future__ import annotations
@@ -32,7 +43,9 @@ import sys
 import time
 from pathlib import Path
 
-from llmkd import atomic, models
+import torch
+
+from llmkd import atomic, fastpath, models
 from llmkd.config import Recipe, load_recipe
 from llmkd.data import prompts, sources
 from llmkd.errors import LlmkdError
@@ -44,7 +57,10 @@ EXPORT_FILE = "export.json"  # marks a folder as an export, and names the run an
 # kernels as llmkd's evaluator, whose fast paths are off here: what differs is summation order.
 # Greedy outputs: the share of rows whose output in the engine (generate with the folder's generation config)
 # is llmkd's own, up to its stop strings.
-TOLERANCE = {"transformers": {"kl_relative": 0.02, "kl_absolute": 1e-4, "top1_points": 1.0, "same_output": 0.9}}
+TOLERANCE = {"transformers": {"kl_relative": 0.02, "kl_absolute": 1e-4, "top1_points": 1.0, "same_output": 0.9},
+             # exact: max |log p(response token)| difference, F32 llama.cpp against llmkd's fp32 forward;
+             # gap_closed_points: the adapter's share of the base's KL closed, llama.cpp against llmkd
+             "gguf": {"exact_logprob": 1e-3, "gap_closed_points": 5.0}}
 GENERATED_ROWS = 8  # of the --check rows, those whose prompts both sides also complete (one at a time: slow on CPU)
 
 
@@ -69,16 +85,23 @@ def recipe_of(reference: list[str]) -> Recipe:
     return load_recipe(reference[0] if reference else None, reference[1:])
 
 
+def default_format(recipe: Recipe) -> str:
+    return "gguf" if recipe.model.quant.startswith("gguf-") else "transformers"
+
+
 def check_exportable(recipe: Recipe, to: str) -> Path:
     """The run's adapter folder, if `recipe`'s run can go to `to`; a one-line error saying why not otherwise."""
     if to not in FORMATS:
         raise LlmkdError(f"--to {to}: choose one of {', '.join(FORMATS)}")
-    if to == "gguf":
-        raise LlmkdError("--to gguf needs a student trained against GGUF's own weights (a gguf-q4_0 quantizer), "
-                         "which this llmkd does not have yet; export --to transformers")
-    if to == "merged":
-        raise LlmkdError("--to merged (the adapter merged, re-quantized and recovered) is not in this llmkd yet; "
-                         "export --to transformers, which keeps the adapter unmerged")
+    gguf_student = recipe.model.quant.startswith("gguf-")
+    if to == "gguf" and not gguf_student:
+        raise LlmkdError(f"model.quant {recipe.model.quant} cannot go to gguf: llama.cpp would re-quantize the weights and "
+                         "lose the adapter's correction; train model.quant=gguf-q4_0 (or gguf-q4_1, q5_0, q5_1, q8_0)")
+    if to == "transformers" and gguf_student:
+        raise LlmkdError(f"model.quant {recipe.model.quant}: a GGUF student goes to llama.cpp; export --to gguf")
+    if to == "merged" and not gguf_student:
+        raise LlmkdError(f"--to merged: llmkd merges and recovers GGUF students (model.quant gguf-q4_0 etc.), not "
+                         f"{recipe.model.quant}; export --to transformers, which keeps the adapter unmerged")
     if recipe.model.quant.startswith("hqq"):
         raise LlmkdError(f"model.quant {recipe.model.quant}: HQQ students do not export to transformers' "
                          "bitsandbytes format; train model.quant=nf4 (or fp4, int8) to export --to transformers")
@@ -89,9 +112,9 @@ def check_exportable(recipe: Recipe, to: str) -> Path:
     return adapter
 
 
-def _identity(recipe: Recipe, adapter: Path) -> dict:
+def _identity(recipe: Recipe, adapter: Path, to: str) -> dict:
     return {"run": recipe.name, "adapter_sha256": models.sha256_file(adapter / "adapter_model.safetensors"),
-            "quant": recipe.model.quant}
+            "quant": recipe.model.quant, "format": to}
 
 
 def _claim(out: Path, identity: dict) -> None:
@@ -123,28 +146,39 @@ def held_out_rows(recipe: Recipe, tokenizer, n: int) -> list[dict]:
 
 def ours(recipe: Recipe, adapter: Path, rows: list[dict]) -> dict:
     """llmkd's evaluator on `rows`: KL(teacher || model) and top-1 of base and distilled (`score_fidelity`,
-    one row at a time as the engine side runs them, fast paths off: the library's kernels), and their
+    one row at a time as the engine side runs them), and their
     greedy outputs on the first GENERATED_ROWS prompts."""
-    from llmkd.fidelity import adapter_off, score_fidelity
+    from llmkd.fidelity import adapter_off
     from llmkd.generation import generate_ids
 
     teacher = models.load_teacher(recipe.model)
     student = models.load_student(recipe.model, adapter=adapter)
     tokenizer = models.load_tokenizer(recipe.model)
-    figures = {f.tag: {"kl": f.kl, "top1_agreement": f.top1_agreement, "tokens": f.tokens}
-               for f in score_fidelity(teacher, student, tokenizer, [r["row"] for r in rows], tags=["student", "distilled"],
-                                       batch_size=1, share_prefix=False, progress=False,
-                                       rendering="llmkd" if recipe.data.is_gsm8k else prompts.DATA_RENDERING,
-                                       max_length=recipe.data.max_length)}
-    for tag, shown in figures.items():
-        with adapter_off(student, tag):
-            done, _ = generate_ids(student, tokenizer, [r["input_ids"][: r["start"]] for r in rows[:GENERATED_ROWS]],
-                                   batch_size=1, max_new_tokens=recipe.eval.max_new_tokens,
-                                   stop_strings=sources.stop_strings(recipe.data), progress=False, share_prefix=False)
-        shown["outputs"] = [c.text for c in done]
+    # GGUF layers dequantized once give bitwise the numbers of their per-call forward (tests/test_gguf.py);
+    # bitsandbytes' layers keep their own kernels, which the transformers engine runs too.
+    with fastpath.dequantized_once(student, enabled=recipe.model.quant.startswith("gguf-")):
+        figures = score_rows(recipe, teacher, student, tokenizer, rows, ["student", "distilled"])
+        for tag, shown in figures.items():
+            with adapter_off(student, tag):
+                done, _ = generate_ids(student, tokenizer, [r["input_ids"][: r["start"]] for r in rows[:GENERATED_ROWS]],
+                                       batch_size=1, max_new_tokens=recipe.eval.max_new_tokens,
+                                       stop_strings=sources.stop_strings(recipe.data), progress=False, share_prefix=False)
+            shown["outputs"] = [c.text for c in done]
     del teacher, student
     models.release_memory()
     return figures
+
+
+def score_rows(recipe: Recipe, teacher, model, tokenizer, rows: list[dict], tags: list[str]) -> dict:
+    """{tag: KL, top-1, tokens} of `model` on `rows` (`score_fidelity`, one row at a time as the engines run
+    them, fast paths off: the library's kernels)."""
+    from llmkd.fidelity import score_fidelity
+
+    return {f.tag: {"kl": f.kl, "top1_agreement": f.top1_agreement, "tokens": f.tokens}
+            for f in score_fidelity(teacher, model, tokenizer, [r["row"] for r in rows], tags=tags, batch_size=1,
+                                    share_prefix=False, progress=False,
+                                    rendering="llmkd" if recipe.data.is_gsm8k else prompts.DATA_RENDERING,
+                                    max_length=recipe.data.max_length)}
 
 
 def same_outputs(ours_: list[str], theirs: list[str], stops) -> float:
@@ -156,21 +190,22 @@ def same_outputs(ours_: list[str], theirs: list[str], stops) -> float:
     return sum(cut(a) == cut(b) for a, b in zip(ours_, theirs)) / max(len(ours_), 1)
 
 
-def engine(folder: Path, recipe: Recipe, rows: list[dict]) -> dict:
-    """The same figures from the folder as transformers + peft load it, in a fresh process (export_check.py)."""
+def engine(folder: Path, recipe: Recipe, rows: list[dict], *, extra: tuple[str, ...] = (),
+           name: str = "plain transformers + peft") -> dict:
+    """The same figures from the folder as `name` loads it, in a fresh process (export_check.py `extra`)."""
     rows_file, out_file = folder.parent / f".{folder.name}.rows.json", folder.parent / f".{folder.name}.check.json"
     rows_file.write_text(json.dumps([{"input_ids": r["input_ids"], "start": r["start"], "generate": i < GENERATED_ROWS}
                                      for i, r in enumerate(rows)]))
     dtype = str(models.teacher_dtype(recipe.model)).removeprefix("torch.")
     command = [sys.executable, str(Path(__file__).with_name("export_check.py")), "--export", str(folder),
                "--teacher", str(models.resolve(recipe.model.name)), "--teacher-dtype", dtype,
-               "--rows", str(rows_file), "--out", str(out_file)]
+               "--rows", str(rows_file), "--out", str(out_file), *extra]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # nothing of llmkd on its path
     try:
         done = subprocess.run(command, env=env, capture_output=True, text=True)
         if done.returncode != 0:
             last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            raise LlmkdError(f"the exported folder does not load in plain transformers + peft: {last}")
+            raise LlmkdError(f"the exported folder does not load in {name}: {last}")
         return json.loads(out_file.read_text())
     finally:
         rows_file.unlink(missing_ok=True)
@@ -194,17 +229,23 @@ def gate(to: str, llmkd_figures: dict, engine_figures: dict, stops=()) -> list[s
     return problems
 
 
-def export(recipe: Recipe, *, to: str = "transformers", out: str | Path, check: int = 32,
-           say=print) -> Path:
+def export(recipe: Recipe, *, to: str | None = None, out: str | Path, check: int = 32,
+           gguf_metadata: str | Path | None = None, say=print) -> Path:
     """Write, check and publish the export of `recipe`'s run (module docstring); returns the folder."""
     if check <= 0:
         raise LlmkdError(f"--check must be > 0, got {check}")
+    to = to or default_format(recipe)
     adapter = check_exportable(recipe, to)
+    metadata = metadata_source(recipe, gguf_metadata) if to in ("gguf", "merged") else None
     out = Path(out)
-    identity = _identity(recipe, adapter)
+    identity = _identity(recipe, adapter, to)
     _claim(out, identity)
     tokenizer = models.load_tokenizer(recipe.model)
     rows = held_out_rows(recipe, tokenizer, check)
+    if to == "gguf":
+        return _export_gguf(recipe, adapter, out, rows, metadata, identity, say)
+    if to == "merged":
+        return _export_merged(recipe, adapter, out, rows, metadata, identity, say)
     tmp = atomic.temporary_dir(out)
     try:
         t0 = time.perf_counter()
@@ -230,6 +271,180 @@ def export(recipe: Recipe, *, to: str = "transformers", out: str | Path, check: 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def metadata_source(recipe: Recipe, given: str | Path | None) -> Path:
+    """The GGUF whose tokenizer the exported base copies (its hyperparameters come from the model's config)."""
+    if given is not None:
+        path = Path(given)
+        if not path.is_file():
+            raise LlmkdError(f"--gguf-metadata {path}: no such file")
+        return path
+    if recipe.model.name == models.EMBEDDED_ALIAS:
+        return models.embedded_gguf()
+    raise LlmkdError(f"--to gguf: give --gguf-metadata FILE, a GGUF of {recipe.model.name} to copy its tokenizer "
+                     "from (llama.cpp's convert_hf_to_gguf.py writes one from the model folder)")
+
+
+def _export_gguf(recipe: Recipe, adapter: Path, out: Path, rows: list[dict], metadata: Path, identity: dict,
+                 say) -> Path:
+    """`--to gguf`: model.gguf + adapter.gguf, checked in llama.cpp (module docstring), then published."""
+    from llmkd import export_gguf, quantize
+
+    qtype = quantize.quantizer(recipe.model).ggml_type
+    tmp, exact_dir = atomic.temporary_dir(out), atomic.temporary_dir(out.parent / f".{out.name}.f32")
+    try:
+        t0 = time.perf_counter()
+        say(f"[1/3] writing the {recipe.model.quant} base as llama.cpp runs it and the adapter as its LoRA file -> {out}")
+        student = models.load_student(recipe.model, adapter=adapter)  # the base exactly as trained against
+        base = student.get_base_model()
+        template = models.load_tokenizer(recipe.model).chat_template
+        export_gguf.write_base(base, tmp / "model.gguf", metadata, qtype, chat_template=template)
+        export_gguf.write_lora(adapter, tmp / "adapter.gguf", base.config)
+        # The exact check's pair: the same bytes and adapter in fp32, in llmkd and (all-F32 files) in llama.cpp.
+        exact = response_logprobs(_in_fp32(student), rows)
+        export_gguf.write_base(base, exact_dir / "model.gguf", metadata, qtype, chat_template=template, f32=True)
+        export_gguf.write_lora(adapter, exact_dir / "adapter.gguf", base.config)
+        del student, base
+        models.release_memory()
+        say(f"[2/3] scoring {len(rows)} held-out rows in llmkd and, in a fresh process, in llama.cpp")
+        llmkd_figures = ours(recipe, adapter, rows)
+        engine_figures = engine(tmp, recipe, rows, name="llama.cpp (llama-cpp-python)",
+                                extra=("--engine", "llama.cpp", "--base", str(tmp / "model.gguf"),
+                                       "--distilled", str(tmp / "model.gguf"), "--distilled-lora", str(tmp / "adapter.gguf"),
+                                       "--exact", str(exact_dir / "model.gguf"), "--exact-lora", str(exact_dir / "adapter.gguf"),
+                                       "--max-new-tokens", str(recipe.eval.max_new_tokens)))
+        problems = gate_gguf(llmkd_figures, exact, engine_figures, sources.stop_strings(recipe.data))
+        if problems:
+            raise LlmkdError(f"the fidelity gate failed, nothing published: {'; '.join(problems)} "
+                             f"(tolerance {TOLERANCE['gguf']})")
+        record = {"identity": identity, "format": "gguf", "rows": len(rows), "tolerance": TOLERANCE["gguf"],
+                  "llmkd": llmkd_figures, "engine": engine_figures, "seconds": round(time.perf_counter() - t0, 1),
+                  "files": {f.name: f.stat().st_size for f in sorted(tmp.iterdir())},
+                  "recipe": recipe.model_dump(), **provenance()}
+        atomic.write_json(tmp / EXPORT_FILE, record)
+        atomic.write_text(tmp / "README.md", gguf_model_card(recipe, record))
+        e = engine_figures
+        say(f"[3/3] the gate passed: F32 log-probabilities within {e['distilled_f32']['max_logprob_difference']:.1e} "
+            f"of llmkd's; in llama.cpp the adapter takes KL {e['student']['kl']:.4f} -> {e['distilled']['kl']:.4f} "
+            f"({100 * e['gap_closed']:.1f}% of the gap; llmkd {100 * llmkd_figures['gap_closed']:.1f}%)")
+        atomic.publish_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(exact_dir, ignore_errors=True)
+    return out
+
+
+def _in_fp32(model):
+    """A GGUF student computing in fp32: the same blocks, the rest cast (exact: fp32 holds every value)."""
+    from llmkd.gguf_quant import GGUFLinear
+
+    model.float()
+    for m in model.modules():
+        if isinstance(m, GGUFLinear):
+            m.compute_dtype = torch.float32
+    return model
+
+
+def _export_merged(recipe: Recipe, adapter: Path, out: Path, rows: list[dict], metadata: Path, identity: dict,
+                   say) -> Path:
+    """`--to merged` (GGUF students): one model.gguf, the adapter merged and the scales recovered (llmkd/merge.py),
+    checked in llama.cpp against the base as `--to gguf` checks the adapter, then published."""
+    from llmkd import export_gguf, merge, quantize
+
+    qtype = quantize.quantizer(recipe.model).ggml_type
+    tmp, check_dir = atomic.temporary_dir(out), atomic.temporary_dir(out.parent / f".{out.name}.check")
+    try:
+        t0 = time.perf_counter()
+        tokenizer = models.load_tokenizer(recipe.model)
+        template = tokenizer.chat_template
+        say(f"[1/3] merging the adapter into the {recipe.model.quant} blocks, quantizing again, recovering the "
+            f"block scales ({merge.RECOVERY_STEPS} steps) -> {out}")
+        base = models.load_student(recipe.model)  # the engine's reference: the base as trained against
+        export_gguf.write_base(base, check_dir / "base.gguf", metadata, qtype, chat_template=template)
+        del base
+        requantized, recovered, recovery = merge.merged_students(recipe, adapter, tokenizer)
+        say(recovery.line())
+        export_gguf.write_base(recovered, tmp / "model.gguf", metadata, qtype, chat_template=template)
+        say(f"[2/3] scoring {len(rows)} held-out rows: base, adapter, merged, merged + recovered in llmkd; "
+            "base and merged in llama.cpp")
+        figures = ours(recipe, adapter, rows)
+        teacher = models.load_teacher(recipe.model)
+        figures["requantized"] = score_rows(recipe, teacher, requantized, tokenizer, rows, ["merged"])["merged"]
+        figures["merged"] = score_rows(recipe, teacher, recovered, tokenizer, rows, ["merged"])["merged"]
+        del teacher, requantized
+        exact = response_logprobs(_in_fp32(recovered), rows)
+        export_gguf.write_base(recovered, check_dir / "exact.gguf", metadata, qtype, chat_template=template, f32=True)
+        del recovered
+        models.release_memory()
+        engine_figures = engine(tmp, recipe, rows, name="llama.cpp (llama-cpp-python)",
+                                extra=("--engine", "llama.cpp", "--base", str(check_dir / "base.gguf"),
+                                       "--distilled", str(tmp / "model.gguf"), "--exact", str(check_dir / "exact.gguf"),
+                                       "--max-new-tokens", str(recipe.eval.max_new_tokens)))
+        gated = {"student": figures["student"], "distilled": dict(figures["merged"])}
+        problems = gate_gguf(gated, exact, engine_figures, sources.stop_strings(recipe.data))
+        if problems:
+            raise LlmkdError(f"the fidelity gate failed, nothing published: {'; '.join(problems)} "
+                             f"(tolerance {TOLERANCE['gguf']})")
+        closed = {tag: 1 - figures[tag]["kl"] / figures["student"]["kl"] for tag in ("distilled", "requantized", "merged")}
+        record = {"identity": identity, "format": "merged", "rows": len(rows), "tolerance": TOLERANCE["gguf"],
+                  "llmkd": figures, "gap_closed": closed, "adapter_gain_kept": closed["merged"] / closed["distilled"],
+                  "recovery": {"steps": recovery.steps, "lr": recovery.lr, "seconds": round(recovery.seconds, 1),
+                               "losses": recovery.losses},
+                  "engine": engine_figures, "seconds": round(time.perf_counter() - t0, 1),
+                  "files": {f.name: f.stat().st_size for f in sorted(tmp.iterdir())},
+                  "recipe": recipe.model_dump(), **provenance()}
+        atomic.write_json(tmp / EXPORT_FILE, record)
+        atomic.write_text(tmp / "README.md", merged_model_card(recipe, record))
+        say(f"[3/3] the gate passed: merged + recovered keeps {100 * record['adapter_gain_kept']:.0f}% of the adapter's "
+            f"gain in llmkd (re-quantized only: {100 * closed['requantized'] / closed['distilled']:.0f}%); in llama.cpp "
+            f"KL {engine_figures['student']['kl']:.4f} -> {engine_figures['distilled']['kl']:.4f}")
+        atomic.publish_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(check_dir, ignore_errors=True)
+    return out
+
+
+@torch.no_grad()
+def response_logprobs(model, rows: list[dict]) -> list[list[float]]:
+    """Per row, `model`'s log-probability of each response token, one row at a time."""
+    out = []
+    for r in rows:
+        ids = torch.tensor([r["input_ids"]])
+        logits = model(input_ids=ids).logits[0, r["start"] - 1 : len(r["input_ids"]) - 1].float()
+        out.append(torch.log_softmax(logits, -1).gather(1, ids[0, r["start"]:, None])[:, 0].tolist())
+    return out
+
+
+def gap_closed(figures: dict) -> float:
+    """The share of the base's KL to the teacher that the adapter removes."""
+    base = figures["student"]["kl"]
+    return 1 - figures["distilled"]["kl"] / base if base > 0 else float("nan")
+
+
+def gate_gguf(llmkd_figures: dict, exact: list[list[float]], engine_figures: dict, stops=()) -> list[str]:
+    """The two checks of the gguf gate (module docstring); records their figures in the dicts given."""
+    tol, problems = TOLERANCE["gguf"], []
+    f32 = engine_figures["distilled_f32"]
+    theirs = f32.pop("target_logprobs")
+    worst = max((abs(a - b) for ours_, their in zip(exact, theirs) for a, b in zip(ours_, their)), default=0.0)
+    f32["max_logprob_difference"] = worst
+    if worst > tol["exact_logprob"] or len(exact) != len(theirs):
+        problems.append(f"the all-F32 files in llama.cpp differ from llmkd's fp32 forward by up to {worst:.2e} in a "
+                        "response token's log-probability")
+    llmkd_figures["gap_closed"], engine_figures["gap_closed"] = gap_closed(llmkd_figures), gap_closed(engine_figures)
+    if abs(engine_figures["gap_closed"] - llmkd_figures["gap_closed"]) * 100 > tol["gap_closed_points"]:
+        problems.append(f"the adapter closes {100 * engine_figures['gap_closed']:.1f}% of the KL gap in llama.cpp, "
+                        f"{100 * llmkd_figures['gap_closed']:.1f}% in llmkd")
+    if engine_figures["distilled"]["kl"] >= engine_figures["student"]["kl"]:
+        problems.append(f"in llama.cpp the adapter does not lower the KL ({engine_figures['student']['kl']:.4f} -> "
+                        f"{engine_figures['distilled']['kl']:.4f})")
+    for tag in ("student", "distilled"):  # informational: llama.cpp's 8-bit activations change some greedy paths
+        if "outputs" in llmkd_figures[tag] and "outputs" in engine_figures[tag]:
+            engine_figures[tag]["same_output_as_llmkd"] = same_outputs(llmkd_figures[tag]["outputs"],
+                                                                       engine_figures[tag]["outputs"], stops)
+    return problems
 
 
 def _write_folder(folder: Path, recipe: Recipe, adapter: Path, tokenizer) -> None:
@@ -288,4 +503,78 @@ loaded in a fresh process by plain transformers + peft (llmkd's own evaluator in
 Greedy outputs: `generate` with this folder's generation_config.json, against llmkd's own generation.
 
 The adapter closes {100 * gap:.1f}% of the base's KL to the teacher. Tolerance of the gate: {record['tolerance']}.
+"""
+
+
+def gguf_model_card(recipe: Recipe, record: dict) -> str:
+    e, o = record["engine"], record["llmkd"]
+    q = recipe.model.quant.removeprefix("gguf-").upper()
+    stops = ", ".join(repr(s) for s in sources.stop_strings(recipe.data))
+    return f"""# {recipe.name}: {recipe.model.name}, distilled into its {q} copy, for llama.cpp
+
+`model.gguf` is the {q} base exactly as llmkd trained against it (the same bytes), `adapter.gguf` the
+distilled LoRA as llama.cpp's adapter file, applied at run time: merging it into {q} weights would
+re-round them and lose most of its correction. Trained on {recipe.data.source}.
+
+## Run it
+
+    llama-cli -m model.gguf --lora adapter.gguf
+    llama-server -m model.gguf --lora adapter.gguf --port 8080
+    printf 'FROM ./model.gguf\\nADAPTER ./adapter.gguf\\n' > Modelfile && ollama create distilled -f Modelfile
+
+Decoding as llmkd measured it: greedy (`--temp 0`), at most {recipe.eval.max_new_tokens} new tokens, stop at {stops}.
+
+## Measured at export
+
+On {record['rows']} held-out rows, teacher-forced, per response token against the 16-bit teacher, in
+llama.cpp through llama-cpp-python (llmkd's own evaluator in brackets):
+
+| model | KL(teacher‖model) | top-1 agreement | greedy output as llmkd's |
+|---|---:|---:|---:|
+| base ({q}, no adapter) | {e['student']['kl']:.4f} ({o['student']['kl']:.4f}) | {100 * e['student']['top1_agreement']:.1f}% ({100 * o['student']['top1_agreement']:.1f}%) | {100 * e['student'].get('same_output_as_llmkd', float('nan')):.0f}% |
+| distilled | {e['distilled']['kl']:.4f} ({o['distilled']['kl']:.4f}) | {100 * e['distilled']['top1_agreement']:.1f}% ({100 * o['distilled']['top1_agreement']:.1f}%) | {100 * e['distilled'].get('same_output_as_llmkd', float('nan')):.0f}% |
+
+The adapter closes {100 * e['gap_closed']:.1f}% of the base's KL gap in llama.cpp ({100 * o['gap_closed']:.1f}% in llmkd).
+llama.cpp's CPU kernels round activations to 8 bits against {q} weights, so its figures and greedy paths
+differ from llmkd's dequantized forward; an all-F32 copy of these very weights and adapter matched llmkd's
+fp32 forward to {e['distilled_f32']['max_logprob_difference']:.1e} in every response token's log-probability.
+Tolerance of the gate: {record['tolerance']}.
+"""
+
+
+def merged_model_card(recipe: Recipe, record: dict) -> str:
+    e, o, closed = record["engine"], record["llmkd"], record["gap_closed"]
+    q = recipe.model.quant.removeprefix("gguf-").upper()
+    r = record["recovery"]
+    rows = "\n".join(
+        f"| {label} | {o[tag]['kl']:.4f} | {100 * o[tag]['top1_agreement']:.1f}% | "
+        f"{'' if tag == 'student' else f'{100 * closed[tag]:.1f}%'} |"
+        for tag, label in (("student", f"base ({q})"), ("distilled", "base + adapter (unmerged)"),
+                           ("requantized", f"adapter merged, quantized again to {q}"),
+                           ("merged", "merged + block scales recovered: this file")))
+    return f"""# {recipe.name}: {recipe.model.name}, distilled into one {q} file, for llama.cpp
+
+`model.gguf` holds no adapter and has the base's exact size: the distilled adapter was merged into the
+weights, which were quantized again to {q}, and then each block's scale was trained against the teacher
+for {r['steps']} steps (lr {r['lr']:g}) with the quantized codes fixed, to win back what the re-rounding lost.
+Trained on {recipe.data.source}.
+
+## Run it
+
+    llama-cli -m model.gguf
+    llama-server -m model.gguf --port 8080
+    printf 'FROM ./model.gguf\\n' > Modelfile && ollama create distilled -f Modelfile
+
+## Measured at export
+
+On {record['rows']} held-out rows, teacher-forced, per response token against the 16-bit teacher, in llmkd:
+
+| model | KL(teacher‖model) | top-1 agreement | KL gap closed |
+|---|---:|---:|---:|
+{rows}
+
+This file keeps {100 * record['adapter_gain_kept']:.0f}% of the adapter's share of the gap. In llama.cpp (llama-cpp-python),
+the base scores KL {e['student']['kl']:.4f} and this file {e['distilled']['kl']:.4f} ({100 * e['gap_closed']:.1f}% of the gap closed);
+an all-F32 copy of this file matched llmkd's fp32 forward to {e['distilled_f32']['max_logprob_difference']:.1e} in every
+response token's log-probability. Tolerance of the gate: {record['tolerance']}.
 """

@@ -1,6 +1,9 @@
-"""The export's fidelity gate, engine side: an exported folder scored by plain transformers + peft.
+"""The export's fidelity gate, engine side: an exported folder scored by plain transformers + peft, or
+its GGUF files by llama.cpp (llama-cpp-python).
 
     python export_check.py --export DIR --teacher TEACHER_DIR --teacher-dtype float32 --rows rows.json --out out.json
+    python export_check.py --engine llama.cpp --base B.gguf --distilled D.gguf [--distilled-lora L.gguf]
+                           --exact E.gguf [--exact-lora EL.gguf] --max-new-tokens 256 --teacher ... --rows ... --out ...
 
 Run by `llmkd export` in a fresh process, and it imports nothing of llmkd: it loads the folder exactly as a
 user would (`AutoModelForCausalLM.from_pretrained(DIR)` with the quantization config saved there, then
@@ -9,6 +12,11 @@ user would (`AutoModelForCausalLM.from_pretrained(DIR)` with the quantization co
 disabled) and the distilled student: the mean per response token of KL(teacher || model) over the full
 vocabulary, top-1 agreement with the teacher, the tokens counted, and the greedy output on the prompt of
 each row marked `generate` as `generate` gives it with the folder's own generation_config.json (the decoding a user gets).
+
+llama.cpp: the base file and the distilled student (a file, with a LoRA file or merged) give the same
+figures, each greedy output decoded token by token from llama.cpp's own logits; the all-F32 copy of the
+distilled student, run with an F32 KV cache, adds "distilled_f32" with each row's log-probabilities of its
+response tokens, which the caller compares with llmkd's fp32 forward.
 """
 
 from __future__ import annotations
@@ -52,23 +60,79 @@ def outputs(model, tokenizer, config, rows: list[dict]) -> list[str]:
     return texts
 
 
+def llama_cpp_figures(path: str, lora: str | None, rows: list[dict], reference: list[torch.Tensor], *,
+                      f32: bool = False, max_new_tokens: int = 0) -> dict:
+    """KL / top-1 against `reference` of llama.cpp running `path` (+ `lora`), and its greedy outputs."""
+    import os
+
+    import numpy as np
+    from llama_cpp import Llama
+
+    n_ctx = max(len(r["input_ids"]) for r in rows) + max_new_tokens + 8
+    extra = {"type_k": 0, "type_v": 0} if f32 else {}  # GGML_TYPE_F32 KV cache: exact arithmetic
+    llm = Llama(model_path=path, lora_path=lora, logits_all=True, n_ctx=n_ctx, n_threads=max(1, (os.cpu_count() or 2) // 2),
+                verbose=False, **extra)
+    logits, texts, target_logprobs = [], [], []
+    for row in rows:
+        llm.reset()
+        llm.eval(row["input_ids"])
+        scores = torch.from_numpy(np.array(llm.scores[: len(row["input_ids"])], dtype=np.float32))
+        at = scores[row["start"] - 1 : len(row["input_ids"]) - 1]
+        logits.append(at)
+        targets = torch.tensor(row["input_ids"][row["start"]:])
+        target_logprobs.append(torch.log_softmax(at, -1).gather(1, targets[:, None])[:, 0].tolist())
+    figures = compare(reference, logits)
+    if f32:
+        figures["target_logprobs"] = target_logprobs
+    if max_new_tokens:
+        for row in [r for r in rows if r.get("generate", True)]:
+            llm.reset()
+            prompt = row["input_ids"][: row["start"]]
+            llm.eval(prompt)
+            new: list[int] = []
+            while len(new) < max_new_tokens:
+                token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+                if token == llm.token_eos():
+                    break
+                new.append(token)
+                llm.eval([token])
+            texts.append(llm.detokenize(new).decode("utf-8", errors="replace"))
+        figures["outputs"] = texts
+    return figures
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--export", required=True)
+    p.add_argument("--export", help="transformers: the exported folder")
     p.add_argument("--teacher", required=True)
     p.add_argument("--teacher-dtype", default="float32")
     p.add_argument("--rows", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--engine", choices=["transformers", "llama.cpp"], default="transformers")
+    for name in ("base", "distilled", "distilled-lora", "exact", "exact-lora"):
+        p.add_argument(f"--{name}", help=f"llama.cpp: the {name.replace('-', ' ')} GGUF file")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="llama.cpp: greedy outputs' length limit")
     args = p.parse_args(argv)
 
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoModelForCausalLM
 
     rows = json.loads(open(args.rows).read())
     teacher = AutoModelForCausalLM.from_pretrained(args.teacher, dtype=getattr(torch, args.teacher_dtype),
                                                    device_map={"": "cpu"}).eval()
     reference = logits_at_responses(teacher, rows)
     del teacher
+    if args.engine == "llama.cpp":
+        n = args.max_new_tokens
+        figures = {"student": llama_cpp_figures(args.base, None, rows, reference, max_new_tokens=n),
+                   "distilled": llama_cpp_figures(args.distilled, args.distilled_lora, rows, reference, max_new_tokens=n),
+                   "distilled_f32": llama_cpp_figures(args.exact, args.exact_lora, rows, reference, f32=True)}
+        with open(args.out, "w") as f:
+            json.dump(figures, f)
+        return 0
+
+    from peft import PeftModel
+    from transformers import AutoTokenizer, GenerationConfig
+
     base = AutoModelForCausalLM.from_pretrained(args.export, device_map={"": "cpu"})
     student = PeftModel.from_pretrained(base, f"{args.export}/adapter").eval()
     tokenizer, config = AutoTokenizer.from_pretrained(args.export), GenerationConfig.from_pretrained(args.export)

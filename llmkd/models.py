@@ -58,7 +58,7 @@ def resolve(ref: str) -> str:
     return ref  # a hub id
 
 
-def _embedded_gguf() -> Path:
+def embedded_gguf() -> Path:
     try:
         dist = importlib.metadata.distribution(_EMBEDDED_WHEEL)
     except importlib.metadata.PackageNotFoundError:
@@ -118,7 +118,7 @@ def embedded_model_dir(convert: bool = True) -> Path | None:
     """The embedded default as a bf16 safetensors folder, converted once per GGUF content hash
     (None if not converted yet and convert is false). Published with `atomic.publish_dir`, so a
     crash mid-write never leaves a folder that looks usable, and concurrent ranks don't clash."""
-    gguf = _embedded_gguf()
+    gguf = embedded_gguf()
     digest = recorded_sha256(gguf)
     target = cache_root() / "models" / f"{EMBEDDED_ALIAS}-{digest[:12]}"
     if (target / _COMPLETE_MARKER).exists():

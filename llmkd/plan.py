@@ -314,4 +314,6 @@ def _quant_detail(cfg) -> str:
     q = quantize.quantizer(cfg)
     if q.library == "hqq":
         return f"HQQ {q.bits}-bit, group {cfg.hqq_group_size}"
+    if q.library == "gguf":
+        return f"llama.cpp's {q.ggml_type.upper()} blocks of 32"
     return f"bitsandbytes, double quant {cfg.double_quant}" if q.bits == 4 else "bitsandbytes LLM.int8"

@@ -10,6 +10,9 @@ how many bytes it holds per weight (planned) and in fact (measured from the load
   `llmkd eval` the teacher is already there): at most the layers quantised so far and one in flight.
   peft puts LoRA on those layers. Their scales and zeros stay in the compute dtype, which the byte
   counts show.
+- GGUF (`gguf-q4_0`, q4_1, q5_0, q5_1, q8_0): llama.cpp's own blocks, written by the `gguf` package
+  (`llmkd.gguf_quant`), loaded and replaced on the device layer by layer as HQQ's; `llmkd export --to
+  gguf` ships these very bytes.
 
 Every choice quantises the same linear layers: all `nn.Linear` but the output embedding.
 """
@@ -20,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from llmkd import gguf_quant
 from llmkd.config import ModelConfig
 from llmkd.errors import LlmkdError
 
@@ -27,13 +31,19 @@ from llmkd.errors import LlmkdError
 @dataclass(frozen=True)
 class Quantizer:
     name: str
-    library: str  # "bitsandbytes" or "hqq"
+    library: str  # "bitsandbytes", "hqq" or "gguf"
     bits: int
+
+    @property
+    def ggml_type(self) -> str:
+        """The GGUF block type of a gguf quantizer ("q4_0")."""
+        return self.name.removeprefix("gguf-")
 
 
 QUANTIZERS = {q.name: q for q in (
     Quantizer("nf4", "bitsandbytes", 4), Quantizer("fp4", "bitsandbytes", 4), Quantizer("int8", "bitsandbytes", 8),
     Quantizer("hqq2", "hqq", 2), Quantizer("hqq3", "hqq", 3), Quantizer("hqq4", "hqq", 4), Quantizer("hqq8", "hqq", 8),
+    *(Quantizer(f"gguf-{t}", "gguf", gguf_quant.BITS[t]) for t in gguf_quant.TYPES),
 )}
 
 
@@ -57,7 +67,7 @@ def _bnb_config(cfg: ModelConfig, compute_dtype: torch.dtype):
 
 def from_pretrained_kwargs(cfg: ModelConfig, compute_dtype: torch.dtype, device_map: dict) -> dict:
     """What `from_pretrained` needs to load the student of `cfg` for `device_map` ({"": device}):
-    bitsandbytes quantises onto the device while loading, HQQ's 16-bit weights load on the CPU."""
+    bitsandbytes quantises onto the device while loading, HQQ's and GGUF's 16-bit weights load on the CPU."""
     if quantizer(cfg).library == "bitsandbytes":
         return {"device_map": device_map, "quantization_config": _bnb_config(cfg, compute_dtype)}
     return {"device_map": {"": "cpu"}}
@@ -69,6 +79,8 @@ def quantize_loaded(model, cfg: ModelConfig, compute_dtype: torch.dtype, device_
     q = quantizer(cfg)
     if q.library == "hqq":
         return _hqq_quantize(model, q.bits, cfg.hqq_group_size, compute_dtype, device_map[""])
+    if q.library == "gguf":
+        return gguf_quant.quantize_model(model, q.ggml_type, compute_dtype, device_map[""])
     return model
 
 
@@ -99,7 +111,7 @@ def _hqq_quantize(model, bits: int, group_size: int, compute_dtype: torch.dtype,
 def _quantized_layer_types() -> tuple[type, ...]:
     from bitsandbytes.nn import Linear4bit, Linear8bitLt
 
-    types: list[type] = [Linear4bit, Linear8bitLt]
+    types: list[type] = [Linear4bit, Linear8bitLt, gguf_quant.GGUFLinear]
     try:
         from hqq.core.quantize import HQQLinear
 
@@ -187,6 +199,12 @@ def quantization_report(model) -> dict:
             "bits": bits, "group_size": sorted({int(m["group_size"]) for m in metas}),
             "compute_dtype": sorted({str(m["compute_dtype"]).removeprefix("torch.") for m in metas}),
         })
+    ggufs = [m for m in model.modules() if isinstance(m, gguf_quant.GGUFLinear)]
+    if ggufs:
+        report.update({
+            "gguf_layers": len(ggufs), "quant_type": sorted({f"gguf-{m.qtype}" for m in ggufs}),
+            "compute_dtype": sorted({str(m.compute_dtype).removeprefix("torch.") for m in ggufs}),
+        })
     return report
 
 
@@ -199,6 +217,8 @@ def planned_bytes_per_weight(cfg: ModelConfig, in_features: int, compute_bytes: 
         return 0.5 + ((1 + 4 / 256) / 64 if cfg.double_quant else 4 / 64)
     if q.name == "int8":
         return 1 + 4 / in_features  # one fp32 scale per output row
+    if q.library == "gguf":
+        return gguf_quant.BLOCK_BYTES[q.ggml_type] / gguf_quant.BLOCK
     # HQQ packs 2 and 4 bits exactly, 3 bits ten to a 32-bit word; a scale and a zero per group.
     packed = {2: 2 / 8, 3: 4 / 10, 4: 4 / 8, 8: 1.0}[q.bits]
     return packed + 2 * compute_bytes / cfg.hqq_group_size

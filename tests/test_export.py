@@ -68,7 +68,8 @@ def test_bad_input_is_one_line_and_writes_nothing(finished_run, monkeypatch, tmp
     monkeypatch.chdir(home)
     cases = {
         "no run": (load_recipe(None, ["name=never"]), tmp_path / "a", "transformers", "no run"),
-        "gguf": (recipe, tmp_path / "b", "gguf", "gguf-q4_0"),
+        "gguf": (recipe, tmp_path / "b", "gguf", "train model.quant=gguf-q4_0"),
+        "merged": (recipe, tmp_path / "f", "merged", "merges and recovers GGUF students"),
         "hqq": (recipe.model_copy(update={"model": recipe.model.model_copy(update={"quant": "hqq4"})}), tmp_path / "c",
                 "transformers", "train model.quant=nf4"),
     }

@@ -1,7 +1,7 @@
 """Frozen quantised weights dequantized once for a block of work, on the CPU, where the library would
 do it per call.
 
-bitsandbytes' CPU 4-bit matmul (`matmul_4bit`) and HQQ's PyTorch backend dequantize the weight on
+bitsandbytes' CPU 4-bit matmul (`matmul_4bit`), HQQ's PyTorch backend and GGUFLinear dequantize the weight on
 every forward and again in backward, then run a plain matmul: dequantizing once gives the same
 numbers (tests check bitwise equal logits) for less work. bitsandbytes has a second CPU path: with
 AVX512-BF16, an inference forward (module in eval mode, input without grad) repacks the weight for a
@@ -17,6 +17,7 @@ from typing import Iterator
 import torch
 
 from llmkd import sharding
+from llmkd.gguf_quant import GGUFLinear
 
 MAX_BYTES = 4 << 30  # a CPU-sized model; beyond this the copy costs more memory than it saves time
 
@@ -52,22 +53,25 @@ def dequantized_once(model, *, enabled: bool = True) -> Iterator[dict]:
     sharded = sharding.is_sharded(model)  # each rank holds shards, gathered for every forward
     all_4bit = [m for m in model.modules() if isinstance(m, Linear4bit)]
     hqq = [m for m in model.modules() if type(m).__name__ == "HQQLinear" and m.W_q.device.type == "cpu"]
+    gguf = [] if sharded else [m for m in model.modules() if isinstance(m, GGUFLinear) and m.weight.device.type == "cpu"]
     layers = [] if sharded else [m for m in all_4bit if _dequantizes_per_call(m, model.training)]
     size = sum(m.weight.quant_state.shape.numel() * m.compute_dtype.itemsize for m in layers)
     size += sum(_numel(m.meta["shape"]) * m.compute_dtype.itemsize for m in hqq)
+    size += sum(m.in_features * m.out_features * m.compute_dtype.itemsize for m in gguf)
     if not enabled:
         reason = "fast_paths off"
     elif sharded:
         reason = "the student is sharded (train.sharding): its weights are gathered for each forward"
-    elif not all_4bit and not hqq:
-        reason = "no 4-bit or HQQ layers"
-    elif not layers and not hqq:
+    elif not all_4bit and not hqq and not gguf:
+        reason = "no 4-bit, HQQ or GGUF layers"
+    elif not layers and not hqq and not gguf:
         reason = "bitsandbytes runs its own kernel here (GPU, or the CPU's fused AVX512-BF16 inference path)"
     elif size > MAX_BYTES:
         reason = f"the dequantized copy would take {size / 2**30:.1f} GiB"
     else:
-        reason = f"{'HQQ' if hqq else 'bitsandbytes'} dequantizes per call here; dequantized once instead"
-    status = {"dequantized_once": len(layers) + len(hqq) if reason.endswith("instead") else 0, "reason": reason}
+        library = "HQQ" if hqq else "GGUF" if gguf else "bitsandbytes"
+        reason = f"{library} dequantizes per call here; dequantized once instead"
+    status = {"dequantized_once": len(layers) + len(hqq) + len(gguf) if reason.endswith("instead") else 0, "reason": reason}
     if not status["dequantized_once"]:
         yield status
         return
@@ -76,7 +80,9 @@ def dequantized_once(model, *, enabled: bool = True) -> Iterator[dict]:
         m.forward = _dense_forward(m, weight)  # an instance attribute shadows the class's forward
     for m in hqq:
         m.forward = _hqq_dense_forward(m, m.dequantize().detach())
-    layers += hqq
+    for m in gguf:
+        m.forward = _dense_forward(m, m.dequantize().to(m.compute_dtype))  # GGUFLinear.forward, dequantized once
+    layers += hqq + gguf
     try:
         yield status
     finally:
