@@ -6,7 +6,9 @@
    train 40 steps under bf16 mixed precision, evaluate 0- and 8-shot on 50 questions with fidelity.
 2. Sharded QLoRA with 2 processes, where there are 2 GPUs (recipes/accelerate/fsdp_qlora.yaml): train.sharding=fsdp,
    and train.sharding=zero3 where DeepSpeed is installed (`llmkd[zero3]`; the wheelhouse leaves it out).
-3. The 8B reference recipe's dry run.
+3. A GGUF student (gguf-q4_0: llama.cpp's blocks, dequantized by PyTorch on the GPU), 10 steps on the
+   same transfer set, its peak memory against its own dry-run estimate.
+4. The 8B reference recipe's dry run.
 
 Prints one table (per stage: seconds, tokens/s, peak GPU memory against the dry-run estimate) and
 exits non-zero when a stage fails or training's peak memory exceeds the estimate by more than 25%.
@@ -151,6 +153,12 @@ def main(argv=None) -> int:
         subprocess.run(cmd, check=True, timeout=900)
         return None, None
 
+    def gguf_student():
+        gguf = load_recipe(ROOT / "recipes/smollm2-cpu.yaml", [*CHECK, f"model.name={name}", "model.quant=gguf-q4_0",
+                                                               "train.max_steps=10", f"train.out={work / 'gguf-train'}"])
+        est = plan.estimated_peak_bytes(gguf) / 2**30
+        return train.train(gguf).input_tokens, est
+
     def dry_run_8b():
         print(plan.dry_run(load_recipe(ROOT / "recipes/gsm8k.yaml")))
         return None, None
@@ -162,6 +170,7 @@ def main(argv=None) -> int:
         stage("FSDP-QLoRA, 2 processes", lambda: sharded("fsdp"))
         if importlib.util.find_spec("deepspeed") is not None:
             stage("ZeRO-3 QLoRA, 2 processes", lambda: sharded("zero3"))
+    stage("GGUF student (gguf-q4_0), 10 steps", gguf_student)
     stage("8B dry run", dry_run_8b)
 
     print(f"\ngpu-check on {torch.cuda.get_device_name()} ({torch.cuda.device_count()} GPU(s)), torch {torch.__version__}"

@@ -172,7 +172,8 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
                    help="a finished run folder (runs/<name>) or its recipe, and dotted overrides")
     p.add_argument("--to", default=None, metavar="FORMAT",
                    help="transformers: the bitsandbytes student + the unmerged adapter (the default for nf4, fp4, int8); "
-                        "gguf: llama.cpp's base file + LoRA file (the default for gguf-* students); merged: not yet")
+                        "gguf: llama.cpp's base file + LoRA file (the default for gguf-* students); merged: one GGUF file, "
+                        "the adapter merged and the block scales recovered against the teacher (gguf-* students)")
     p.add_argument("--out", required=True, help="the folder to publish (new, or an earlier export of the same run)")
     p.add_argument("--check", type=int, default=32,
                    help="held-out rows the fidelity gate scores in llmkd and in the engine (default 32)")

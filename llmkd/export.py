@@ -19,6 +19,10 @@
     adapter.gguf                     the adapter as llama.cpp's LoRA file (`--lora`), applied at run time
     README.md, export.json           the model card and the figures of the fidelity gate
 
+`--to merged` (GGUF students) writes one model.gguf with no adapter, at the base's size: the adapter
+merged, the blocks quantised again, their scales recovered against the teacher (`llmkd.merge`), with
+README.md and export.json holding base, adapter, merged and recovered figures.
+
 The fidelity gate: before anything is published, a fresh Python process loads the folder with plain
 transformers + peft (`llmkd/export_check.py`, which imports nothing of llmkd), scores held-out KL to the
 teacher and top-1 agreement on `--check` held-out rows for the base and the distilled student, and
@@ -29,8 +33,8 @@ For gguf the engine is llama.cpp, whose CPU kernels round activations to 8 bits 
 weight: its figures cannot equal llmkd's token for token. So the gate is two checks. Exact: an all-F32
 copy of the same weights and adapter (F32 KV cache) gives llmkd's fp32 log-probabilities of every
 response token. Statistical: on the quantised files, the adapter closes within a few points the share
-of the base's KL gap that it closes in llmkd, and lowers the KL. `merged` and HQQ students are refused
-in one line.
+of the base's KL gap that it closes in llmkd, and lowers the KL. HQQ students are refused in one line
+(no engine here loads HQQ's serialization without pickles); `benchmarks/bench_merged.py` measures their merge.
 """
 
 from __future__ import annotations
@@ -100,8 +104,10 @@ def check_exportable(recipe: Recipe, to: str) -> Path:
     if to == "transformers" and gguf_student:
         raise LlmkdError(f"model.quant {recipe.model.quant}: a GGUF student goes to llama.cpp; export --to gguf")
     if to == "merged" and not gguf_student:
-        raise LlmkdError(f"--to merged: llmkd merges and recovers GGUF students (model.quant gguf-q4_0 etc.), not "
-                         f"{recipe.model.quant}; export --to transformers, which keeps the adapter unmerged")
+        instead = ("benchmarks/bench_merged.py measures an HQQ student's merge, which no engine here loads"
+                   if recipe.model.quant.startswith("hqq") else "export --to transformers, which keeps the adapter unmerged")
+        raise LlmkdError(f"--to merged: llmkd ships merged GGUF students (model.quant gguf-q4_0 etc.), not "
+                         f"{recipe.model.quant}; {instead}")
     if recipe.model.quant.startswith("hqq"):
         raise LlmkdError(f"model.quant {recipe.model.quant}: HQQ students do not export to transformers' "
                          "bitsandbytes format; train model.quant=nf4 (or fp4, int8) to export --to transformers")
@@ -144,14 +150,14 @@ def held_out_rows(recipe: Recipe, tokenizer, n: int) -> list[dict]:
     return out
 
 
-def ours(recipe: Recipe, adapter: Path, rows: list[dict]) -> dict:
+def ours(recipe: Recipe, adapter: Path, rows: list[dict], teacher=None) -> dict:
     """llmkd's evaluator on `rows`: KL(teacher || model) and top-1 of base and distilled (`score_fidelity`,
-    one row at a time as the engine side runs them), and their
-    greedy outputs on the first GENERATED_ROWS prompts."""
+    one row at a time as the engine side runs them), and their greedy outputs on the first GENERATED_ROWS
+    prompts. `teacher`: one already loaded, else loaded here."""
     from llmkd.fidelity import adapter_off
     from llmkd.generation import generate_ids
 
-    teacher = models.load_teacher(recipe.model)
+    teacher = teacher if teacher is not None else models.load_teacher(recipe.model)
     student = models.load_student(recipe.model, adapter=adapter)
     tokenizer = models.load_tokenizer(recipe.model)
     # GGUF layers dequantized once give bitwise the numbers of their per-call forward (tests/test_gguf.py);
@@ -192,14 +198,16 @@ def same_outputs(ours_: list[str], theirs: list[str], stops) -> float:
 
 def engine(folder: Path, recipe: Recipe, rows: list[dict], *, extra: tuple[str, ...] = (),
            name: str = "plain transformers + peft") -> dict:
-    """The same figures from the folder as `name` loads it, in a fresh process (export_check.py `extra`)."""
+    """The same figures from the folder as `name` loads it, in a fresh process: export_check.py with
+    `--export folder` (transformers + peft), or `extra` (the engine and its files)."""
     rows_file, out_file = folder.parent / f".{folder.name}.rows.json", folder.parent / f".{folder.name}.check.json"
     rows_file.write_text(json.dumps([{"input_ids": r["input_ids"], "start": r["start"], "generate": i < GENERATED_ROWS}
                                      for i, r in enumerate(rows)]))
     dtype = str(models.teacher_dtype(recipe.model)).removeprefix("torch.")
-    command = [sys.executable, str(Path(__file__).with_name("export_check.py")), "--export", str(folder),
+    engine_files = list(extra) or ["--export", str(folder)]  # llama.cpp: the files are named in `extra`
+    command = [sys.executable, str(Path(__file__).with_name("export_check.py")), *engine_files,
                "--teacher", str(models.resolve(recipe.model.name)), "--teacher-dtype", dtype,
-               "--rows", str(rows_file), "--out", str(out_file), *extra]
+               "--rows", str(rows_file), "--out", str(out_file)]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # nothing of llmkd on its path
     try:
         done = subprocess.run(command, env=env, capture_output=True, text=True)
@@ -254,23 +262,30 @@ def export(recipe: Recipe, *, to: str | None = None, out: str | Path, check: int
         say(f"[2/3] scoring {len(rows)} held-out rows in llmkd and, in a fresh process, in transformers + peft")
         llmkd_figures = ours(recipe, adapter, rows)
         engine_figures = engine(tmp, recipe, rows)
-        problems = gate(to, llmkd_figures, engine_figures, sources.stop_strings(recipe.data))
-        if problems:
-            raise LlmkdError(f"the fidelity gate failed, nothing published: {'; '.join(problems)} "
-                             f"(tolerance {TOLERANCE[to]})")
+        _passed(gate(to, llmkd_figures, engine_figures, sources.stop_strings(recipe.data)), TOLERANCE[to])
         record = {"identity": identity, "format": to, "rows": len(rows), "tolerance": TOLERANCE[to],
                   "llmkd": llmkd_figures, "engine": engine_figures, "seconds": round(time.perf_counter() - t0, 1),
                   "recipe": recipe.model_dump(), **provenance()}
-        atomic.write_json(tmp / EXPORT_FILE, record)
-        atomic.write_text(tmp / "README.md", model_card(recipe, record))
+        _publish(tmp, out, record, model_card(recipe, record))
         say("[3/3] the gate passed: " + "; ".join(
             f"{tag} KL {engine_figures[tag]['kl']:.4f} (llmkd {llmkd_figures[tag]['kl']:.4f}), greedy output as "
             f"llmkd's on {100 * engine_figures[tag]['same_output_as_llmkd']:.0f}% of {len(engine_figures[tag]['outputs'])} "
             "prompts" for tag in ("student", "distilled")))
-        atomic.publish_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _passed(problems: list[str], tolerance: dict) -> None:
+    if problems:
+        raise LlmkdError(f"the fidelity gate failed, nothing published: {'; '.join(problems)} (tolerance {tolerance})")
+
+
+def _publish(tmp: Path, out: Path, record: dict, card: str) -> None:
+    """`tmp`, with its record and model card, becomes `out` in one rename."""
+    atomic.write_json(tmp / EXPORT_FILE, record)
+    atomic.write_text(tmp / "README.md", card)
+    atomic.publish_dir(tmp, out)
 
 
 def metadata_source(recipe: Recipe, given: str | Path | None) -> Path:
@@ -314,21 +329,16 @@ def _export_gguf(recipe: Recipe, adapter: Path, out: Path, rows: list[dict], met
                                        "--distilled", str(tmp / "model.gguf"), "--distilled-lora", str(tmp / "adapter.gguf"),
                                        "--exact", str(exact_dir / "model.gguf"), "--exact-lora", str(exact_dir / "adapter.gguf"),
                                        "--max-new-tokens", str(recipe.eval.max_new_tokens)))
-        problems = gate_gguf(llmkd_figures, exact, engine_figures, sources.stop_strings(recipe.data))
-        if problems:
-            raise LlmkdError(f"the fidelity gate failed, nothing published: {'; '.join(problems)} "
-                             f"(tolerance {TOLERANCE['gguf']})")
+        _passed(gate_gguf(llmkd_figures, exact, engine_figures, sources.stop_strings(recipe.data)), TOLERANCE["gguf"])
         record = {"identity": identity, "format": "gguf", "rows": len(rows), "tolerance": TOLERANCE["gguf"],
                   "llmkd": llmkd_figures, "engine": engine_figures, "seconds": round(time.perf_counter() - t0, 1),
                   "files": {f.name: f.stat().st_size for f in sorted(tmp.iterdir())},
                   "recipe": recipe.model_dump(), **provenance()}
-        atomic.write_json(tmp / EXPORT_FILE, record)
-        atomic.write_text(tmp / "README.md", gguf_model_card(recipe, record))
+        _publish(tmp, out, record, gguf_model_card(recipe, record))
         e = engine_figures
         say(f"[3/3] the gate passed: F32 log-probabilities within {e['distilled_f32']['max_logprob_difference']:.1e} "
             f"of llmkd's; in llama.cpp the adapter takes KL {e['student']['kl']:.4f} -> {e['distilled']['kl']:.4f} "
             f"({100 * e['gap_closed']:.1f}% of the gap; llmkd {100 * llmkd_figures['gap_closed']:.1f}%)")
-        atomic.publish_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(exact_dir, ignore_errors=True)
@@ -368,8 +378,8 @@ def _export_merged(recipe: Recipe, adapter: Path, out: Path, rows: list[dict], m
         export_gguf.write_base(recovered, tmp / "model.gguf", metadata, qtype, chat_template=template)
         say(f"[2/3] scoring {len(rows)} held-out rows: base, adapter, merged, merged + recovered in llmkd; "
             "base and merged in llama.cpp")
-        figures = ours(recipe, adapter, rows)
         teacher = models.load_teacher(recipe.model)
+        figures = ours(recipe, adapter, rows, teacher)
         figures["requantized"] = score_rows(recipe, teacher, requantized, tokenizer, rows, ["merged"])["merged"]
         figures["merged"] = score_rows(recipe, teacher, recovered, tokenizer, rows, ["merged"])["merged"]
         del teacher, requantized
@@ -382,10 +392,7 @@ def _export_merged(recipe: Recipe, adapter: Path, out: Path, rows: list[dict], m
                                        "--distilled", str(tmp / "model.gguf"), "--exact", str(check_dir / "exact.gguf"),
                                        "--max-new-tokens", str(recipe.eval.max_new_tokens)))
         gated = {"student": figures["student"], "distilled": dict(figures["merged"])}
-        problems = gate_gguf(gated, exact, engine_figures, sources.stop_strings(recipe.data))
-        if problems:
-            raise LlmkdError(f"the fidelity gate failed, nothing published: {'; '.join(problems)} "
-                             f"(tolerance {TOLERANCE['gguf']})")
+        _passed(gate_gguf(gated, exact, engine_figures, sources.stop_strings(recipe.data)), TOLERANCE["gguf"])
         closed = {tag: 1 - figures[tag]["kl"] / figures["student"]["kl"] for tag in ("distilled", "requantized", "merged")}
         record = {"identity": identity, "format": "merged", "rows": len(rows), "tolerance": TOLERANCE["gguf"],
                   "llmkd": figures, "gap_closed": closed, "adapter_gain_kept": closed["merged"] / closed["distilled"],
@@ -394,12 +401,10 @@ def _export_merged(recipe: Recipe, adapter: Path, out: Path, rows: list[dict], m
                   "engine": engine_figures, "seconds": round(time.perf_counter() - t0, 1),
                   "files": {f.name: f.stat().st_size for f in sorted(tmp.iterdir())},
                   "recipe": recipe.model_dump(), **provenance()}
-        atomic.write_json(tmp / EXPORT_FILE, record)
-        atomic.write_text(tmp / "README.md", merged_model_card(recipe, record))
+        _publish(tmp, out, record, merged_model_card(recipe, record))
         say(f"[3/3] the gate passed: merged + recovered keeps {100 * record['adapter_gain_kept']:.0f}% of the adapter's "
             f"gain in llmkd (re-quantized only: {100 * closed['requantized'] / closed['distilled']:.0f}%); in llama.cpp "
             f"KL {engine_figures['student']['kl']:.4f} -> {engine_figures['distilled']['kl']:.4f}")
-        atomic.publish_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(check_dir, ignore_errors=True)

@@ -128,16 +128,3 @@ class GGUFLinear(torch.nn.Linear):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.qtype}"
-
-
-def quantize_model(model, qtype: str, compute_dtype: torch.dtype, device) -> torch.nn.Module:
-    """Every linear layer of `model`'s decoder (not the output embedding) replaced by a GGUFLinear on
-    `device`, one at a time (the device never holds the 16-bit model); the rest moved there after."""
-    head = model.get_output_embeddings()
-    targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-               if isinstance(child, torch.nn.Linear) and child is not head]
-    for parent, name, child in targets:
-        setattr(parent, name, GGUFLinear(child, qtype, compute_dtype, device))
-    model.to(device)
-    model.hqq_quantized = True  # peft's prepare_model_for_kbit_training: no fp32 upcast of the rest
-    return model

@@ -1,13 +1,15 @@
-"""The adapter merged into a GGUF student's blocks, and its gain won back: `llmkd export --to merged`.
+"""The adapter merged into a quantised student, and its gain won back: `llmkd export --to merged` (GGUF
+students) and `benchmarks/merged.py` (GGUF and HQQ students).
 
-Merging a LoRA into quantised weights means quantising them again: each layer's weight as llama.cpp
-multiplies with it, plus the adapter's delta (peft's `get_delta_weight`), goes through the same
-block quantizer. For llmkd's students the delta is smaller than one quantisation step, so most of it
-rounds off. Recovery then trains what stays continuous in the format, each block's fp16 scale d (and
-min m for q4_1 and q5_1), against the teacher's cached targets with the integer codes fixed:
-EfficientQAT's end-to-end stage. The forward uses the scales as fp16 will store them (a straight-
-through rounding), so what trains is what ships. The result is one model with no adapter, at the
-base's exact size in bytes: GGUFLinear layers whose blocks `export_gguf.write_base` writes unchanged.
+Merging a LoRA into quantised weights means quantising them again: each layer's weight as the engine
+multiplies with it, plus the adapter's delta (peft's `get_delta_weight`), goes through the layer's own
+quantizer (the same GGUF block type; HQQ with the same bits and group size). For llmkd's students the
+delta is smaller than one quantisation step, so most of it rounds off. Recovery then trains what stays
+continuous in the format against the teacher's cached targets, the integer codes fixed (EfficientQAT's
+end-to-end stage): each GGUF block's fp16 scale d (and min m for q4_1 and q5_1), each HQQ group's scale
+and zero. The forward uses them as they will be stored (a straight-through rounding to fp16, or to the
+HQQ compute dtype), so what trains is what ships. The result is one model with no adapter, at the
+base's exact size in bytes.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 
 from llmkd import models
 from llmkd.config import Recipe
+from llmkd.errors import LlmkdError
 from llmkd.gguf_quant import GGUFLinear, quantize_rows, unpack, with_scales
 from llmkd.progress import bar as progress_bar
 
@@ -59,6 +62,75 @@ class ScaledBlocks(torch.nn.Module):
         return layer
 
 
+class ScaledGroups(torch.nn.Module):
+    """An HQQ layer (axis 1, scales and zeros not themselves quantised) whose codes are fixed and whose
+    group scales and zeros train. The forward is HQQ's dequantisation, `(codes - zero) * scale` in the
+    compute dtype. The zero is in codes, the scale in weight units: the zero trains as the offset
+    `-zero * scale`, in weight units like the scale, so that one learning rate moves both alike."""
+
+    def __init__(self, layer):
+        super().__init__()
+        meta = layer.meta
+        if meta.get("axis") != 1 or meta.get("quant_scale") or meta.get("quant_zero") or "scale" not in meta:
+            raise LlmkdError("merging HQQ layers needs axis 1 with plain scales and zeros (llmkd's HQQ students)")
+        self.layer = layer
+        groups = layer.meta["shape"][0] * layer.meta["shape"][1] // meta["group_size"]
+        codes = layer.unpack(dtype=torch.float32)[:groups]  # 3 bits pack ten to a word: rows past the groups pad
+        self.register_buffer("codes", codes.to(torch.uint8))
+        self.scale = torch.nn.Parameter(meta["scale"].float().clone())  # hqq quantises in inference mode
+        self.offset = torch.nn.Parameter(-meta["zero"].float() * self.scale.detach())
+
+    def _as_stored(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.layer.compute_dtype
+        return (x + (x.to(dtype).float() - x).detach()).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layer = self.layer
+        w = (self.codes.to(layer.compute_dtype) - self._as_stored(self._zero())) * self._as_stored(self.scale)
+        out = torch.matmul(x, w.reshape(layer.meta["shape"]).t())
+        return out + layer.bias if layer.bias is not None else out
+
+    def _zero(self) -> torch.Tensor:
+        return -self.offset / self.scale
+
+    def settle(self):
+        """The layer with the trained scales and zeros in its meta."""
+        layer = self.layer
+        layer.meta["scale"] = self.scale.detach().to(layer.compute_dtype)
+        layer.meta["zero"] = self._zero().detach().to(layer.compute_dtype)
+        return layer
+
+
+def _mergeable_types() -> tuple[type, ...]:
+    """The layer types llmkd merges into: GGUF's, and HQQ's where hqq is installed."""
+    try:
+        from hqq.core.quantize import HQQLinear
+    except ImportError:
+        return (GGUFLinear,)
+    return GGUFLinear, HQQLinear
+
+
+def _trainable(layer) -> torch.nn.Module:
+    return ScaledBlocks(layer) if isinstance(layer, GGUFLinear) else ScaledGroups(layer)
+
+
+def _requantized(layer, delta: torch.Tensor):
+    """`layer`'s weight plus `delta`, quantised again by the layer's own quantizer."""
+    if isinstance(layer, GGUFLinear):
+        layer.weight = quantize_rows(layer.dequantize() + delta.cpu(), layer.qtype).to(layer.weight.device)
+        return layer
+    from hqq.core.quantize import HQQLinear
+
+    dtype = layer.compute_dtype
+    linear = torch.nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, dtype=dtype,
+                             device=layer.W_q.device)
+    linear.weight.copy_((layer.dequantize().float() + delta.to(layer.W_q.device)).to(dtype))
+    if layer.bias is not None:
+        linear.bias.copy_(layer.bias)
+    config = {**layer.quant_config, "offload_meta": layer.offload_meta}  # HQQLinear pops it from the one it keeps
+    return HQQLinear(linear, quant_config=config, compute_dtype=dtype, device=layer.device, del_orig=True)
+
+
 def _replace(model, kind, make) -> int:
     """Each child of `model` of `kind` replaced by `make(child)`; how many."""
     targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
@@ -69,17 +141,18 @@ def _replace(model, kind, make) -> int:
 
 
 def merge_requantized(student) -> torch.nn.Module:
-    """The base model under `student` (a PeftModel over GGUF layers) with each adapted layer replaced by
-    the merged weight quantised again with its own block type (no adapter left)."""
+    """The base model under `student` (a PeftModel over GGUF or HQQ layers) with each adapted layer
+    replaced by the merged weight quantised again by its own quantizer (no adapter left)."""
     from peft.tuners.lora import LoraLayer
 
     base = student.get_base_model()
 
-    def merged(lora: LoraLayer) -> GGUFLinear:
+    def merged(lora: LoraLayer):
         layer = lora.get_base_layer()
+        if not isinstance(layer, _mergeable_types()):
+            raise LlmkdError(f"merging into {type(layer).__name__} layers is not supported: GGUF and HQQ students only")
         delta = sum(lora.get_delta_weight(name).float() for name in lora.active_adapters)
-        layer.weight = quantize_rows(layer.dequantize() + delta.cpu(), layer.qtype).to(layer.weight.device)
-        return layer
+        return _requantized(layer, delta)
 
     with torch.no_grad():
         _replace(base, LoraLayer, merged)
@@ -101,8 +174,8 @@ class Recovery:
 
 def recover(model, recipe: Recipe, tokenizer, *, steps: int = RECOVERY_STEPS, lr: float = RECOVERY_LR,
             progress: bool = True) -> Recovery:
-    """Train the block scales of `model`'s GGUF layers against the run's transfer set (its KD loss,
-    batch size and seed), codes fixed; the layers keep the trained scales."""
+    """Train the block scales of `model`'s GGUF layers (the group scales and zeros of its HQQ layers)
+    against the run's transfer set (its KD loss, batch size and seed), codes fixed; the layers keep them."""
     from llmkd.train import TrainingData, collate, loss_step
 
     data = TrainingData.open(recipe, tokenizer)
@@ -110,8 +183,9 @@ def recover(model, recipe: Recipe, tokenizer, *, steps: int = RECOVERY_STEPS, lr
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     for p in model.parameters():
         p.requires_grad_(False)
-    n = _replace(model, GGUFLinear, ScaledBlocks)
-    scales = [p for m in model.modules() if isinstance(m, ScaledBlocks) for p in (m.d, m.m) if p is not None]
+    n = _replace(model, _mergeable_types(), _trainable)
+    scales = [p for m in model.modules() if isinstance(m, (ScaledBlocks, ScaledGroups))
+              for p in m.parameters(recurse=False)]
     optimizer = torch.optim.Adam(scales, lr=lr)
     order = np.random.default_rng(recipe.train.seed).permutation(len(examples))
     batch_size, t0, losses = recipe.train.batch_size, time.perf_counter(), []
@@ -125,18 +199,20 @@ def recover(model, recipe: Recipe, tokenizer, *, steps: int = RECOVERY_STEPS, lr
             terms.loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(float(terms.loss))
+            losses.append(terms.loss.detach().item())
             bar.update(1)
     model.eval()
     with torch.no_grad():
-        _replace(model, ScaledBlocks, ScaledBlocks.settle)
+        _replace(model, (ScaledBlocks, ScaledGroups), lambda m: m.settle())
     return Recovery(steps=steps, lr=lr, seconds=time.perf_counter() - t0, losses=losses)
 
 
 def merged_students(recipe: Recipe, adapter, tokenizer, *, steps: int = RECOVERY_STEPS, lr: float = RECOVERY_LR,
                     progress: bool = True):
-    """(merged and re-quantized, merged and recovered, Recovery) of the run's GGUF student and adapter."""
+    """(merged and re-quantized, merged and recovered, Recovery) of the run's student and adapter."""
+    import copy
+
     requantized = merge_requantized(models.load_student(recipe.model, adapter=adapter))
-    recovered = merge_requantized(models.load_student(recipe.model, adapter=adapter))
+    recovered = copy.deepcopy(requantized)
     recovery = recover(recovered, recipe, tokenizer, steps=steps, lr=lr, progress=progress)
     return requantized, recovered, recovery

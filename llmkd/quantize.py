@@ -80,7 +80,22 @@ def quantize_loaded(model, cfg: ModelConfig, compute_dtype: torch.dtype, device_
     if q.library == "hqq":
         return _hqq_quantize(model, q.bits, cfg.hqq_group_size, compute_dtype, device_map[""])
     if q.library == "gguf":
-        return gguf_quant.quantize_model(model, q.ggml_type, compute_dtype, device_map[""])
+        device = device_map[""]
+        return _replace_decoder_linears(model, lambda _, c: gguf_quant.GGUFLinear(c, q.ggml_type, compute_dtype, device),
+                                        device)
+    return model
+
+
+def _replace_decoder_linears(model, make, device):
+    """Every linear layer of `model`'s decoder (not the output embedding) replaced by `make(name, layer)` on
+    `device`, one at a time (the device never holds the 16-bit model); the rest moved there after."""
+    head = model.get_output_embeddings()
+    targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+               if isinstance(child, torch.nn.Linear) and child is not head]
+    for parent, name, child in targets:
+        setattr(parent, name, make(name, child))
+    model.to(device)  # what is not quantised: embeddings, norms, lm_head, rotary buffers
+    model.hqq_quantized = True  # peft's prepare_model_for_kbit_training: no fp32 upcast, no re-quantisation
     return model
 
 
@@ -91,21 +106,18 @@ def _hqq_quantize(model, bits: int, group_size: int, compute_dtype: torch.dtype,
         raise LlmkdError("model.quant hqq* needs hqq: DISABLE_CUDA=1 pip install hqq==0.2.8.post1 "
                          "(DISABLE_CUDA=1: its setup otherwise builds CUDA kernels)") from None
     HQQLinear.set_backend(HQQBackend.PYTORCH)  # plain torch: differentiable, runs on any device
-    head = model.get_output_embeddings()
     config = BaseQuantizeConfig(nbits=bits, group_size=group_size)
-    targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-               if isinstance(child, torch.nn.Linear) and child is not head]
-    for parent, name, child in targets:
+
+    def make(name, child):
         if child.weight.numel() % group_size:
             raise LlmkdError(f"model.hqq_group_size: {group_size} does not divide the {child.weight.numel():,} "
                              f"weights of {name} ({child.in_features} x {child.out_features})")
         # Quantised where it will run, from the weight moved there (the same arithmetic as a model loaded
         # there whole); del_orig frees that copy.
-        setattr(parent, name, HQQLinear(child.to(device), quant_config=config, compute_dtype=compute_dtype,
-                                        device=device, del_orig=True))
-    model.to(device)  # what is not quantised: embeddings, norms, lm_head, rotary buffers
-    model.hqq_quantized = True  # peft's prepare_model_for_kbit_training: no fp32 upcast, no re-quantisation
-    return model
+        return HQQLinear(child.to(device), quant_config=config, compute_dtype=compute_dtype, device=device,
+                         del_orig=True)
+
+    return _replace_decoder_linears(model, make, device)
 
 
 def _quantized_layer_types() -> tuple[type, ...]:

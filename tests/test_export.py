@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import REPO, stand_in_overrides
-from llmkd import export, models, pipeline
+from llmkd import builder, export, models, train
 from llmkd.config import load_recipe
 from llmkd.errors import LlmkdError
 
@@ -19,7 +19,7 @@ TINY = ["name=tiny", "transfer_set.out=", "transfer_set.start=746", "transfer_se
 
 @pytest.fixture(scope="module")
 def finished_run(stand_in, tmp_path_factory):
-    """A run of the main job on the stand-in, finished (its adapter written), in a folder of its own."""
+    """A finished training run on the stand-in (its adapter written), in a folder of its own."""
     import os
 
     home = tmp_path_factory.mktemp("run")
@@ -28,7 +28,8 @@ def finished_run(stand_in, tmp_path_factory):
     os.chdir(home)
     try:
         recipe = load_recipe(REPO / "recipes/smollm2-cpu.yaml", stand_in_overrides(stand_in, *TINY))
-        pipeline.run(recipe, progress=False, say=lambda _: None)
+        builder.build(recipe, progress=False)  # export needs the adapter, not the run's evaluation
+        train.train(recipe, progress=False)
     finally:
         os.chdir(cwd)
     return home, recipe
@@ -66,12 +67,13 @@ def test_the_export_loads_in_plain_transformers_and_peft_and_scores_what_llmkd_m
 def test_bad_input_is_one_line_and_writes_nothing(finished_run, monkeypatch, tmp_path):
     home, recipe = finished_run
     monkeypatch.chdir(home)
+    hqq = recipe.model_copy(update={"model": recipe.model.model_copy(update={"quant": "hqq4"})})
     cases = {
         "no run": (load_recipe(None, ["name=never"]), tmp_path / "a", "transformers", "no run"),
         "gguf": (recipe, tmp_path / "b", "gguf", "train model.quant=gguf-q4_0"),
-        "merged": (recipe, tmp_path / "f", "merged", "merges and recovers GGUF students"),
-        "hqq": (recipe.model_copy(update={"model": recipe.model.model_copy(update={"quant": "hqq4"})}), tmp_path / "c",
-                "transformers", "train model.quant=nf4"),
+        "merged": (recipe, tmp_path / "f", "merged", "ships merged GGUF students .* not nf4; export --to transformers"),
+        "hqq": (hqq, tmp_path / "c", "transformers", "train model.quant=nf4"),
+        "hqq merged": (hqq, tmp_path / "g", "merged", "not hqq4; benchmarks/bench_merged.py measures"),
     }
     for name, (r, out, to, says) in cases.items():
         with pytest.raises(LlmkdError, match=says) as err:

@@ -63,9 +63,11 @@ def transfer_set(stand_in_transfer_set):
 SHARDED_BY = {"fsdp": "FSDP2", "zero3": "ZeRO-3"}
 # The adapter after 3 AdamW steps, against one process's: FSDP2 within 1e-5 (5.7e-7 measured). ZeRO-3
 # reduces and clips in its own order, and where an element's gradient is at rounding level Adam's
-# normalised step (up to lr = 1e-3) follows the rounding: 4.5e-6 measured here, 1.2e-5 for one element
-# of ~400k in a run with one micro-batch per rank.
+# normalised step follows the rounding: 4.5e-6 measured on one machine, but 1.4e-3 for 3 elements of
+# 24576 on another. So for ZeRO-3 all but 1 in 1000 elements must be within 1e-4, and every element
+# within Adam's bound: two runs stepping apart by at most lr each (1.004 lr with bias correction) on 3 steps.
 ADAPTER_ATOL = {"fsdp": 1e-5, "zero3": 1e-4}
+ADAM_BOUND = 2 * 3 * 1e-3 * 1.01
 
 
 @pytest.fixture(scope="module", params=["fsdp", "zero3"])
@@ -107,7 +109,12 @@ def test_two_sharded_ranks_equal_one_process_accumulating_their_batches(stand_in
     assert x.keys() == y.keys() and len(x) == 2 * 7 * 2  # lora_A and lora_B of 7 modules in 2 layers
     for k in x:
         assert x[k].shape == y[k].shape, k  # gathered, not a shard
-        torch.testing.assert_close(x[k], y[k], rtol=0, atol=ADAPTER_ATOL[kind])
+        diff = (x[k] - y[k]).abs()
+        if kind == "fsdp":
+            torch.testing.assert_close(x[k], y[k], rtol=0, atol=ADAPTER_ATOL[kind])
+        else:
+            assert (diff > ADAPTER_ATOL[kind]).float().mean() < 1e-3, (k, diff.max())
+            assert diff.max() <= ADAM_BOUND, (k, diff.max())
     summary = json.loads((sharded_run / "summary.json").read_text())
     assert summary["fast_paths"]["dequantized_once"] == 0 and "sharded" in summary["fast_paths"]["reason"]
     assert summary["student_quantization"]["quant_type"] == ["nf4"]

@@ -507,36 +507,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("data", ["gsm8k", "chat rows"])
-def test_two_process_build_equals_one_process(tmp_path, stand_in, data):
+def test_two_process_build_equals_one_process(tmp_path, stand_in):
     """accelerate launch --multi_gpu --num_processes 2: two gloo ranks on CPU, shard i on rank i % 2.
 
-    On the random stand-in (byte equality does not depend on the weights): the gold set of
-    GOLD_OVERRIDES (or the 4 responses of a messages file, 2 shards) built here in one process, then by two.
+    On the random stand-in (byte equality does not depend on the weights), for GSM8K and for a messages
+    file: the gold set of GOLD_OVERRIDES (or the 4 responses of the messages file, 2 shards) built here in
+    one process, then by two (one launch builds both).
     """
     from test_sources import CHAT, write_jsonl
 
     accelerate = Path(sys.executable).parent / "accelerate"
     if not accelerate.exists():
         pytest.skip("accelerate's launcher is not installed next to this python")
-    if data == "gsm8k":
-        path, overrides, shards = str(REPO / RECIPE), stand_in_overrides(stand_in, *GOLD_OVERRIDES), 2
-    else:
-        rows = write_jsonl(tmp_path / "chat.jsonl", CHAT)
-        path, shards = None, 2
-        overrides = stand_in_overrides(stand_in, f"data.source={rows}", "data.eval_fraction=0", "transfer_set.count=null",
-                                       "transfer_set.response=gold", "transfer_set.batch_size=2", "transfer_set.shard_size=2")
-    builder.build(load_recipe(path, overrides), out=tmp_path / "one", progress=False)
-    one = transfer_set.TransferSet.open(tmp_path / "one")
-    assert len(one.shard_paths) == shards  # shard i on rank i % 2
-    out = tmp_path / "two"
+    rows = write_jsonl(tmp_path / "chat.jsonl", CHAT)
+    builds = {
+        "gsm8k": (str(REPO / RECIPE), stand_in_overrides(stand_in, *GOLD_OVERRIDES)),
+        "chat rows": (None, stand_in_overrides(stand_in, f"data.source={rows}", "data.eval_fraction=0",
+                                               "transfer_set.count=null", "transfer_set.response=gold",
+                                               "transfer_set.batch_size=2", "transfer_set.shard_size=2")),
+    }
     script = tmp_path / "build.py"
-    script.write_text(
-        "from llmkd.config import load_recipe\n"
-        "from llmkd.builder import build\n"
-        f"m = build(load_recipe({path!r}, {overrides!r}), out={str(out)!r}, progress=False)\n"
-        "assert m.build.processes == 2, m.build\n"
-    )
+    lines = ["from llmkd.config import load_recipe", "from llmkd.builder import build"]
+    for i, (data, (path, overrides)) in enumerate(builds.items()):
+        builder.build(load_recipe(path, overrides), out=tmp_path / f"one-{i}", progress=False)
+        assert len(transfer_set.TransferSet.open(tmp_path / f"one-{i}").shard_paths) == 2, data  # shard i on rank i % 2
+        lines += [f"m = build(load_recipe({path!r}, {overrides!r}), out={str(tmp_path / f'two-{i}')!r}, progress=False)",
+                  "assert m.build.processes == 2, m.build"]
+    script.write_text("\n".join(lines) + "\n")
     cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), str(script)]
     # Each rank runs as many threads as this process did for `one`: equal bytes by construction
@@ -544,12 +541,13 @@ def test_two_process_build_equals_one_process(tmp_path, stand_in, data):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(torch.get_num_threads())}
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    two = transfer_set.TransferSet.open(out)
-    two.verify()
-    assert two.manifest.build.processes == 2
-    assert content(two.manifest) == content(one.manifest)
-    for a, b in zip(two.shard_paths, one.shard_paths, strict=True):
-        assert a.read_bytes() == b.read_bytes(), a.name
+    for i, data in enumerate(builds):
+        one, two = (transfer_set.TransferSet.open(tmp_path / f"{k}-{i}") for k in ("one", "two"))
+        two.verify()
+        assert two.manifest.build.processes == 2, data
+        assert content(two.manifest) == content(one.manifest), data
+        for a, b in zip(two.shard_paths, one.shard_paths, strict=True):
+            assert a.read_bytes() == b.read_bytes(), (data, a.name)
 
 
 # --- The teacher's identity ------------------------------------------------------------------------------

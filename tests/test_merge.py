@@ -1,0 +1,91 @@
+"""llmkd.merge: the adapter merged into a GGUF or HQQ student and quantised again by the layer's own
+quantizer, then the format's continuous parameters (GGUF block scales, HQQ group scales and zeros)
+trained with the integer codes fixed."""
+
+import pytest
+import torch
+
+from conftest import REPO, stand_in_overrides
+from llmkd import gguf_quant, merge, models
+from llmkd.builder import build
+from llmkd.config import ModelConfig, load_recipe
+from test_gguf import TINY, _random_adapter
+
+
+def _layers(model, kind):
+    return {name: m for name, m in model.named_modules() if isinstance(m, kind)}
+
+
+def _gguf_expected(layer, delta):
+    return gguf_quant.quantize_rows(layer.dequantize() + delta, "q4_0")
+
+
+def _hqq_expected(layer, delta):
+    """An independent reference: hqq quantising the merged weight from a plain nn.Linear."""
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+    linear = torch.nn.Linear(layer.in_features, layer.out_features, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(layer.dequantize() + delta)
+    return HQQLinear(linear, quant_config=BaseQuantizeConfig(nbits=4, group_size=64), compute_dtype=torch.float32,
+                     device="cpu")
+
+
+@pytest.mark.parametrize("quant", ["gguf-q4_0", "hqq4"])
+def test_merge_quantizes_again_and_recovery_trains_only_the_scales(stand_in, tmp_path, quant):
+    from hqq.core.quantize import HQQLinear
+
+    kind = gguf_quant.GGUFLinear if quant.startswith("gguf") else HQQLinear
+    cfg = ModelConfig(name=str(stand_in), quant=quant, teacher_dtype="float32", compute_dtype="float32")
+    student = _random_adapter(models.load_student(cfg), tmp_path / "adapter").eval()
+    q_proj = student.get_base_model().model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        delta = q_proj.get_delta_weight("default")
+        expected = (_gguf_expected if kind is gguf_quant.GGUFLinear else _hqq_expected)(q_proj.get_base_layer(), delta)
+        before_merge = q_proj.get_base_layer().dequantize().clone()
+    merged = merge.merge_requantized(student)
+    layer = merged.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, kind) and not any("lora" in name for name, _ in merged.named_parameters())
+    if kind is gguf_quant.GGUFLinear:
+        assert torch.equal(layer.weight, expected)
+    else:
+        assert torch.equal(layer.W_q, expected.W_q) and torch.equal(layer.dequantize(), expected.dequantize())
+    # The merge moved the weights by the delta, up to one re-rounding (a random adapter's delta is large)
+    moved = layer.dequantize() - before_merge
+    assert torch.nn.functional.cosine_similarity(moved.flatten(), delta.flatten(), dim=0) > 0.8
+
+    recipe = load_recipe(REPO / "recipes/smollm2-cpu.yaml", stand_in_overrides(stand_in, *TINY, f"model.quant={quant}"))
+    build(recipe, progress=False)
+    before = {name: (m.dequantize().clone(), _codes(m)) for name, m in _layers(merged, kind).items()}
+    bytes_before = sum(t.numel() * t.element_size() for m in _layers(merged, kind).values() for t in _stored(m))
+    recovery = merge.recover(merged, recipe, models.load_tokenizer(cfg), steps=6, lr=1e-4, progress=False)
+    assert len(recovery.losses) == 6 and recovery.losses[-1] < recovery.losses[0]
+    after = _layers(merged, kind)
+    assert after.keys() == before.keys() and not any(p.requires_grad for p in merged.parameters())
+    for name, m in after.items():  # the same codes, new scales, the same bytes
+        assert torch.equal(_codes(m), before[name][1]) and not torch.equal(m.dequantize(), before[name][0]), name
+    assert sum(t.numel() * t.element_size() for m in after.values() for t in _stored(m)) == bytes_before
+    assert not _layers(merged, (merge.ScaledBlocks, merge.ScaledGroups))
+
+    # What trains is what ships: a wrapper's forward with changed scales is the settled layer's own forward.
+    layer = merged.model.layers[1].mlp.down_proj
+    wrapper = merge._trainable(layer)
+    with torch.no_grad():
+        x = torch.randn(3, layer.in_features)
+        torch.testing.assert_close(wrapper(x), layer(x), rtol=0, atol=0)  # wrapping alone changes nothing
+        for p in wrapper.parameters(recurse=False):
+            p.mul_(1.01)
+        trained = wrapper(x)
+        torch.testing.assert_close(wrapper.settle()(x), trained, rtol=0, atol=0)
+
+
+def _codes(layer) -> torch.Tensor:
+    if isinstance(layer, gguf_quant.GGUFLinear):
+        return gguf_quant.unpack(layer.weight, layer.qtype, (layer.out_features, layer.in_features))[0]
+    return layer.unpack(dtype=torch.float32)
+
+
+def _stored(layer) -> list[torch.Tensor]:
+    if isinstance(layer, gguf_quant.GGUFLinear):
+        return [layer.weight]
+    return [layer.W_q, layer.meta["scale"], layer.meta["zero"]]
