@@ -180,6 +180,11 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gguf-metadata", default=None, metavar="FILE",
                    help="--to gguf: a GGUF of the same model to copy its tokenizer from "
                         "(the embedded default brings its own; llama.cpp's convert_hf_to_gguf.py makes one)")
+    p.add_argument("--recovery-steps", type=int, default=None, metavar="N",
+                   help="--to merged: steps of training the block scales after merging (default 64; "
+                        "longer keeps more of the adapter's gain, benchmarks/results.md)")
+    p.add_argument("--recovery-lr", type=float, default=None, metavar="LR",
+                   help="--to merged: Adam's learning rate for the block scales (default 1e-5)")
 
 
 def cmd_export(args) -> int:
@@ -187,7 +192,7 @@ def cmd_export(args) -> int:
 
     launch.refuse_several_processes("export", "start it as `llmkd export ...`")
     export.export(export.recipe_of(args.recipe), to=args.to, out=args.out, check=args.check,
-                  gguf_metadata=args.gguf_metadata)
+                  gguf_metadata=args.gguf_metadata, recovery_steps=args.recovery_steps, recovery_lr=args.recovery_lr)
     return 0
 
 

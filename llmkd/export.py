@@ -238,11 +238,21 @@ def gate(to: str, llmkd_figures: dict, engine_figures: dict, stops=()) -> list[s
 
 
 def export(recipe: Recipe, *, to: str | None = None, out: str | Path, check: int = 32,
-           gguf_metadata: str | Path | None = None, say=print) -> Path:
-    """Write, check and publish the export of `recipe`'s run (module docstring); returns the folder."""
+           gguf_metadata: str | Path | None = None, recovery_steps: int | None = None,
+           recovery_lr: float | None = None, say=print) -> Path:
+    """Write, check and publish the export of `recipe`'s run (module docstring); returns the folder.
+    `recovery_steps`, `recovery_lr`: `--to merged`'s recovery (default merge.RECOVERY_STEPS, RECOVERY_LR)."""
+    from llmkd import merge
+
     if check <= 0:
         raise LlmkdError(f"--check must be > 0, got {check}")
     to = to or default_format(recipe)
+    for flag, value in (("--recovery-steps", recovery_steps), ("--recovery-lr", recovery_lr)):
+        if value is not None and to != "merged":
+            raise LlmkdError(f"{flag}: only with --to merged (the recovery after merging), not --to {to}")
+        if value is not None and not value > 0:
+            raise LlmkdError(f"{flag} must be > 0, got {value}")
+    recovery = (recovery_steps or merge.RECOVERY_STEPS, recovery_lr or merge.RECOVERY_LR)
     adapter = check_exportable(recipe, to)
     metadata = metadata_source(recipe, gguf_metadata) if to in ("gguf", "merged") else None
     out = Path(out)
@@ -253,7 +263,7 @@ def export(recipe: Recipe, *, to: str | None = None, out: str | Path, check: int
     if to == "gguf":
         return _export_gguf(recipe, adapter, out, rows, metadata, identity, say)
     if to == "merged":
-        return _export_merged(recipe, adapter, out, rows, metadata, identity, say)
+        return _export_merged(recipe, adapter, out, rows, metadata, identity, recovery, say)
     tmp = atomic.temporary_dir(out)
     try:
         t0 = time.perf_counter()
@@ -357,7 +367,7 @@ def _in_fp32(model):
 
 
 def _export_merged(recipe: Recipe, adapter: Path, out: Path, rows: list[dict], metadata: Path, identity: dict,
-                   say) -> Path:
+                   recovery: tuple[int, float], say) -> Path:
     """`--to merged` (GGUF students): one model.gguf, the adapter merged and the scales recovered (llmkd/merge.py),
     checked in llama.cpp against the base as `--to gguf` checks the adapter, then published."""
     from llmkd import export_gguf, merge, quantize
@@ -369,11 +379,12 @@ def _export_merged(recipe: Recipe, adapter: Path, out: Path, rows: list[dict], m
         tokenizer = models.load_tokenizer(recipe.model)
         template = tokenizer.chat_template
         say(f"[1/3] merging the adapter into the {recipe.model.quant} blocks, quantizing again, recovering the "
-            f"block scales ({merge.RECOVERY_STEPS} steps) -> {out}")
+            f"block scales ({recovery[0]} steps, lr {recovery[1]:g}) -> {out}")
         base = models.load_student(recipe.model)  # the engine's reference: the base as trained against
         export_gguf.write_base(base, check_dir / "base.gguf", metadata, qtype, chat_template=template)
         del base
-        requantized, recovered, recovery = merge.merged_students(recipe, adapter, tokenizer)
+        steps, lr = recovery
+        requantized, recovered, recovery = merge.merged_students(recipe, adapter, tokenizer, steps=steps, lr=lr)
         say(recovery.line())
         export_gguf.write_base(recovered, tmp / "model.gguf", metadata, qtype, chat_template=template)
         say(f"[2/3] scoring {len(rows)} held-out rows: base, adapter, merged, merged + recovered in llmkd; "

@@ -175,9 +175,11 @@ class Recovery:
 def recover(model, recipe: Recipe, tokenizer, *, steps: int = RECOVERY_STEPS, lr: float = RECOVERY_LR,
             progress: bool = True) -> Recovery:
     """Train the block scales of `model`'s GGUF layers (the group scales and zeros of its HQQ layers)
-    against the run's transfer set (its KD loss, batch size and seed), codes fixed; the layers keep them."""
+    against the run's transfer set (its KD loss without CE, batch size and seed), codes fixed; the layers keep them."""
     from llmkd.train import TrainingData, collate, loss_step
 
+    # Recovery wins back fidelity to the teacher: the KD term alone, whatever CE weight the run trained with.
+    loss = recipe.train.loss.model_copy(update={"alpha": 0.0})
     data = TrainingData.open(recipe, tokenizer)
     examples = data.examples
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -195,7 +197,7 @@ def recover(model, recipe: Recipe, tokenizer, *, steps: int = RECOVERY_STEPS, lr
         for step in range(steps):
             start = step * batch_size % max(len(examples) - batch_size + 1, 1)
             batch = collate([examples[int(i)] for i in order[start : start + batch_size]], pad).to(device)
-            terms = loss_step(model, batch, recipe.train.loss, float(batch.response_tokens))
+            terms = loss_step(model, batch, loss, float(batch.response_tokens))
             terms.loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

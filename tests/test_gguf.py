@@ -170,6 +170,21 @@ def test_export_to_gguf_is_gated_in_llama_cpp(stand_in, tmp_path):
     assert "llama-cli -m model.gguf --lora adapter.gguf" in (out / "README.md").read_text()
     assert not list(tmp_path.glob(".served*"))  # nothing left beside it, the F32 copy included
 
+    # --to merged: one GGUF file at the base's size, gated in llama.cpp against the base.
+    with pytest.raises(LlmkdError, match="--recovery-steps: only with --to merged"):
+        export.export(recipe, out=tmp_path / "x", check=2, recovery_steps=4, say=lambda _: None)
+    merged = export.export(recipe, to="merged", out=tmp_path / "merged", check=2, gguf_metadata=models.embedded_gguf(),
+                           recovery_steps=4, say=lambda _: None)
+    record = json.loads((merged / "export.json").read_text())
+    assert sorted(p.name for p in merged.iterdir()) == ["README.md", "export.json", "model.gguf"]
+    assert record["files"]["model.gguf"] == (out / "model.gguf").stat().st_size  # the base's exact size
+    assert record["recovery"]["steps"] == 4 and len(record["recovery"]["losses"]) == 4
+    assert set(record["llmkd"]) >= {"student", "distilled", "requantized", "merged"}
+    engine = record["engine"]
+    assert engine["distilled_f32"]["max_logprob_difference"] < 1e-3 and engine["distilled"]["kl"] < engine["student"]["kl"]
+    assert "merged + block scales recovered: this file" in (merged / "README.md").read_text()
+    assert not list(tmp_path.glob(".merged*"))
+
 
 def test_the_gguf_gate_fails_on_either_check():
     def figures(base_kl, distilled_kl, logprobs):
