@@ -242,8 +242,6 @@ def export(recipe: Recipe, *, to: str | None = None, out: str | Path, check: int
            recovery_lr: float | None = None, say=print) -> Path:
     """Write, check and publish the export of `recipe`'s run (module docstring); returns the folder.
     `recovery_steps`, `recovery_lr`: `--to merged`'s recovery (default merge.RECOVERY_STEPS, RECOVERY_LR)."""
-    from llmkd import merge
-
     if check <= 0:
         raise LlmkdError(f"--check must be > 0, got {check}")
     to = to or default_format(recipe)
@@ -252,7 +250,6 @@ def export(recipe: Recipe, *, to: str | None = None, out: str | Path, check: int
             raise LlmkdError(f"{flag}: only with --to merged (the recovery after merging), not --to {to}")
         if value is not None and not value > 0:
             raise LlmkdError(f"{flag} must be > 0, got {value}")
-    recovery = (recovery_steps or merge.RECOVERY_STEPS, recovery_lr or merge.RECOVERY_LR)
     adapter = check_exportable(recipe, to)
     metadata = metadata_source(recipe, gguf_metadata) if to in ("gguf", "merged") else None
     out = Path(out)
@@ -263,7 +260,7 @@ def export(recipe: Recipe, *, to: str | None = None, out: str | Path, check: int
     if to == "gguf":
         return _export_gguf(recipe, adapter, out, rows, metadata, identity, say)
     if to == "merged":
-        return _export_merged(recipe, adapter, out, rows, metadata, identity, recovery, say)
+        return _export_merged(recipe, adapter, out, rows, metadata, identity, recovery_steps, recovery_lr, say)
     tmp = atomic.temporary_dir(out)
     try:
         t0 = time.perf_counter()
@@ -273,10 +270,7 @@ def export(recipe: Recipe, *, to: str | None = None, out: str | Path, check: int
         llmkd_figures = ours(recipe, adapter, rows)
         engine_figures = engine(tmp, recipe, rows)
         _passed(gate(to, llmkd_figures, engine_figures, sources.stop_strings(recipe.data)), TOLERANCE[to])
-        record = {"identity": identity, "format": to, "rows": len(rows), "tolerance": TOLERANCE[to],
-                  "llmkd": llmkd_figures, "engine": engine_figures, "seconds": round(time.perf_counter() - t0, 1),
-                  "recipe": recipe.model_dump(), **provenance()}
-        _publish(tmp, out, record, model_card(recipe, record))
+        _publish(tmp, out, recipe, identity, rows, t0, model_card, llmkd=llmkd_figures, engine=engine_figures)
         say("[3/3] the gate passed: " + "; ".join(
             f"{tag} KL {engine_figures[tag]['kl']:.4f} (llmkd {llmkd_figures[tag]['kl']:.4f}), greedy output as "
             f"llmkd's on {100 * engine_figures[tag]['same_output_as_llmkd']:.0f}% of {len(engine_figures[tag]['outputs'])} "
@@ -291,11 +285,21 @@ def _passed(problems: list[str], tolerance: dict) -> None:
         raise LlmkdError(f"the fidelity gate failed, nothing published: {'; '.join(problems)} (tolerance {tolerance})")
 
 
-def _publish(tmp: Path, out: Path, record: dict, card: str) -> None:
-    """`tmp`, with its record and model card, becomes `out` in one rename."""
+def _publish(tmp: Path, out: Path, recipe: Recipe, identity: dict, rows: list[dict], t0: float, card,
+             files: bool = False, **figures) -> dict:
+    """`tmp` becomes `out` in one rename, with its record (`export.json`: the identity, the gate's tolerance
+    and `figures`, and the files' sizes if `files`) and its model card `card(recipe, record)`; returns the record."""
+    to = identity["format"]
+    tolerance = TOLERANCE["transformers" if to == "transformers" else "gguf"]
+    record = {"identity": identity, "format": to, "rows": len(rows), "tolerance": tolerance, **figures,
+              "seconds": round(time.perf_counter() - t0, 1)}
+    if files:
+        record["files"] = {f.name: f.stat().st_size for f in sorted(tmp.iterdir())}
+    record |= {"recipe": recipe.model_dump(), **provenance()}
     atomic.write_json(tmp / EXPORT_FILE, record)
-    atomic.write_text(tmp / "README.md", card)
+    atomic.write_text(tmp / "README.md", card(recipe, record))
     atomic.publish_dir(tmp, out)
+    return record
 
 
 def metadata_source(recipe: Recipe, given: str | Path | None) -> Path:
@@ -340,11 +344,8 @@ def _export_gguf(recipe: Recipe, adapter: Path, out: Path, rows: list[dict], met
                                        "--exact", str(exact_dir / "model.gguf"), "--exact-lora", str(exact_dir / "adapter.gguf"),
                                        "--max-new-tokens", str(recipe.eval.max_new_tokens)))
         _passed(gate_gguf(llmkd_figures, exact, engine_figures, sources.stop_strings(recipe.data)), TOLERANCE["gguf"])
-        record = {"identity": identity, "format": "gguf", "rows": len(rows), "tolerance": TOLERANCE["gguf"],
-                  "llmkd": llmkd_figures, "engine": engine_figures, "seconds": round(time.perf_counter() - t0, 1),
-                  "files": {f.name: f.stat().st_size for f in sorted(tmp.iterdir())},
-                  "recipe": recipe.model_dump(), **provenance()}
-        _publish(tmp, out, record, gguf_model_card(recipe, record))
+        _publish(tmp, out, recipe, identity, rows, t0, gguf_model_card, files=True, llmkd=llmkd_figures,
+                 engine=engine_figures)
         e = engine_figures
         say(f"[3/3] the gate passed: F32 log-probabilities within {e['distilled_f32']['max_logprob_difference']:.1e} "
             f"of llmkd's; in llama.cpp the adapter takes KL {e['student']['kl']:.4f} -> {e['distilled']['kl']:.4f} "
@@ -367,23 +368,23 @@ def _in_fp32(model):
 
 
 def _export_merged(recipe: Recipe, adapter: Path, out: Path, rows: list[dict], metadata: Path, identity: dict,
-                   recovery: tuple[int, float], say) -> Path:
+                   steps: int | None, lr: float | None, say) -> Path:
     """`--to merged` (GGUF students): one model.gguf, the adapter merged and the scales recovered (llmkd/merge.py),
     checked in llama.cpp against the base as `--to gguf` checks the adapter, then published."""
     from llmkd import export_gguf, merge, quantize
 
     qtype = quantize.quantizer(recipe.model).ggml_type
+    steps, lr = steps or merge.RECOVERY_STEPS, lr or merge.RECOVERY_LR
     tmp, check_dir = atomic.temporary_dir(out), atomic.temporary_dir(out.parent / f".{out.name}.check")
     try:
         t0 = time.perf_counter()
         tokenizer = models.load_tokenizer(recipe.model)
         template = tokenizer.chat_template
         say(f"[1/3] merging the adapter into the {recipe.model.quant} blocks, quantizing again, recovering the "
-            f"block scales ({recovery[0]} steps, lr {recovery[1]:g}) -> {out}")
+            f"block scales ({steps} steps, lr {lr:g}) -> {out}")
         base = models.load_student(recipe.model)  # the engine's reference: the base as trained against
         export_gguf.write_base(base, check_dir / "base.gguf", metadata, qtype, chat_template=template)
         del base
-        steps, lr = recovery
         requantized, recovered, recovery = merge.merged_students(recipe, adapter, tokenizer, steps=steps, lr=lr)
         say(recovery.line())
         export_gguf.write_base(recovered, tmp / "model.gguf", metadata, qtype, chat_template=template)
@@ -404,15 +405,13 @@ def _export_merged(recipe: Recipe, adapter: Path, out: Path, rows: list[dict], m
                                        "--max-new-tokens", str(recipe.eval.max_new_tokens)))
         gated = {"student": figures["student"], "distilled": dict(figures["merged"])}
         _passed(gate_gguf(gated, exact, engine_figures, sources.stop_strings(recipe.data)), TOLERANCE["gguf"])
-        closed = {tag: 1 - figures[tag]["kl"] / figures["student"]["kl"] for tag in ("distilled", "requantized", "merged")}
-        record = {"identity": identity, "format": "merged", "rows": len(rows), "tolerance": TOLERANCE["gguf"],
-                  "llmkd": figures, "gap_closed": closed, "adapter_gain_kept": closed["merged"] / closed["distilled"],
-                  "recovery": {"steps": recovery.steps, "lr": recovery.lr, "seconds": round(recovery.seconds, 1),
-                               "losses": recovery.losses},
-                  "engine": engine_figures, "seconds": round(time.perf_counter() - t0, 1),
-                  "files": {f.name: f.stat().st_size for f in sorted(tmp.iterdir())},
-                  "recipe": recipe.model_dump(), **provenance()}
-        _publish(tmp, out, record, merged_model_card(recipe, record))
+        closed = {tag: gap_closed({"student": figures["student"], "distilled": figures[tag]})
+                  for tag in ("distilled", "requantized", "merged")}
+        record = _publish(tmp, out, recipe, identity, rows, t0, merged_model_card, files=True, llmkd=figures,
+                          gap_closed=closed, adapter_gain_kept=closed["merged"] / closed["distilled"],
+                          recovery={"steps": recovery.steps, "lr": recovery.lr, "seconds": round(recovery.seconds, 1),
+                                    "losses": recovery.losses},
+                          engine=engine_figures)
         say(f"[3/3] the gate passed: merged + recovered keeps {100 * record['adapter_gain_kept']:.0f}% of the adapter's "
             f"gain in llmkd (re-quantized only: {100 * closed['requantized'] / closed['distilled']:.0f}%); in llama.cpp "
             f"KL {engine_figures['student']['kl']:.4f} -> {engine_figures['distilled']['kl']:.4f}")

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from llmkd import models
+from llmkd import models, quantize
 from llmkd.config import Recipe
 from llmkd.errors import LlmkdError
 from llmkd.gguf_quant import GGUFLinear, quantize_rows, unpack, with_scales
@@ -74,7 +74,7 @@ class ScaledGroups(torch.nn.Module):
         if meta.get("axis") != 1 or meta.get("quant_scale") or meta.get("quant_zero") or "scale" not in meta:
             raise LlmkdError("merging HQQ layers needs axis 1 with plain scales and zeros (llmkd's HQQ students)")
         self.layer = layer
-        groups = layer.meta["shape"][0] * layer.meta["shape"][1] // meta["group_size"]
+        groups = meta["shape"][0] * meta["shape"][1] // meta["group_size"]
         codes = layer.unpack(dtype=torch.float32)[:groups]  # 3 bits pack ten to a word: rows past the groups pad
         self.register_buffer("codes", codes.to(torch.uint8))
         self.scale = torch.nn.Parameter(meta["scale"].float().clone())  # hqq quantises in inference mode
@@ -132,12 +132,8 @@ def _requantized(layer, delta: torch.Tensor):
 
 
 def _replace(model, kind, make) -> int:
-    """Each child of `model` of `kind` replaced by `make(child)`; how many."""
-    targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-               if isinstance(child, kind)]
-    for parent, name, child in targets:
-        setattr(parent, name, make(child))
-    return len(targets)
+    """Each module under `model` of `kind` replaced by `make(module)`; how many."""
+    return quantize.replace_children(model, lambda m: isinstance(m, kind), lambda _, m: make(m))
 
 
 def merge_requantized(student) -> torch.nn.Module:

@@ -86,14 +86,21 @@ def quantize_loaded(model, cfg: ModelConfig, compute_dtype: torch.dtype, device_
     return model
 
 
+def replace_children(model, select, make) -> int:
+    """Each module under `model` for which `select(module)` holds replaced, one at a time, by
+    `make(name, module)`; how many."""
+    targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+               if select(child)]
+    for parent, name, child in targets:
+        setattr(parent, name, make(name, child))
+    return len(targets)
+
+
 def _replace_decoder_linears(model, make, device):
     """Every linear layer of `model`'s decoder (not the output embedding) replaced by `make(name, layer)` on
     `device`, one at a time (the device never holds the 16-bit model); the rest moved there after."""
     head = model.get_output_embeddings()
-    targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-               if isinstance(child, torch.nn.Linear) and child is not head]
-    for parent, name, child in targets:
-        setattr(parent, name, make(name, child))
+    replace_children(model, lambda m: isinstance(m, torch.nn.Linear) and m is not head, make)
     model.to(device)  # what is not quantised: embeddings, norms, lm_head, rotary buffers
     model.hqq_quantized = True  # peft's prepare_model_for_kbit_training: no fp32 upcast, no re-quantisation
     return model
