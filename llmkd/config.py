@@ -10,7 +10,7 @@ A recipe is a YAML file of these sections (all optional; omitted keys take the d
     lora:         {r, alpha, dropout, target_modules}
     train:        {epochs, batch_size, grad_accum, optimizer, lr, ..., loss: {alpha, temperature, ...}}
     eval:         {split, start, limit, shots, batch_size, max_new_tokens, fidelity_*, backend}
-    sweep:        {quants, point_overrides}
+    sweep:        {quants, point_overrides, baseline: {name, overrides, point_overrides}}
 
 Validation is strict and up front: an unknown key, a wrong type or an out-of-range value is a
 one-line `LlmkdError` naming the file and the dotted key. Command-line overrides use the same dotted
@@ -318,21 +318,45 @@ POINT_SECTIONS = ("lora.", "train.")
 POINT_MODEL_KEYS = ("model.double_quant", "model.hqq_group_size", "model.compute_dtype", "model.quant_storage")
 
 
+def _point_keys(where: str, items: Sequence[str]) -> None:
+    for item in items:
+        key = item.partition("=")[0]
+        if not (key.startswith(POINT_SECTIONS) or key in POINT_MODEL_KEYS):
+            raise ValueError(f"{where}: {key!r} is not a setting a point may change (lora.*, train.*, "
+                             f"{', '.join(POINT_MODEL_KEYS)}); points share the teacher, data and evaluation")
+
+
+class BaselineConfig(Section):
+    name: str = Field("plain-kd", pattern=r"^[a-z0-9][a-z0-9-]*$")
+    """Names the baseline's column in sweep.md and its points' run folders (runs/<name>-<quant>-<baseline>/);
+    a sweep trains no baseline unless its recipe has a sweep.baseline section."""
+    overrides: list[str] = []
+    """Dotted `key=value` settings that turn the recipe's method into the baseline, e.g. `lora.init=default`."""
+    point_overrides: dict[Quant, list[str]] = {}
+    """Per point, applied after `overrides` (in place of sweep.point_overrides), e.g. `int8: [train.lr=2.5e-4]`."""
+
+    @model_validator(mode="after")
+    def _keys(self):
+        _point_keys("overrides", self.overrides)
+        for quant, items in self.point_overrides.items():
+            _point_keys(f"point_overrides.{quant}", items)
+        return self
+
+
 class SweepConfig(Section):
     quants: list[Quant] = Field(list(get_args(Quant)), min_length=1)
     """The points of `llmkd sweep`, one per student quantizer (`--quant` overrides)."""
     point_overrides: dict[Quant, list[str]] = {}
     """Per point, dotted `key=value` overrides of how its student is quantised and trained (lora.*,
     train.*, model.double_quant, hqq_group_size, compute_dtype, quant_storage), e.g. `int8: [train.lr=2.5e-4]`."""
+    baseline: Optional[BaselineConfig] = None
+    """A second student at every point, trained with these overrides on the same transfer set and scored
+    against the same base, so that sweep.md shows what the recipe's method adds at each bit width."""
 
     @model_validator(mode="after")
     def _point_keys(self):
         for quant, items in self.point_overrides.items():
-            for item in items:
-                key = item.partition("=")[0]
-                if not (key.startswith(POINT_SECTIONS) or key in POINT_MODEL_KEYS):
-                    raise ValueError(f"{quant}: {key!r} is not a setting a point may change (lora.*, train.*, "
-                                     f"{', '.join(POINT_MODEL_KEYS)}); points share the teacher, data and evaluation")
+            _point_keys(quant, items)
         return self
 
 
@@ -488,13 +512,23 @@ def apply_override(raw: dict, item: str, schema: type[BaseModel]) -> None:
             except yaml.YAMLError:
                 node[part] = text
             return
-        sub = field.annotation if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel) else None
+        sub = section_of(field.annotation)
         if sub is None:
             raise LlmkdError(f"override {key}: {'.'.join(parts[: i + 1])!r} is a value, not a section")
-        node = node.setdefault(part, {})
+        if node.get(part) is None:  # an optional section left out (sweep.baseline): its defaults
+            node[part] = {}
+        node = node[part]
         if not isinstance(node, dict):
             raise LlmkdError(f"override {key}: {'.'.join(parts[: i + 1])!r} is not a mapping in the recipe")
         model = sub
+
+
+def section_of(annotation) -> type[BaseModel] | None:
+    """The section a field holds, optional or not (`BaselineConfig` for `Optional[BaselineConfig]`)."""
+    for ann in (annotation, *get_args(annotation)):
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            return ann
+    return None
 
 
 def describe(error: ValidationError) -> str:
@@ -513,9 +547,9 @@ def field_docs(schema: type[BaseModel] = Recipe, prefix: str = "") -> list[tuple
     """(dotted key, description, default) for every leaf field: the reference `llmkd recipe --keys` prints."""
     rows = []
     for name, field in schema.model_fields.items():
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            rows += field_docs(ann, f"{prefix}{name}.")
+        sub = section_of(field.annotation)
+        if sub is not None:
+            rows += field_docs(sub, f"{prefix}{name}.")
         else:
             rows.append((f"{prefix}{name}", field.description or "", field.default))
     return rows

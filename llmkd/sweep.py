@@ -7,6 +7,10 @@ fidelity and generation agreement. A finished point records its settings and fig
 `runs/<name>-<quant>/sweep-point.json` and is reused while its settings stay the same; a killed
 point resumes its training from its newest checkpoint. The sweep's own outputs go to
 runs/<name>/sweep/: sweep.json, sweep.md and frontier.png.
+
+With `sweep.baseline`, every point trains a second student with the baseline's overrides (plain KD,
+say) on the same transfer set, run as `<name>-<quant>-<baseline>`, scored against the same base without
+scoring that base again: sweep.md then shows the recipe's gap closed beside the baseline's.
 """
 
 from __future__ import annotations
@@ -38,23 +42,29 @@ def parse_quants(text: str) -> list[str]:
     return list(dict.fromkeys(quants))
 
 
-def point_recipe(recipe: Recipe, quant: str) -> Recipe:
+def point_recipe(recipe: Recipe, quant: str, baseline: bool = False) -> Recipe:
     """The recipe of one point: its own name (so its own train/eval folders), the sweep's transfer set,
-    and its `sweep.point_overrides`. The point's recipe holds no sweep section: its settings are its own."""
+    and its `sweep.point_overrides`; with `baseline`, `sweep.baseline`'s overrides and point overrides
+    instead. The point's recipe holds no sweep section: its settings are its own."""
     raw = recipe.model_dump(exclude={"sweep"})
     raw["name"] = f"{recipe.name}-{quant}"
     raw["model"]["quant"] = quant
     raw["transfer_set"]["out"] = str(recipe.layout.transfer_set)
     raw["train"]["out"] = None
-    for item in recipe.sweep.point_overrides.get(quant, []):
+    where, items = "sweep.point_overrides", recipe.sweep.point_overrides.get(quant, [])
+    if baseline:
+        raw["name"] += f"-{recipe.sweep.baseline.name}"
+        where, items = "sweep.baseline", [*recipe.sweep.baseline.overrides,
+                                         *recipe.sweep.baseline.point_overrides.get(quant, [])]
+    for item in items:
         try:
             apply_override(raw, item, Recipe)
         except LlmkdError as e:
-            raise LlmkdError(f"sweep.point_overrides.{quant}: {e}") from None
+            raise LlmkdError(f"{where}.{quant}: {e}") from None
     try:
         return Recipe.model_validate(raw)
     except ValidationError as e:
-        raise LlmkdError(f"sweep.point_overrides.{quant}: {describe(e)}") from None
+        raise LlmkdError(f"{where}.{quant}: {describe(e)}") from None
 
 
 def dry_run(recipe: Recipe, quants: Sequence[str], processes: int = 1) -> str:
@@ -77,7 +87,10 @@ def run(recipe: Recipe, quants: Sequence[str], *, progress: bool = True, say: Ca
     if "llmkd" not in recipe.eval.fidelity_renderings:
         raise LlmkdError("eval.fidelity_renderings: a sweep compares points in-format, so it must include llmkd")
     out = recipe.layout.sweep
-    point_recipes = [point_recipe(recipe, q) for q in quants]  # a bad override fails before any work
+    baseline = recipe.sweep.baseline
+    # A bad override fails before any work.
+    point_recipes = [(point_recipe(recipe, q), point_recipe(recipe, q, baseline=True) if baseline else None)
+                     for q in quants]
     say(f"[sweep] transfer set -> {recipe.layout.transfer_set}")
     builder.build(recipe, progress=progress)
     teacher_eval = out / "teacher"
@@ -86,9 +99,13 @@ def run(recipe: Recipe, quants: Sequence[str], *, progress: bool = True, say: Ca
                            progress=progress, teacher_from=teacher_eval)
     points = []
     teacher_logits = TeacherLogits()  # every point is scored on the same held-out batches
-    for i, (q, point) in enumerate(zip(quants, point_recipes), 1):
+    for i, (q, (point, beside)) in enumerate(zip(quants, point_recipes), 1):
         say(f"[sweep {i}/{len(quants)}] {q}")
         points.append(run_point(point, teacher_eval, teacher_logits, progress=progress, say=say))
+        if beside is not None:
+            say(f"[sweep {i}/{len(quants)}] {q}, {baseline.name}")
+            figures = run_point(beside, teacher_eval, teacher_logits, progress=progress, say=say, base=points[-1])
+            points[-1] = points[-1] | {"baseline": figures | {"method": baseline.name}}
     teacher = _teacher_figures(recipe, teacher_run)
     lengths = [p["distilled"]["teacher_tokens_mean"] for p in points if "teacher_tokens_mean" in p["distilled"]]
     if lengths:  # the teacher's common prefix with itself is its whole output
@@ -117,7 +134,9 @@ def finished_point(point: Recipe) -> dict | None:
 
 
 def run_point(point: Recipe, teacher_eval: Path, teacher_logits: TeacherLogits, *, progress: bool,
-              say: Callable[[str], None]) -> dict:
+              say: Callable[[str], None], base: dict | None = None) -> dict:
+    """Train and score one point. With `base` (a baseline beside the point `base`), the quantised base
+    is not scored again: its figures are `base`'s, and the gaps closed are measured against them."""
     marker = point.layout.run / POINT_FILE
     settings = point.flat()
     done = finished_point(point)
@@ -128,10 +147,13 @@ def run_point(point: Recipe, teacher_eval: Path, teacher_logits: TeacherLogits, 
     trained = train.train(point, resume=resume, progress=progress)
     say("  " + train.summary_line(trained))
     start = time.perf_counter()
-    evaluation = run_eval(point, shots=point.eval.shots, tags=["teacher", "student", "distilled"],
-                          adapter=trained.adapter, with_fidelity=True, out_dir=point.layout.eval,
-                          progress=progress, teacher_from=teacher_eval, teacher_logits=teacher_logits)
-    figures = point_figures(point, evaluation, trained, time.perf_counter() - start)
+    evaluation = run_eval(point, shots=point.eval.shots, tags=["teacher", "distilled"] if base else
+                          ["teacher", "student", "distilled"], adapter=trained.adapter, with_fidelity=True,
+                          out_dir=point.layout.eval, progress=progress, teacher_from=teacher_eval,
+                          teacher_logits=teacher_logits)
+    figures = point_figures(point, evaluation, trained, time.perf_counter() - start, base=base and base["base"])
+    if base:  # the base's own figures stay in the point beside it
+        figures = {k: v for k, v in figures.items() if k not in ("base", "weight_bytes", "quantized_linear_bytes")}
     atomic.write_json(marker, {"settings": settings, "point": figures})
     return figures
 
@@ -156,16 +178,18 @@ def _model_figures(evaluation, tag: str) -> dict:
     return figures
 
 
-def point_figures(point: Recipe, evaluation, trained, eval_seconds: float) -> dict:
+def point_figures(point: Recipe, evaluation, trained, eval_seconds: float, base: dict | None = None) -> dict:
     q = quantize.quantizer(point.model)
     held = evaluation.student_quantization["weight_bytes"]
-    base, distilled = _model_figures(evaluation, "student"), _model_figures(evaluation, "distilled")
+    base = base or _model_figures(evaluation, "student")
+    distilled = _model_figures(evaluation, "distilled")
     agreement = next((g for g in evaluation.agreement if g.tag == "distilled"), None)
     return {
         "quant": q.name, "bits": q.bits, "name": point.name,
         "weight_bytes": held["total"], "quantized_linear_bytes": held["quantized_linears"],
         "load_seconds": evaluation.student_load_seconds,
         "train_tokens_per_s": trained.tokens_per_s, "train_seconds": trained.seconds, "eval_seconds": round(eval_seconds, 1),
+        "init_seconds": json.loads(point.layout.lora_init.read_text())["seconds"] if point.layout.lora_init.is_file() else 0.0,
         "base": base, "distilled": distilled,
         "gap_closed": 1 - distilled["kl"] / base["kl"] if base["kl"] > 0 else None,
         "gap_closed_off_format": 1 - distilled["kl_off_format"] / base["kl_off_format"]
@@ -195,19 +219,38 @@ def format_sweep(result: dict) -> str:
            f"on the held-out rows of {result['recipe']['data']['source']}")
         + "; generation: greedy outputs against the teacher's on the evaluation prompts.", "",
         "| quant | bits | MiB held | base KL | distilled KL | gap closed | off-format gap closed | base top-1 | "
-        "distilled top-1 | base gen prefix | distilled gen prefix | base exact | distilled exact | train tok/s |",
+        "distilled top-1 | base gen prefix | distilled gen prefix | base exact | distilled exact | train s |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for p in result["points"]:
         b, d = p["base"], p["distilled"]
-        gap = f"{100 * p['gap_closed']:.1f}%" if p["gap_closed"] is not None else "n/a"
-        off = f"{100 * p['gap_closed_off_format']:.1f}%" if p.get("gap_closed_off_format") is not None else "n/a"
         lines.append(
-            f"| {p['quant']} | {p['bits']} | {p['weight_bytes'] / 2**20:.0f} | {b['kl']:.4f} | {d['kl']:.4f} | {gap} | {off} | "
+            f"| {p['quant']} | {p['bits']} | {p['weight_bytes'] / 2**20:.0f} | {b['kl']:.4f} | {d['kl']:.4f} | "
+            f"{_share(p['gap_closed'])} | {_share(p.get('gap_closed_off_format'))} | "
             f"{100 * b['top1']:.1f}% | {100 * d['top1']:.1f}% | {b.get('gen_prefix_mean', float('nan')):.1f} | "
             f"{d.get('gen_prefix_mean', float('nan')):.1f} | {100 * b.get('gen_exact', 0):.0f}% | "
-            f"{100 * d.get('gen_exact', 0):.0f}% | {p['train_tokens_per_s']:.0f} |")
+            f"{100 * d.get('gen_exact', 0):.0f}% | {p.get('init_seconds', 0) + p['train_seconds']:.0f} |")
+    beside = [p for p in result["points"] if "baseline" in p]
+    if beside:
+        name = beside[0]["baseline"]["method"]
+        lines += ["", f"Beside it, `{name}` (sweep.baseline: {', '.join(result['recipe']['sweep']['baseline']['overrides'])})"
+                  " on the same transfer set, against the same base:", "",
+                  f"| quant | gap closed: recipe | {name} | off-format: recipe | {name} | distilled top-1: recipe | "
+                  f"{name} | gen prefix: recipe | {name} | train s: recipe | {name} |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for p in beside:
+            d, o = p["distilled"], p["baseline"]
+            lines.append(
+                f"| {p['quant']} | {_share(p['gap_closed'])} | {_share(o['gap_closed'])} | "
+                f"{_share(p.get('gap_closed_off_format'))} | {_share(o.get('gap_closed_off_format'))} | "
+                f"{100 * d['top1']:.1f}% | {100 * o['distilled']['top1']:.1f}% | "
+                f"{d.get('gen_prefix_mean', float('nan')):.1f} | {o['distilled'].get('gen_prefix_mean', float('nan')):.1f} | "
+                f"{p.get('init_seconds', 0) + p['train_seconds']:.0f} | {o.get('init_seconds', 0) + o['train_seconds']:.0f} |")
     return "\n".join(lines) + "\n"
+
+
+def _share(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
 def _plot(result: dict, path: Path) -> None:
@@ -230,6 +273,10 @@ def _plot(result: dict, path: Path) -> None:
             ax.scatter(xs, ys, marker=marker, label="PTQ base" if which == "base" else "distilled")
             for x, y, p in zip(xs, ys, points):
                 ax.annotate(p["quant"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        beside = [(x, p["baseline"]) for x, p in zip(xs, points) if "baseline" in p]
+        if beside:
+            ax.scatter([x for x, _ in beside], [b["distilled"][ykey] for _, b in beside], marker="^",
+                       label=f"distilled, {beside[0][1]['method']}")
         ax.axhline(teacher, color="grey", linestyle="--", linewidth=1)
         ax.text(ax.get_xlim()[0], teacher, " teacher", va="bottom", fontsize=8, color="grey")
         ax.set_xlabel(xlabel)

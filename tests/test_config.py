@@ -123,3 +123,27 @@ def test_a_sweep_point_takes_its_own_overrides_and_only_settings_a_point_may_cha
         point_recipe(load_recipe("recipes/smollm2-sweep.yaml", ["sweep.point_overrides={int8: [train.lr=-1]}"]), "int8")
     with pytest.raises(LlmkdError, match=r"sweep.point_overrides.hqq9"):
         load_recipe("recipes/smollm2-sweep.yaml", ["sweep.point_overrides={hqq9: [train.lr=1e-4]}"])
+
+
+def test_a_sweep_baseline_trains_beside_each_point_with_its_own_overrides_and_run_folder():
+    from llmkd.sweep import point_recipe
+
+    r = load_recipe("recipes/smollm2-sweep.yaml")
+    method, plain = point_recipe(r, "int8"), point_recipe(r, "int8", baseline=True)
+    assert (method.lora.init, method.train.lr, method.name) == ("activations", 2.5e-5, "smollm2-sweep-int8")
+    assert (plain.lora.init, plain.train.lr, plain.name) == ("default", 2.5e-4, "smollm2-sweep-int8-plain-kd")
+    assert point_recipe(r, "nf4", baseline=True).train.lr == 1e-3  # overrides, then no point override
+    assert plain.layout.transfer_set == method.layout.transfer_set and plain.layout.run != method.layout.run
+    # Everything else is the method's: the baseline differs in exactly the keys it overrides.
+    differ = {k for k, v in method.flat().items() if plain.flat()[k] != v}
+    assert differ == {"name", "lora.init", "train.lr"}, differ
+
+    with pytest.raises(LlmkdError, match=r"sweep.baseline: .*overrides: .eval.limit. is not a setting a point may change"):
+        load_recipe("recipes/smollm2-sweep.yaml", ["sweep.baseline.overrides=[eval.limit=3]"])
+    with pytest.raises(LlmkdError, match=r"sweep.baseline: .*point_overrides.hqq8: .model.quant. is not"):
+        load_recipe("recipes/smollm2-sweep.yaml", ["sweep.baseline.point_overrides={hqq8: [model.quant=nf4]}"])
+    with pytest.raises(LlmkdError, match=r"sweep.baseline.nf4: override lora.nit: unknown key"):
+        point_recipe(load_recipe("recipes/smollm2-sweep.yaml", ["sweep.baseline.overrides=[lora.nit=default]"]),
+                     "nf4", baseline=True)
+    with pytest.raises(LlmkdError, match=r"sweep.baseline.name"):
+        load_recipe("recipes/smollm2-sweep.yaml", ["sweep.baseline.name=Plain KD"])

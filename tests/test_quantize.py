@@ -142,7 +142,8 @@ def test_the_dry_run_plans_the_students_load_peak_and_evaluations_beside_the_tea
 
 
 def test_sweep_trains_and_scores_every_point_once_and_a_rerun_reuses_them(stand_in, tmp_path):
-    """`llmkd sweep` over nf4 and hqq4: HQQ LoRA trains on the CPU through the real trainer."""
+    """`llmkd sweep` over nf4 and hqq4: HQQ LoRA trains on the CPU through the real trainer, the
+    recipe's method (activation init) beside its plain-KD baseline, scored against one base."""
     import json
 
     from llmkd import sweep
@@ -151,6 +152,7 @@ def test_sweep_trains_and_scores_every_point_once_and_a_rerun_reuses_them(stand_
         f"model.name={stand_in}", "model.teacher_dtype=float32", "model.compute_dtype=float32",
         "transfer_set.start=746", "transfer_set.count=4", "transfer_set.batch_size=4", f"transfer_set.out={tmp_path / 'set'}",
         "train.batch_size=4", "train.max_steps=2", "train.warmup_steps=0", "train.checkpoint_every=1",
+        "lora.init_steps=2", "lora.init_tokens=512", "lora.init_batch=2",
         "eval.limit=2", "eval.batch_size=2", "eval.max_new_tokens=4", "eval.fidelity_count=2",
     ])
     said = []
@@ -163,6 +165,17 @@ def test_sweep_trains_and_scores_every_point_once_and_a_rerun_reuses_them(stand_
         assert {"kl", "top1", "gen_prefix_mean", "gen_exact"} <= p["base"].keys() and p["weight_bytes"] > 0
         assert (tmp_path / "runs" / p["name"] / "train" / "adapter" / "adapter_config.json").is_file()
     assert result["teacher"]["kl"] == 0.0 and {"recipe", "teacher", "points"} <= result.keys()
+    for p in result["points"]:  # the baseline: trained without the init, scored against the point's base
+        plain = p["baseline"]
+        assert plain["name"] == p["name"] + "-plain-kd" and plain["method"] == "plain-kd" and "base" not in plain
+        assert p["init_seconds"] > 0 and plain["init_seconds"] == 0.0
+        assert plain["gap_closed"] == pytest.approx(1 - plain["distilled"]["kl"] / p["base"]["kl"])
+        assert plain["distilled"]["kl"] not in (p["base"]["kl"], p["distilled"]["kl"])
+        assert not (tmp_path / "runs" / plain["name"] / "eval" / "student-0shot").exists()  # the base scored once
+        assert (tmp_path / "runs" / p["name"] / "eval" / "student-0shot").is_dir()
+    table = path.read_text()
+    assert "Beside it, `plain-kd` (sweep.baseline: lora.init=default, train.lr=1.0e-3)" in table
+    assert f"| hqq4 | {100 * result['points'][1]['gap_closed']:.1f}% | {100 * plain['gap_closed']:.1f}% |" in table
     hqq = sweep.point_recipe(recipe, "hqq4")
     losses = [json.loads(line)["loss"] for line in hqq.layout.metrics.read_text().splitlines()]
     trained = json.loads(hqq.layout.train_summary.read_text())
@@ -179,7 +192,7 @@ def test_sweep_trains_and_scores_every_point_once_and_a_rerun_reuses_them(stand_
 
     said.clear()
     sweep.run(recipe, ["nf4", "hqq4"], progress=False, say=said.append)
-    assert sum("finished earlier" in s for s in said) == 2, said
+    assert sum("finished earlier" in s for s in said) == 4, said
     assert json.loads((path.parent / "sweep.json").read_text())["points"] == result["points"]
 
 
