@@ -1,6 +1,6 @@
 """The adapter merged into its quantised student: what merging keeps, and what recovery wins back.
 
-    python benchmarks/bench_merged.py runs/smollm2-gguf-q4_0           # a finished GGUF or HQQ run
+    python benchmarks/bench_merged.py runs/smollm2-gguf-q4_0           # a finished GGUF, nf4/fp4 or HQQ run
     python benchmarks/bench_merged.py runs/smollm2-hqq4 --check 32 --steps 64 --lr 1e-5
 
 Four models on the run's first `--check` held-out fidelity rows, scored by llmkd's evaluator against
@@ -9,12 +9,13 @@ the teacher (KL and top-1, `llmkd.export.score_rows`):
   base          the quantised student, no adapter
   distilled     base + the run's adapter, unmerged
   requantized   the adapter merged into the weights, quantised again by the same quantizer
-  recovered     requantized, then its continuous parameters (GGUF block scales, HQQ group scales and
-                zeros) trained `--steps` steps against the transfer set, codes fixed (`llmkd.merge`)
+  recovered     requantized, then its continuous parameters (GGUF block scales, bitsandbytes block
+                absmax, HQQ group scales and zeros) trained `--steps` steps against the transfer set,
+                codes fixed (`llmkd.merge`)
 
-and the share of the adapter's gain (the base's KL gap closed) that each merged model keeps. For GGUF
-students `llmkd export --to merged` ships the recovered model and checks it in llama.cpp; this script
-measures the merge for any quantizer llmkd merges.
+and the share of the adapter's gain (the base's KL gap closed) that each merged model keeps. For GGUF,
+nf4 and fp4 students `llmkd export --to merged` ships the recovered model and checks it in its engine;
+this script measures the merge for any quantizer llmkd merges.
 """
 
 from __future__ import annotations
@@ -31,14 +32,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def make_parser() -> argparse.ArgumentParser:
-    from llmkd import merge
+    from llmkd.config import RECOVERY_LR, RECOVERY_STEPS
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run", help="a finished run folder (runs/<name>) of a GGUF or HQQ student")
+    parser.add_argument("run", help="a finished run folder (runs/<name>) of a GGUF, nf4/fp4 or HQQ student")
     parser.add_argument("--check", type=int, default=32, help="held-out rows scored (default 32)")
-    parser.add_argument("--steps", type=int, default=merge.RECOVERY_STEPS,
-                        help=f"recovery steps (default {merge.RECOVERY_STEPS})")
-    parser.add_argument("--lr", type=float, default=merge.RECOVERY_LR, help=f"recovery lr (default {merge.RECOVERY_LR:g})")
+    parser.add_argument("--steps", type=int, default=RECOVERY_STEPS, help=f"recovery steps (default {RECOVERY_STEPS})")
+    parser.add_argument("--lr", type=float, default=None,
+                        help=f"recovery lr (default {RECOVERY_LR['scales']:g}; {RECOVERY_LR['absmax']:g} for nf4, fp4)")
     return parser
 
 

@@ -313,6 +313,18 @@ class EvalConfig(Section):
         return self
 
 
+# `llmkd export --to merged`: the quantizer's scales trained after merging (llmkd/merge.py). Settings of
+# the export command, not of a recipe: one export of a run may try several.
+RECOVERY_STEPS = 64  # optimizer steps of the scales' training, at the recipe's batch size
+# Adam's steps are in weight units: 1e-5 is ~0.1% a step of a GGUF block scale or an HQQ group scale
+# (about max|w| / 8, ~1e-2); bitsandbytes' block absmax is max|w| itself (rates: benchmarks/results.md).
+RECOVERY_LR = {"scales": 1e-5, "absmax": 3e-4}
+
+
+def recovery_lr(quant: str) -> float:
+    """`--to merged`'s default recovery learning rate for a student of `quant`."""
+    return RECOVERY_LR["absmax" if quant in ("nf4", "fp4") else "scales"]
+
 # What a sweep point may change: how its student is quantised and trained, never what it is compared on.
 POINT_SECTIONS = ("lora.", "train.")
 POINT_MODEL_KEYS = ("model.double_quant", "model.hqq_group_size", "model.compute_dtype", "model.quant_storage")

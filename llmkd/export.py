@@ -19,9 +19,11 @@
     adapter.gguf                     the adapter as llama.cpp's LoRA file (`--lora`), applied at run time
     README.md, export.json           the model card and the figures of the fidelity gate
 
-`--to merged` (GGUF students) writes one model.gguf with no adapter, at the base's size: the adapter
-merged, the blocks quantised again, their scales recovered against the teacher (`llmkd.merge`), with
-README.md and export.json holding base, adapter, merged and recovered figures.
+`--to merged` writes one model with no adapter, at the base's size: the adapter merged, the weights
+quantised again, the format's scales recovered against the teacher (`llmkd.merge`), with README.md and
+export.json holding base, adapter, merged and recovered figures. GGUF students: one model.gguf, gated in
+llama.cpp; nf4 and fp4 students: one bitsandbytes checkpoint (config.json, model.safetensors, tokenizer,
+generation_config.json), gated in transformers beside the base.
 
 The fidelity gate: before anything is published, a fresh Python process loads the folder with plain
 transformers + peft (`llmkd/export_check.py`, which imports nothing of llmkd), scores held-out KL to the
@@ -50,7 +52,7 @@ from pathlib import Path
 import torch
 
 from llmkd import atomic, fastpath, models
-from llmkd.config import Recipe, load_recipe
+from llmkd.config import RECOVERY_STEPS, Recipe, load_recipe, recovery_lr
 from llmkd.data import prompts, sources
 from llmkd.errors import LlmkdError
 from llmkd.provenance import provenance
@@ -65,6 +67,7 @@ TOLERANCE = {"transformers": {"kl_relative": 0.02, "kl_absolute": 1e-4, "top1_po
              # exact: max |log p(response token)| difference, F32 llama.cpp against llmkd's fp32 forward;
              # gap_closed_points: the adapter's share of the base's KL closed, llama.cpp against llmkd
              "gguf": {"exact_logprob": 1e-3, "gap_closed_points": 5.0}}
+MERGED_BNB = ("nf4", "fp4")  # bitsandbytes students whose block absmax recovery trains (llmkd.merge.ScaledAbsmax)
 GENERATED_ROWS = 8  # of the --check rows, those whose prompts both sides also complete (one at a time: slow on CPU)
 
 
@@ -90,6 +93,11 @@ def recipe_of(reference: list[str]) -> Recipe:
 
 
 def default_format(recipe: Recipe) -> str:
+    return engine_of(recipe)
+
+
+def engine_of(recipe: Recipe) -> str:
+    """The engine that serves the student's format, and whose TOLERANCE gates it: transformers or gguf (llama.cpp)."""
     return "gguf" if recipe.model.quant.startswith("gguf-") else "transformers"
 
 
@@ -103,11 +111,11 @@ def check_exportable(recipe: Recipe, to: str) -> Path:
                          "lose the adapter's correction; train model.quant=gguf-q4_0 (or gguf-q4_1, q5_0, q5_1, q8_0)")
     if to == "transformers" and gguf_student:
         raise LlmkdError(f"model.quant {recipe.model.quant}: a GGUF student goes to llama.cpp; export --to gguf")
-    if to == "merged" and not gguf_student:
+    if to == "merged" and not (gguf_student or recipe.model.quant in MERGED_BNB):
         instead = ("benchmarks/bench_merged.py measures an HQQ student's merge, which no engine here loads"
                    if recipe.model.quant.startswith("hqq") else "export --to transformers, which keeps the adapter unmerged")
-        raise LlmkdError(f"--to merged: llmkd ships merged GGUF students (model.quant gguf-q4_0 etc.), not "
-                         f"{recipe.model.quant}; {instead}")
+        raise LlmkdError(f"--to merged: llmkd ships merged GGUF students (model.quant gguf-q4_0 etc.) and merged "
+                         f"{' and '.join(MERGED_BNB)} students, not {recipe.model.quant}; {instead}")
     if recipe.model.quant.startswith("hqq"):
         raise LlmkdError(f"model.quant {recipe.model.quant}: HQQ students do not export to transformers' "
                          "bitsandbytes format; train model.quant=nf4 (or fp4, int8) to export --to transformers")
@@ -155,7 +163,6 @@ def ours(recipe: Recipe, adapter: Path, rows: list[dict], teacher=None) -> dict:
     one row at a time as the engine side runs them), and their greedy outputs on the first GENERATED_ROWS
     prompts. `teacher`: one already loaded, else loaded here."""
     from llmkd.fidelity import adapter_off
-    from llmkd.generation import generate_ids
 
     teacher = teacher if teacher is not None else models.load_teacher(recipe.model)
     student = models.load_student(recipe.model, adapter=adapter)
@@ -166,13 +173,20 @@ def ours(recipe: Recipe, adapter: Path, rows: list[dict], teacher=None) -> dict:
         figures = score_rows(recipe, teacher, student, tokenizer, rows, ["student", "distilled"])
         for tag, shown in figures.items():
             with adapter_off(student, tag):
-                done, _ = generate_ids(student, tokenizer, [r["input_ids"][: r["start"]] for r in rows[:GENERATED_ROWS]],
-                                       batch_size=1, max_new_tokens=recipe.eval.max_new_tokens,
-                                       stop_strings=sources.stop_strings(recipe.data), progress=False, share_prefix=False)
-            shown["outputs"] = [c.text for c in done]
+                shown["outputs"] = greedy_outputs(recipe, student, tokenizer, rows)
     del teacher, student
     models.release_memory()
     return figures
+
+
+def greedy_outputs(recipe: Recipe, model, tokenizer, rows: list[dict]) -> list[str]:
+    """`model`'s greedy completions of the first GENERATED_ROWS prompts, one at a time as the engines run them."""
+    from llmkd.generation import generate_ids
+
+    done, _ = generate_ids(model, tokenizer, [r["input_ids"][: r["start"]] for r in rows[:GENERATED_ROWS]],
+                           batch_size=1, max_new_tokens=recipe.eval.max_new_tokens,
+                           stop_strings=sources.stop_strings(recipe.data), progress=False, share_prefix=False)
+    return [c.text for c in done]
 
 
 def score_rows(recipe: Recipe, teacher, model, tokenizer, rows: list[dict], tags: list[str]) -> dict:
@@ -241,7 +255,7 @@ def export(recipe: Recipe, *, to: str | None = None, out: str | Path, check: int
            gguf_metadata: str | Path | None = None, recovery_steps: int | None = None,
            recovery_lr: float | None = None, say=print) -> Path:
     """Write, check and publish the export of `recipe`'s run (module docstring); returns the folder.
-    `recovery_steps`, `recovery_lr`: `--to merged`'s recovery (default merge.RECOVERY_STEPS, RECOVERY_LR)."""
+    `recovery_steps`, `recovery_lr`: `--to merged`'s recovery (default config.RECOVERY_STEPS, recovery_lr)."""
     if check <= 0:
         raise LlmkdError(f"--check must be > 0, got {check}")
     to = to or default_format(recipe)
@@ -251,7 +265,7 @@ def export(recipe: Recipe, *, to: str | None = None, out: str | Path, check: int
         if value is not None and not value > 0:
             raise LlmkdError(f"{flag} must be > 0, got {value}")
     adapter = check_exportable(recipe, to)
-    metadata = metadata_source(recipe, gguf_metadata) if to in ("gguf", "merged") else None
+    metadata = metadata_source(recipe, gguf_metadata) if engine_of(recipe) == "gguf" else None
     out = Path(out)
     identity = _identity(recipe, adapter, to)
     _claim(out, identity)
@@ -259,6 +273,8 @@ def export(recipe: Recipe, *, to: str | None = None, out: str | Path, check: int
     rows = held_out_rows(recipe, tokenizer, check)
     if to == "gguf":
         return _export_gguf(recipe, adapter, out, rows, metadata, identity, say)
+    if to == "merged" and engine_of(recipe) == "transformers":
+        return _export_merged_transformers(recipe, adapter, out, rows, identity, recovery_steps, recovery_lr, say)
     if to == "merged":
         return _export_merged(recipe, adapter, out, rows, metadata, identity, recovery_steps, recovery_lr, say)
     tmp = atomic.temporary_dir(out)
@@ -290,7 +306,7 @@ def _publish(tmp: Path, out: Path, recipe: Recipe, identity: dict, rows: list[di
     """`tmp` becomes `out` in one rename, with its record (`export.json`: the identity, the gate's tolerance
     and `figures`, and the files' sizes if `files`) and its model card `card(recipe, record)`; returns the record."""
     to = identity["format"]
-    tolerance = TOLERANCE["transformers" if to == "transformers" else "gguf"]
+    tolerance = TOLERANCE[engine_of(recipe)]
     record = {"identity": identity, "format": to, "rows": len(rows), "tolerance": tolerance, **figures,
               "seconds": round(time.perf_counter() - t0, 1)}
     if files:
@@ -374,7 +390,7 @@ def _export_merged(recipe: Recipe, adapter: Path, out: Path, rows: list[dict], m
     from llmkd import export_gguf, merge, quantize
 
     qtype = quantize.quantizer(recipe.model).ggml_type
-    steps, lr = steps or merge.RECOVERY_STEPS, lr or merge.RECOVERY_LR
+    steps, lr = steps or RECOVERY_STEPS, lr or recovery_lr(recipe.model.quant)
     tmp, check_dir = atomic.temporary_dir(out), atomic.temporary_dir(out.parent / f".{out.name}.check")
     try:
         t0 = time.perf_counter()
@@ -390,11 +406,8 @@ def _export_merged(recipe: Recipe, adapter: Path, out: Path, rows: list[dict], m
         export_gguf.write_base(recovered, tmp / "model.gguf", metadata, qtype, chat_template=template)
         say(f"[2/3] scoring {len(rows)} held-out rows: base, adapter, merged, merged + recovered in llmkd; "
             "base and merged in llama.cpp")
-        teacher = models.load_teacher(recipe.model)
-        figures = ours(recipe, adapter, rows, teacher)
-        figures["requantized"] = score_rows(recipe, teacher, requantized, tokenizer, rows, ["merged"])["merged"]
-        figures["merged"] = score_rows(recipe, teacher, recovered, tokenizer, rows, ["merged"])["merged"]
-        del teacher, requantized
+        figures = _merged_figures(recipe, adapter, rows, tokenizer, requantized, recovered)
+        del requantized
         exact = response_logprobs(_in_fp32(recovered), rows)
         export_gguf.write_base(recovered, check_dir / "exact.gguf", metadata, qtype, chat_template=template, f32=True)
         del recovered
@@ -405,20 +418,84 @@ def _export_merged(recipe: Recipe, adapter: Path, out: Path, rows: list[dict], m
                                        "--max-new-tokens", str(recipe.eval.max_new_tokens)))
         gated = {"student": figures["student"], "distilled": dict(figures["merged"])}
         _passed(gate_gguf(gated, exact, engine_figures, sources.stop_strings(recipe.data)), TOLERANCE["gguf"])
-        closed = {tag: gap_closed({"student": figures["student"], "distilled": figures[tag]})
-                  for tag in ("distilled", "requantized", "merged")}
-        record = _publish(tmp, out, recipe, identity, rows, t0, merged_model_card, files=True, llmkd=figures,
-                          gap_closed=closed, adapter_gain_kept=closed["merged"] / closed["distilled"],
-                          recovery={"steps": recovery.steps, "lr": recovery.lr, "seconds": round(recovery.seconds, 1),
-                                    "losses": recovery.losses},
-                          engine=engine_figures)
-        say(f"[3/3] the gate passed: merged + recovered keeps {100 * record['adapter_gain_kept']:.0f}% of the adapter's "
-            f"gain in llmkd (re-quantized only: {100 * closed['requantized'] / closed['distilled']:.0f}%); in llama.cpp "
-            f"KL {engine_figures['student']['kl']:.4f} -> {engine_figures['distilled']['kl']:.4f}")
+        _publish_merged(tmp, out, recipe, identity, rows, t0, figures, recovery, engine_figures, "llama.cpp", say)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(check_dir, ignore_errors=True)
     return out
+
+
+def _export_merged_transformers(recipe: Recipe, adapter: Path, out: Path, rows: list[dict], identity: dict,
+                                steps: int | None, lr: float | None, say) -> Path:
+    """`--to merged` (bitsandbytes nf4 and fp4 students): one quantised checkpoint with no adapter, the
+    adapter merged and each block's absmax recovered (llmkd/merge.py), gated in transformers against the
+    base as `--to transformers` gates the adapter, then published."""
+    from llmkd import merge
+
+    steps, lr = steps or RECOVERY_STEPS, lr or recovery_lr(recipe.model.quant)
+    tmp, base_dir = atomic.temporary_dir(out), atomic.temporary_dir(out.parent / f".{out.name}.base")
+    try:
+        t0 = time.perf_counter()
+        tokenizer = models.load_tokenizer(recipe.model)
+        say(f"[1/3] merging the adapter into the {recipe.model.quant} weights, quantizing again, recovering the "
+            f"block absmax ({steps} steps, lr {lr:g}) -> {out}")
+        _write_folder(base_dir, recipe, None, tokenizer)  # the engine's reference: the base as trained against
+        requantized, recovered, recovery = merge.merged_students(recipe, adapter, tokenizer, steps=steps, lr=lr)
+        say(recovery.line())
+        # Written before anything runs it: bitsandbytes' CPU inference repacks the weights at the first forward.
+        recovered.save_pretrained(tmp)
+        _write_tokenizer_and_decoding(tmp, recipe, tokenizer)
+        say(f"[2/3] scoring {len(rows)} held-out rows: base, adapter, merged, merged + recovered in llmkd; "
+            "base and merged in a fresh process in transformers")
+        figures = _merged_figures(recipe, adapter, rows, tokenizer, requantized, recovered)
+        figures["merged"]["outputs"] = greedy_outputs(recipe, recovered, tokenizer, rows)
+        del requantized, recovered
+        models.release_memory()
+        engine_figures = engine(tmp, recipe, rows, extra=("--export", str(tmp), "--base", str(base_dir)),
+                                name="plain transformers")
+        gated = {"student": figures["student"], "distilled": figures["merged"]}
+        _passed(gate("transformers", gated, engine_figures, sources.stop_strings(recipe.data)), TOLERANCE["transformers"])
+        _publish_merged(tmp, out, recipe, identity, rows, t0, figures, recovery, engine_figures, "transformers", say,
+                        weight_bytes={"base": _weight_bytes(base_dir), "merged": _weight_bytes(tmp)})
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(base_dir, ignore_errors=True)
+    return out
+
+
+def _merged_figures(recipe: Recipe, adapter: Path, rows: list[dict], tokenizer, requantized, recovered) -> dict:
+    """llmkd's figures of the four models: base and distilled (`ours`), merged and quantized again, recovered."""
+    teacher = models.load_teacher(recipe.model)
+    figures = ours(recipe, adapter, rows, teacher)
+    figures["requantized"] = score_rows(recipe, teacher, requantized, tokenizer, rows, ["merged"])["merged"]
+    figures["merged"] = score_rows(recipe, teacher, recovered, tokenizer, rows, ["merged"])["merged"]
+    return figures
+
+
+def _publish_merged(tmp: Path, out: Path, recipe: Recipe, identity: dict, rows: list[dict], t0: float, figures: dict,
+                    recovery, engine_figures: dict, engine_name: str, say, **more) -> None:
+    closed = {tag: gap_closed({"student": figures["student"], "distilled": figures[tag]})
+              for tag in ("distilled", "requantized", "merged")}
+    record = _publish(tmp, out, recipe, identity, rows, t0, merged_model_card, files=True, llmkd=figures,
+                      gap_closed=closed, adapter_gain_kept=closed["merged"] / closed["distilled"],
+                      recovery={"steps": recovery.steps, "lr": recovery.lr, "seconds": round(recovery.seconds, 1),
+                                "losses": recovery.losses},
+                      engine=engine_figures, **more)
+    say(f"[3/3] the gate passed: merged + recovered keeps {100 * record['adapter_gain_kept']:.0f}% of the adapter's "
+        f"gain in llmkd (re-quantized only: {100 * closed['requantized'] / closed['distilled']:.0f}%); in {engine_name} "
+        f"KL {engine_figures['student']['kl']:.4f} -> {engine_figures['distilled']['kl']:.4f}")
+
+
+def _weight_bytes(folder: Path) -> int:
+    """Bytes of the tensors in `folder`'s safetensors files, less bitsandbytes' quant-state records: those
+    are JSON text in a uint8 tensor, whose length follows the digits of the nested absmax's mean."""
+    total = 0
+    for path in sorted(folder.glob("*.safetensors")):
+        with path.open("rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        total += sum(end - start for key, entry in header.items() if key != "__metadata__"
+                     and ".quant_state.bitsandbytes__" not in key for start, end in [entry["data_offsets"]])
+    return total
 
 
 @torch.no_grad()
@@ -462,16 +539,23 @@ def gate_gguf(llmkd_figures: dict, exact: list[list[float]], engine_figures: dic
     return problems
 
 
-def _write_folder(folder: Path, recipe: Recipe, adapter: Path, tokenizer) -> None:
-    from transformers import GenerationConfig
-
-    student = models.load_student(recipe.model)  # the base exactly as llmkd quantises it for training
+def _write_folder(folder: Path, recipe: Recipe, adapter: Path | None, tokenizer) -> None:
+    """The base exactly as llmkd quantises it for training, the adapter (unless None) in adapter/, the
+    tokenizer and llmkd's decoding."""
+    student = models.load_student(recipe.model)
     student.save_pretrained(folder)
     del student
     models.release_memory()
-    (folder / "adapter").mkdir()
-    for name in ("adapter_config.json", "adapter_model.safetensors"):
-        shutil.copy2(adapter / name, folder / "adapter" / name)
+    if adapter is not None:
+        (folder / "adapter").mkdir()
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            shutil.copy2(adapter / name, folder / "adapter" / name)
+    _write_tokenizer_and_decoding(folder, recipe, tokenizer)
+
+
+def _write_tokenizer_and_decoding(folder: Path, recipe: Recipe, tokenizer) -> None:
+    from transformers import GenerationConfig
+
     tokenizer.save_pretrained(folder)
     eos = tokenizer.eos_token_id
     GenerationConfig(do_sample=False, max_new_tokens=recipe.eval.max_new_tokens, eos_token_id=eos,
@@ -559,26 +643,55 @@ Tolerance of the gate: {record['tolerance']}.
 
 def merged_model_card(recipe: Recipe, record: dict) -> str:
     e, o, closed = record["engine"], record["llmkd"], record["gap_closed"]
-    q = recipe.model.quant.removeprefix("gguf-").upper()
+    gguf = engine_of(recipe) == "gguf"
+    q = recipe.model.quant.removeprefix("gguf-").upper() if gguf else recipe.model.quant
     r = record["recovery"]
+    what = "block scales" if gguf else "block absmax"
     rows = "\n".join(
         f"| {label} | {o[tag]['kl']:.4f} | {100 * o[tag]['top1_agreement']:.1f}% | "
         f"{'' if tag == 'student' else f'{100 * closed[tag]:.1f}%'} |"
         for tag, label in (("student", f"base ({q})"), ("distilled", "base + adapter (unmerged)"),
                            ("requantized", f"adapter merged, quantized again to {q}"),
-                           ("merged", "merged + block scales recovered: this file")))
-    return f"""# {recipe.name}: {recipe.model.name}, distilled into one {q} file, for llama.cpp
+                           ("merged", f"merged + {what} recovered: this {'file' if gguf else 'folder'}")))
+    if gguf:
+        head = f"""# {recipe.name}: {recipe.model.name}, distilled into one {q} file, for llama.cpp
 
 `model.gguf` holds no adapter and has the base's exact size: the distilled adapter was merged into the
-weights, which were quantized again to {q}, and then each block's scale was trained against the teacher
-for {r['steps']} steps (lr {r['lr']:g}) with the quantized codes fixed, to win back what the re-rounding lost.
-Trained on {recipe.data.source}.
-
-## Run it
+weights, which were quantized again to {q}, and then each block's scale was trained against the teacher"""
+        run = """## Run it
 
     llama-cli -m model.gguf
     llama-server -m model.gguf --port 8080
-    printf 'FROM ./model.gguf\\n' > Modelfile && ollama create distilled -f Modelfile
+    printf 'FROM ./model.gguf\\n' > Modelfile && ollama create distilled -f Modelfile"""
+        engine = (f"In llama.cpp (llama-cpp-python), the base scores KL {e['student']['kl']:.4f} and this file "
+                  f"{e['distilled']['kl']:.4f} ({100 * e['gap_closed']:.1f}% of the gap closed); an all-F32 copy of this "
+                  f"file matched llmkd's fp32 forward to {e['distilled_f32']['max_logprob_difference']:.1e} in every "
+                  "response token's log-probability.")
+    else:
+        b = record["weight_bytes"]
+        head = f"""# {recipe.name}: {recipe.model.name}, distilled into one {q} checkpoint, for transformers and vLLM
+
+This folder holds no adapter, and its tensors take the base's bytes ({b['merged']:,} of them): the
+distilled adapter was merged into the weights, which bitsandbytes quantized again to {q}, and then each
+block's absmax was trained against the teacher"""
+        run = """## Load it
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("DIR")  # bitsandbytes' quantization config is in config.json
+tokenizer = AutoTokenizer.from_pretrained("DIR")     # generation_config.json holds llmkd's greedy decoding
+```
+
+Served by vLLM as a pre-quantized bitsandbytes checkpoint: `vllm serve DIR --quantization bitsandbytes`."""
+        engine = (f"Loaded in a fresh process by plain transformers, the base scores KL {e['student']['kl']:.4f} and this "
+                  f"folder {e['distilled']['kl']:.4f}; its greedy outputs are llmkd's on "
+                  f"{100 * e['distilled']['same_output_as_llmkd']:.0f}% of {len(e['distilled']['outputs'])} prompts.")
+    return f"""{head}
+for {r['steps']} steps (lr {r['lr']:g}) with the quantized codes fixed, to win back what the re-rounding lost.
+Trained on {recipe.data.source}.
+
+{run}
 
 ## Measured at export
 
@@ -588,8 +701,6 @@ On {record['rows']} held-out rows, teacher-forced, per response token against th
 |---|---:|---:|---:|
 {rows}
 
-This file keeps {100 * record['adapter_gain_kept']:.0f}% of the adapter's share of the gap. In llama.cpp (llama-cpp-python),
-the base scores KL {e['student']['kl']:.4f} and this file {e['distilled']['kl']:.4f} ({100 * e['gap_closed']:.1f}% of the gap closed);
-an all-F32 copy of this file matched llmkd's fp32 forward to {e['distilled_f32']['max_logprob_difference']:.1e} in every
-response token's log-probability. Tolerance of the gate: {record['tolerance']}.
+This {'file' if gguf else 'folder'} keeps {100 * record['adapter_gain_kept']:.0f}% of the adapter's share of the gap. {engine}
+Tolerance of the gate: {record['tolerance']}.
 """

@@ -2,12 +2,14 @@
 its GGUF files by llama.cpp (llama-cpp-python).
 
     python export_check.py --export DIR --teacher TEACHER_DIR --teacher-dtype float32 --rows rows.json --out out.json
+    python export_check.py --export MERGED_DIR --base BASE_DIR --teacher ... --rows ... --out ...
     python export_check.py --engine llama.cpp --base B.gguf --distilled D.gguf [--distilled-lora L.gguf]
                            --exact E.gguf [--exact-lora EL.gguf] --max-new-tokens 256 --teacher ... --rows ... --out ...
 
 Run by `llmkd export` in a fresh process, and it imports nothing of llmkd: it loads the folder exactly as a
 user would (`AutoModelForCausalLM.from_pretrained(DIR)` with the quantization config saved there, then
-`PeftModel.from_pretrained(model, DIR/adapter)`), and the 16-bit teacher from its folder. `rows.json`:
+`PeftModel.from_pretrained(model, DIR/adapter)`; a merged folder has no adapter and is scored beside
+`--base`, the base's folder), and the 16-bit teacher from its folder. `rows.json`:
 [{"input_ids": [...], "start": s, "generate": bool}, ...], the response starting at token s. Writes, for the base (adapter
 disabled) and the distilled student: the mean per response token of KL(teacher || model) over the full
 vocabulary, top-1 agreement with the teacher, the tokens counted, and the greedy output on the prompt of
@@ -110,7 +112,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--engine", choices=["transformers", "llama.cpp"], default="transformers")
     for name in ("base", "distilled", "distilled-lora", "exact", "exact-lora"):
-        p.add_argument(f"--{name}", help=f"llama.cpp: the {name.replace('-', ' ')} GGUF file")
+        p.add_argument(f"--{name}", help=f"llama.cpp: the {name.replace('-', ' ')} GGUF file"
+                       + ("; transformers: the base's folder, scored beside a merged --export folder" if name == "base" else ""))
     p.add_argument("--max-new-tokens", type=int, default=256, help="llama.cpp: greedy outputs' length limit")
     args = p.parse_args(argv)
 
@@ -133,9 +136,19 @@ def main(argv=None) -> int:
     from peft import PeftModel
     from transformers import AutoTokenizer, GenerationConfig
 
+    tokenizer, config = AutoTokenizer.from_pretrained(args.export), GenerationConfig.from_pretrained(args.export)
+    if args.base:  # a merged folder (no adapter), scored beside the base's own folder
+        figures = {}
+        for tag, folder in (("student", args.base), ("distilled", args.export)):
+            model = AutoModelForCausalLM.from_pretrained(folder, device_map={"": "cpu"}).eval()
+            figures[tag] = compare(reference, logits_at_responses(model, rows))
+            figures[tag]["outputs"] = outputs(model, tokenizer, config, rows)
+            del model
+        with open(args.out, "w") as f:
+            json.dump(figures, f)
+        return 0
     base = AutoModelForCausalLM.from_pretrained(args.export, device_map={"": "cpu"})
     student = PeftModel.from_pretrained(base, f"{args.export}/adapter").eval()
-    tokenizer, config = AutoTokenizer.from_pretrained(args.export), GenerationConfig.from_pretrained(args.export)
     distilled = compare(reference, logits_at_responses(student, rows))
     distilled["outputs"] = outputs(student, tokenizer, config, rows)
     with student.disable_adapter():

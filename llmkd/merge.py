@@ -1,15 +1,16 @@
 """The adapter merged into a quantised student, and its gain won back: `llmkd export --to merged` (GGUF
-students) and `benchmarks/merged.py` (GGUF and HQQ students).
+students) and `benchmarks/bench_merged.py` (GGUF, bitsandbytes 4-bit and HQQ students).
 
 Merging a LoRA into quantised weights means quantising them again: each layer's weight as the engine
 multiplies with it, plus the adapter's delta (peft's `get_delta_weight`), goes through the layer's own
-quantizer (the same GGUF block type; HQQ with the same bits and group size). For llmkd's students the
-delta is smaller than one quantisation step, so most of it rounds off. Recovery then trains what stays
-continuous in the format against the teacher's cached targets, the integer codes fixed (EfficientQAT's
-end-to-end stage): each GGUF block's fp16 scale d (and min m for q4_1 and q5_1), each HQQ group's scale
-and zero. The forward uses them as they will be stored (a straight-through rounding to fp16, or to the
-HQQ compute dtype), so what trains is what ships. The result is one model with no adapter, at the
-base's exact size in bytes.
+quantizer (the same GGUF block type; bitsandbytes' 4-bit type, block size and double quantisation; HQQ
+with the same bits and group size). For llmkd's students the delta is smaller than one quantisation
+step, so most of it rounds off. Recovery then trains what stays continuous in the format against the
+teacher's cached targets, the integer codes fixed (EfficientQAT's end-to-end stage): each GGUF block's
+fp16 scale d (and min m for q4_1 and q5_1), each bitsandbytes block's absmax (on its 8-bit grid where
+double-quantised), each HQQ group's scale and zero. The forward uses them as they will be stored (a
+straight-through rounding), so what trains is what ships. The result is one model with no adapter, at
+the base's exact size in bytes.
 """
 
 from __future__ import annotations
@@ -21,13 +22,11 @@ import numpy as np
 import torch
 
 from llmkd import models, quantize
-from llmkd.config import Recipe
+from llmkd.config import RECOVERY_STEPS, Recipe, recovery_lr
 from llmkd.errors import LlmkdError
 from llmkd.gguf_quant import GGUFLinear, quantize_rows, unpack, with_scales
 from llmkd.progress import bar as progress_bar
 
-RECOVERY_STEPS = 64  # optimizer steps of the scales' training, at the recipe's batch size
-RECOVERY_LR = 1e-5  # Adam on the scales (each about max|w| / 8, ~1e-2): ~0.1% of a scale per step
 
 
 class ScaledBlocks(torch.nn.Module):
@@ -101,23 +100,106 @@ class ScaledGroups(torch.nn.Module):
         return layer
 
 
+def _stored_4bit(layer):
+    """`layer` (bitsandbytes 4-bit) in its stored layout. bitsandbytes' CPU inference repacks a layer's
+    weight at its first forward in eval mode on AVX512-BF16 CPUs; unpacked as its own save does."""
+    import bitsandbytes.functional as F
+
+    p = layer.weight
+    if getattr(p.quant_state, "packing_format_for_cpu", False):
+        p.data, p.quant_state = F._convert_weight_packed_for_cpu_inverse(p.data, p.quant_state)
+    return layer
+
+
+class ScaledAbsmax(torch.nn.Module):
+    """A bitsandbytes 4-bit layer (NF4 or FP4) whose 4-bit codes are fixed and whose block absmax trains.
+    The forward is bitsandbytes' dequantisation, `code[q] * absmax` per block in fp32, cast to the
+    weight's dtype, then to the compute dtype. With double quantisation the absmax is stored as 8-bit
+    codes of its offset from a mean, in blocks of 256 with an fp32 scale each: the forward rounds it to
+    those codes straight through, the mean and the scales fixed, so the bytes stay the base's."""
+
+    def __init__(self, layer):
+        super().__init__()
+        import bitsandbytes.functional as F
+
+        self.layer = _stored_4bit(layer)
+        state = layer.weight.quant_state
+        packed = layer.weight.data.view(torch.uint8).reshape(-1)
+        codes = torch.empty(2 * packed.numel(), dtype=torch.uint8, device=packed.device)
+        codes[::2], codes[1::2] = packed >> 4, packed & 0xF  # the first of each pair in the high nibble
+        # Each weight's code value, looked up once (fp32 holds NF4's and FP4's values exactly).
+        self.register_buffer("levels", state.code.float()[codes[: state.shape.numel()].long()])
+        absmax = F.dequantize_blockwise(state.absmax, state.state2) + state.offset if state.nested else state.absmax
+        self.absmax = torch.nn.Parameter(absmax.float().clone())
+
+    def _absmax_codes(self, x: torch.Tensor) -> torch.Tensor:
+        """The 8-bit codes of a nested absmax `x`, as bitsandbytes' quantize_blockwise rounds them
+        (to the nearest entry of its sorted map), against the stored mean and block scales."""
+        state = self.layer.weight.quant_state
+        nested = state.state2
+        scale = nested.absmax.repeat_interleave(nested.blocksize)[: x.numel()]
+        bounds = (nested.code[:-1] + nested.code[1:]) / 2
+        return torch.bucketize(((x - state.offset) / scale).clamp(-1, 1), bounds).to(torch.uint8)
+
+    def _as_stored(self, x: torch.Tensor) -> torch.Tensor:
+        state = self.layer.weight.quant_state
+        if not state.nested:
+            return x  # stored in fp32 as it trains
+        import bitsandbytes.functional as F
+
+        with torch.no_grad():
+            stored = F.dequantize_blockwise(self._absmax_codes(x), state.state2) + state.offset
+        return x + (stored - x).detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layer, state = self.layer, self.layer.weight.quant_state
+        scale = self._as_stored(self.absmax).repeat_interleave(state.blocksize)[: self.levels.numel()]
+        w = (self.levels * scale).view(state.shape).to(state.dtype).to(layer.compute_dtype)
+        bias = None if layer.bias is None else layer.bias.to(layer.compute_dtype)
+        return torch.nn.functional.linear(x.to(layer.compute_dtype), w, bias).to(x.dtype)
+
+    def settle(self):
+        """The layer with the trained absmax in its quant state (as 8-bit codes where it is nested)."""
+        state, absmax = self.layer.weight.quant_state, self.absmax.detach().float()
+        state.absmax = self._absmax_codes(absmax) if state.nested else absmax
+        return self.layer
+
+
 def _mergeable_types() -> tuple[type, ...]:
-    """The layer types llmkd merges into: GGUF's, and HQQ's where hqq is installed."""
+    """The layer types llmkd merges into: GGUF's, bitsandbytes' 4-bit, and HQQ's where hqq is installed."""
+    from bitsandbytes.nn import Linear4bit
+
     try:
         from hqq.core.quantize import HQQLinear
     except ImportError:
-        return (GGUFLinear,)
-    return GGUFLinear, HQQLinear
+        return GGUFLinear, Linear4bit
+    return GGUFLinear, Linear4bit, HQQLinear
 
 
 def _trainable(layer) -> torch.nn.Module:
-    return ScaledBlocks(layer) if isinstance(layer, GGUFLinear) else ScaledGroups(layer)
+    from bitsandbytes.nn import Linear4bit
+
+    if isinstance(layer, GGUFLinear):
+        return ScaledBlocks(layer)
+    return ScaledAbsmax(layer) if isinstance(layer, Linear4bit) else ScaledGroups(layer)
 
 
 def _requantized(layer, delta: torch.Tensor):
     """`layer`'s weight plus `delta`, quantised again by the layer's own quantizer."""
+    import bitsandbytes as bnb
+
     if isinstance(layer, GGUFLinear):
         layer.weight = quantize_rows(layer.dequantize() + delta.cpu(), layer.qtype).to(layer.weight.device)
+        return layer
+    if isinstance(layer, bnb.nn.Linear4bit):
+        p = _stored_4bit(layer).weight
+        merged = bnb.functional.dequantize_4bit(p.data, p.quant_state).float() + delta.to(p.device)
+        data, state = bnb.functional.quantize_4bit(
+            merged.to(p.quant_state.dtype), blocksize=p.blocksize, compress_statistics=p.compress_statistics,
+            quant_type=p.quant_type, quant_storage=p.quant_storage)
+        layer.weight = bnb.nn.Params4bit(data, requires_grad=False, quant_state=state, blocksize=p.blocksize,
+                                         compress_statistics=p.compress_statistics, quant_type=p.quant_type,
+                                         quant_storage=p.quant_storage, module=layer, bnb_quantized=True)
         return layer
     from hqq.core.quantize import HQQLinear
 
@@ -137,7 +219,7 @@ def _replace(model, kind, make) -> int:
 
 
 def merge_requantized(student) -> torch.nn.Module:
-    """The base model under `student` (a PeftModel over GGUF or HQQ layers) with each adapted layer
+    """The base model under `student` (a PeftModel over GGUF, bitsandbytes 4-bit or HQQ layers) with each adapted layer
     replaced by the merged weight quantised again by its own quantizer (no adapter left)."""
     from peft.tuners.lora import LoraLayer
 
@@ -146,7 +228,8 @@ def merge_requantized(student) -> torch.nn.Module:
     def merged(lora: LoraLayer):
         layer = lora.get_base_layer()
         if not isinstance(layer, _mergeable_types()):
-            raise LlmkdError(f"merging into {type(layer).__name__} layers is not supported: GGUF and HQQ students only")
+            raise LlmkdError(f"merging into {type(layer).__name__} layers is not supported: "
+                             "GGUF, bitsandbytes 4-bit (nf4, fp4) and HQQ students only")
         delta = sum(lora.get_delta_weight(name).float() for name in lora.active_adapters)
         return _requantized(layer, delta)
 
@@ -164,15 +247,18 @@ class Recovery:
 
     def line(self) -> str:
         first, last = np.mean(self.losses[:8]), np.mean(self.losses[-8:])
-        return (f"block scales recovered: {self.steps} steps at lr {self.lr:g} in {self.seconds:.0f} s, "
+        return (f"scales recovered, codes fixed: {self.steps} steps at lr {self.lr:g} in {self.seconds:.0f} s, "
                 f"KD loss {first:.4f} -> {last:.4f} (mean of the first and last 8 steps)")
 
 
-def recover(model, recipe: Recipe, tokenizer, *, steps: int = RECOVERY_STEPS, lr: float = RECOVERY_LR,
+def recover(model, recipe: Recipe, tokenizer, *, steps: int = RECOVERY_STEPS, lr: float | None = None,
             progress: bool = True) -> Recovery:
-    """Train the block scales of `model`'s GGUF layers (the group scales and zeros of its HQQ layers)
-    against the run's transfer set (its KD loss without CE, batch size and seed), codes fixed; the layers keep them."""
+    """Train the block scales of `model`'s GGUF layers (the block absmax of its bitsandbytes 4-bit layers,
+    the group scales and zeros of its HQQ layers) against the run's transfer set (its KD loss without CE,
+    batch size and seed), codes fixed; the layers keep them. `lr`: config.recovery_lr of the quantizer if None."""
     from llmkd.train import TrainingData, collate, loss_step
+
+    lr = lr or recovery_lr(recipe.model.quant)
 
     # Recovery wins back fidelity to the teacher: the KD term alone, whatever CE weight the run trained with.
     loss = recipe.train.loss.model_copy(update={"alpha": 0.0})
@@ -182,7 +268,7 @@ def recover(model, recipe: Recipe, tokenizer, *, steps: int = RECOVERY_STEPS, lr
     for p in model.parameters():
         p.requires_grad_(False)
     n = _replace(model, _mergeable_types(), _trainable)
-    scales = [p for m in model.modules() if isinstance(m, (ScaledBlocks, ScaledGroups))
+    scales = [p for m in model.modules() if isinstance(m, (ScaledBlocks, ScaledGroups, ScaledAbsmax))
               for p in m.parameters(recurse=False)]
     optimizer = torch.optim.Adam(scales, lr=lr)
     order = np.random.default_rng(recipe.train.seed).permutation(len(examples))
@@ -201,11 +287,11 @@ def recover(model, recipe: Recipe, tokenizer, *, steps: int = RECOVERY_STEPS, lr
             bar.update(1)
     model.eval()
     with torch.no_grad():
-        _replace(model, (ScaledBlocks, ScaledGroups), lambda m: m.settle())
+        _replace(model, (ScaledBlocks, ScaledGroups, ScaledAbsmax), lambda m: m.settle())
     return Recovery(steps=steps, lr=lr, seconds=time.perf_counter() - t0, losses=losses)
 
 
-def merged_students(recipe: Recipe, adapter, tokenizer, *, steps: int = RECOVERY_STEPS, lr: float = RECOVERY_LR,
+def merged_students(recipe: Recipe, adapter, tokenizer, *, steps: int = RECOVERY_STEPS, lr: float | None = None,
                     progress: bool = True):
     """(merged and re-quantized, merged and recovered, Recovery) of the run's student and adapter."""
     import copy

@@ -64,14 +64,43 @@ def test_the_export_loads_in_plain_transformers_and_peft_and_scores_what_llmkd_m
     assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith((".exported", "exported"))) == ["exported"]
 
 
+def test_a_merged_nf4_student_loads_in_plain_transformers_at_the_base_s_size(finished_run, monkeypatch):
+    """`--to merged` for bitsandbytes: one checkpoint, no adapter, gated in a fresh process by plain transformers."""
+    from transformers import AutoModelForCausalLM
+
+    from llmkd import merge
+
+    home, recipe = finished_run
+    monkeypatch.chdir(home)
+    out = export.export(recipe, to="merged", out=home / "merged", check=2, recovery_steps=3, recovery_lr=1e-4,
+                        say=lambda _: None)
+    record = json.loads((out / "export.json").read_text())
+    assert not (out / "adapter").exists() and (out / "generation_config.json").is_file()
+    assert record["weight_bytes"]["merged"] == record["weight_bytes"]["base"] > 0
+    assert record["recovery"]["steps"] == 3 and len(record["recovery"]["losses"]) == 3
+    for tag, ours in (("student", "student"), ("distilled", "merged")):  # the engine scores what llmkd did
+        assert record["engine"][tag]["kl"] == pytest.approx(record["llmkd"][ours]["kl"], rel=1e-4, abs=1e-7)
+        assert record["engine"][tag]["same_output_as_llmkd"] == 1.0
+    assert record["llmkd"]["merged"]["kl"] != record["llmkd"]["requantized"]["kl"]  # recovery moved the absmax
+    assert "bitsandbytes" in (out / "README.md").read_text()
+    # The folder holds the merged and recovered student itself: the same recovery again gives its weights.
+    tokenizer = models.load_tokenizer(recipe.model)
+    _, recovered, _ = merge.merged_students(recipe, recipe.layout.adapter, tokenizer, steps=3, lr=1e-4, progress=False)
+    served = AutoModelForCausalLM.from_pretrained(out, device_map={"": "cpu"})
+    ids = tokenizer("Natalia sold clips.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(served(input_ids=ids).logits, recovered(input_ids=ids).logits, rtol=0, atol=1e-5)
+
+
 def test_bad_input_is_one_line_and_writes_nothing(finished_run, monkeypatch, tmp_path):
     home, recipe = finished_run
     monkeypatch.chdir(home)
     hqq = recipe.model_copy(update={"model": recipe.model.model_copy(update={"quant": "hqq4"})})
+    int8 = recipe.model_copy(update={"model": recipe.model.model_copy(update={"quant": "int8"})})
     cases = {
         "no run": (load_recipe(None, ["name=never"]), tmp_path / "a", "transformers", "no run"),
         "gguf": (recipe, tmp_path / "b", "gguf", "train model.quant=gguf-q4_0"),
-        "merged": (recipe, tmp_path / "f", "merged", "ships merged GGUF students .* not nf4; export --to transformers"),
+        "merged": (int8, tmp_path / "f", "merged", "merged nf4 and fp4 students, not int8; export --to transformers"),
         "hqq": (hqq, tmp_path / "c", "transformers", "train model.quant=nf4"),
         "hqq merged": (hqq, tmp_path / "g", "merged", "not hqq4; benchmarks/bench_merged.py measures"),
     }

@@ -1,7 +1,8 @@
-"""llmkd.merge: the adapter merged into a GGUF or HQQ student and quantised again by the layer's own
-quantizer, then the format's continuous parameters (GGUF block scales, HQQ group scales and zeros)
-trained with the integer codes fixed."""
+"""llmkd.merge: the adapter merged into a GGUF, bitsandbytes 4-bit or HQQ student and quantised again by
+the layer's own quantizer, then the format's continuous parameters (GGUF block scales, bitsandbytes block
+absmax, HQQ group scales and zeros) trained with the integer codes fixed."""
 
+import bitsandbytes as bnb
 import pytest
 import torch
 
@@ -20,6 +21,20 @@ def _gguf_expected(layer, delta):
     return gguf_quant.quantize_rows(layer.dequantize() + delta, "q4_0")
 
 
+def _bnb_expected(layer, delta):
+    """An independent reference: bitsandbytes' own Params4bit quantising the merged weight."""
+    p = layer.weight
+    w = _dequantized(layer) + delta
+    return bnb.nn.Params4bit(w.to(p.quant_state.dtype), requires_grad=False, blocksize=p.blocksize,
+                             compress_statistics=p.compress_statistics, quant_type=p.quant_type)._quantize("cpu")
+
+
+def _dequantized(layer) -> torch.Tensor:
+    if isinstance(layer, bnb.nn.Linear4bit):
+        return bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+    return layer.dequantize()
+
+
 def _hqq_expected(layer, delta):
     """An independent reference: hqq quantising the merged weight from a plain nn.Linear."""
     from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
@@ -31,61 +46,79 @@ def _hqq_expected(layer, delta):
                      device="cpu")
 
 
-@pytest.mark.parametrize("quant", ["gguf-q4_0", "hqq4"])
-def test_merge_quantizes_again_and_recovery_trains_only_the_scales(stand_in, tmp_path, quant):
+@pytest.mark.parametrize("quant, double_quant", [("gguf-q4_0", True), ("hqq4", True), ("nf4", True), ("fp4", False)])
+def test_merge_quantizes_again_and_recovery_trains_only_the_scales(stand_in, tmp_path, quant, double_quant):
     from hqq.core.quantize import HQQLinear
 
-    kind = gguf_quant.GGUFLinear if quant.startswith("gguf") else HQQLinear
-    cfg = ModelConfig(name=str(stand_in), quant=quant, teacher_dtype="float32", compute_dtype="float32")
+    kind = {"gguf": gguf_quant.GGUFLinear, "hqq4": HQQLinear}.get(quant[:4], bnb.nn.Linear4bit)
+    cfg = ModelConfig(name=str(stand_in), quant=quant, teacher_dtype="float32", compute_dtype="float32",
+                      double_quant=double_quant)
     student = _random_adapter(models.load_student(cfg), tmp_path / "adapter").eval()
     q_proj = student.get_base_model().model.layers[0].self_attn.q_proj
     with torch.no_grad():
         delta = q_proj.get_delta_weight("default")
-        expected = (_gguf_expected if kind is gguf_quant.GGUFLinear else _hqq_expected)(q_proj.get_base_layer(), delta)
-        before_merge = q_proj.get_base_layer().dequantize().clone()
+        reference = {gguf_quant.GGUFLinear: _gguf_expected, HQQLinear: _hqq_expected}.get(kind, _bnb_expected)
+        expected = reference(q_proj.get_base_layer(), delta)
+        before_merge = _dequantized(q_proj.get_base_layer()).clone()
     merged = merge.merge_requantized(student)
     layer = merged.model.layers[0].self_attn.q_proj
     assert isinstance(layer, kind) and not any("lora" in name for name, _ in merged.named_parameters())
     if kind is gguf_quant.GGUFLinear:
         assert torch.equal(layer.weight, expected)
-    else:
+    elif kind is HQQLinear:
         assert torch.equal(layer.W_q, expected.W_q) and torch.equal(layer.dequantize(), expected.dequantize())
+    else:
+        assert torch.equal(layer.weight.data, expected.data) and layer.weight.quant_state.nested == double_quant
+        assert torch.equal(_dequantized(layer), bnb.functional.dequantize_4bit(expected.data, expected.quant_state).float())
     # The merge moved the weights by the delta, up to one re-rounding (a random adapter's delta is large)
-    moved = layer.dequantize() - before_merge
+    moved = _dequantized(layer) - before_merge
     assert torch.nn.functional.cosine_similarity(moved.flatten(), delta.flatten(), dim=0) > 0.8
 
     recipe = load_recipe(REPO / "recipes/smollm2-cpu.yaml", stand_in_overrides(stand_in, *TINY, f"model.quant={quant}"))
     build(recipe, progress=False)
-    before = {name: (m.dequantize().clone(), _codes(m)) for name, m in _layers(merged, kind).items()}
+    before = {name: (_dequantized(m).clone(), _codes(m)) for name, m in _layers(merged, kind).items()}
     bytes_before = sum(t.numel() * t.element_size() for m in _layers(merged, kind).values() for t in _stored(m))
     recovery = merge.recover(merged, recipe, models.load_tokenizer(cfg), steps=6, lr=1e-4, progress=False)
     assert len(recovery.losses) == 6 and recovery.losses[-1] < recovery.losses[0]
     after = _layers(merged, kind)
     assert after.keys() == before.keys() and not any(p.requires_grad for p in merged.parameters())
     for name, m in after.items():  # the same codes, new scales, the same bytes
-        assert torch.equal(_codes(m), before[name][1]) and not torch.equal(m.dequantize(), before[name][0]), name
+        assert torch.equal(_codes(m), before[name][1]) and not torch.equal(_dequantized(m), before[name][0]), name
     assert sum(t.numel() * t.element_size() for m in after.values() for t in _stored(m)) == bytes_before
-    assert not _layers(merged, (merge.ScaledBlocks, merge.ScaledGroups))
+    assert not _layers(merged, (merge.ScaledBlocks, merge.ScaledGroups, merge.ScaledAbsmax))
 
     # What trains is what ships: a wrapper's forward with changed scales is the settled layer's own forward.
     layer = merged.model.layers[1].mlp.down_proj
     wrapper = merge._trainable(layer)
     with torch.no_grad():
         x = torch.randn(3, layer.in_features)
-        torch.testing.assert_close(wrapper(x), layer(x), rtol=0, atol=0)  # wrapping alone changes nothing
+        torch.testing.assert_close(wrapper(x), _forward(layer, x), rtol=0, atol=0)  # wrapping alone changes nothing
         for p in wrapper.parameters(recurse=False):
             p.mul_(1.01)
         trained = wrapper(x)
-        torch.testing.assert_close(wrapper.settle()(x), trained, rtol=0, atol=0)
+        torch.testing.assert_close(_forward(wrapper.settle(), x), trained, rtol=0, atol=0)
+
+
+def _forward(layer, x):
+    """The layer's output from its stored format. bitsandbytes' own CPU inference repacks the weight and
+    rounds its absmax to bf16 on AVX512-BF16 CPUs, so its 4-bit layers are read through its dequantize_4bit."""
+    if isinstance(layer, bnb.nn.Linear4bit):
+        return torch.nn.functional.linear(x, _dequantized(layer).to(layer.compute_dtype))
+    return layer(x)
 
 
 def _codes(layer) -> torch.Tensor:
     if isinstance(layer, gguf_quant.GGUFLinear):
         return gguf_quant.unpack(layer.weight, layer.qtype, (layer.out_features, layer.in_features))[0]
+    if isinstance(layer, bnb.nn.Linear4bit):
+        return layer.weight.data.clone()  # two 4-bit codes a byte
     return layer.unpack(dtype=torch.float32)
 
 
 def _stored(layer) -> list[torch.Tensor]:
     if isinstance(layer, gguf_quant.GGUFLinear):
         return [layer.weight]
+    if isinstance(layer, bnb.nn.Linear4bit):
+        state = layer.weight.quant_state
+        return [layer.weight.data, state.absmax, *((state.state2.absmax, state.offset) if state.nested else ())]
     return [layer.W_q, layer.meta["scale"], layer.meta["zero"]]
