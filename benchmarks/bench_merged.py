@@ -68,8 +68,7 @@ def main(argv=None) -> int:
     figures["requantized"] = score(requantized, ["merged"])["merged"]
     figures["recovered"] = score(recovered, ["merged"])["merged"]
 
-    base = figures["student"]["kl"]
-    closed = {tag: 1 - f["kl"] / base for tag, f in figures.items()}
+    closed = {tag: export.gap_closed({"student": figures["student"], "distilled": f}) for tag, f in figures.items()}
     print(f"\n## merged: {recipe.name} ({recipe.model.quant}), {len(rows)} held-out rows, "
           f"{figures['student']['tokens']} response tokens\n")
     print("| model | KL to the teacher | top-1 | gap closed | adapter's gain kept |")

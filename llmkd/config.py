@@ -319,11 +319,12 @@ RECOVERY_STEPS = 64  # optimizer steps of the scales' training, at the recipe's 
 # Adam's steps are in weight units: 1e-5 is ~0.1% a step of a GGUF block scale or an HQQ group scale
 # (about max|w| / 8, ~1e-2); bitsandbytes' block absmax is max|w| itself (rates: benchmarks/results.md).
 RECOVERY_LR = {"scales": 1e-5, "absmax": 3e-4}
+ABSMAX_QUANTS = ("nf4", "fp4")  # bitsandbytes 4-bit students: their merge recovers each block's absmax
 
 
 def recovery_lr(quant: str) -> float:
     """`--to merged`'s default recovery learning rate for a student of `quant`."""
-    return RECOVERY_LR["absmax" if quant in ("nf4", "fp4") else "scales"]
+    return RECOVERY_LR["absmax" if quant in ABSMAX_QUANTS else "scales"]
 
 # What a sweep point may change: how its student is quantised and trained, never what it is compared on.
 POINT_SECTIONS = ("lora.", "train.")

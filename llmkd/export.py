@@ -52,7 +52,7 @@ from pathlib import Path
 import torch
 
 from llmkd import atomic, fastpath, models
-from llmkd.config import RECOVERY_STEPS, Recipe, load_recipe, recovery_lr
+from llmkd.config import ABSMAX_QUANTS, RECOVERY_STEPS, Recipe, load_recipe, recovery_lr
 from llmkd.data import prompts, sources
 from llmkd.errors import LlmkdError
 from llmkd.model_cards import gguf_model_card, merged_model_card, model_card
@@ -68,7 +68,6 @@ TOLERANCE = {"transformers": {"kl_relative": 0.02, "kl_absolute": 1e-4, "top1_po
              # exact: max |log p(response token)| difference, F32 llama.cpp against llmkd's fp32 forward;
              # gap_closed_points: the adapter's share of the base's KL closed, llama.cpp against llmkd
              "gguf": {"exact_logprob": 1e-3, "gap_closed_points": 5.0}}
-MERGED_BNB = ("nf4", "fp4")  # bitsandbytes students whose block absmax recovery trains (llmkd.merge.ScaledAbsmax)
 GENERATED_ROWS = 8  # of the --check rows, those whose prompts both sides also complete (one at a time: slow on CPU)
 
 
@@ -93,12 +92,9 @@ def recipe_of(reference: list[str]) -> Recipe:
     return load_recipe(reference[0] if reference else None, reference[1:])
 
 
-def default_format(recipe: Recipe) -> str:
-    return engine_of(recipe)
-
-
 def engine_of(recipe: Recipe) -> str:
-    """The engine that serves the student's format, and whose TOLERANCE gates it: transformers or gguf (llama.cpp)."""
+    """The engine that serves the student's format, and whose TOLERANCE gates it: transformers or gguf
+    (llama.cpp). Its own format is the student's default `--to`."""
     return "gguf" if recipe.model.quant.startswith("gguf-") else "transformers"
 
 
@@ -112,11 +108,11 @@ def check_exportable(recipe: Recipe, to: str) -> Path:
                          "lose the adapter's correction; train model.quant=gguf-q4_0 (or gguf-q4_1, q5_0, q5_1, q8_0)")
     if to == "transformers" and gguf_student:
         raise LlmkdError(f"model.quant {recipe.model.quant}: a GGUF student goes to llama.cpp; export --to gguf")
-    if to == "merged" and not (gguf_student or recipe.model.quant in MERGED_BNB):
+    if to == "merged" and not (gguf_student or recipe.model.quant in ABSMAX_QUANTS):
         instead = ("benchmarks/bench_merged.py measures an HQQ student's merge, which no engine here loads"
                    if recipe.model.quant.startswith("hqq") else "export --to transformers, which keeps the adapter unmerged")
         raise LlmkdError(f"--to merged: llmkd ships merged GGUF students (model.quant gguf-q4_0 etc.) and merged "
-                         f"{' and '.join(MERGED_BNB)} students, not {recipe.model.quant}; {instead}")
+                         f"{' and '.join(ABSMAX_QUANTS)} students, not {recipe.model.quant}; {instead}")
     if recipe.model.quant.startswith("hqq"):
         raise LlmkdError(f"model.quant {recipe.model.quant}: HQQ students do not export to transformers' "
                          "bitsandbytes format; train model.quant=nf4 (or fp4, int8) to export --to transformers")
@@ -259,7 +255,7 @@ def export(recipe: Recipe, *, to: str | None = None, out: str | Path, check: int
     `recovery_steps`, `recovery_lr`: `--to merged`'s recovery (default config.RECOVERY_STEPS, recovery_lr)."""
     if check <= 0:
         raise LlmkdError(f"--check must be > 0, got {check}")
-    to = to or default_format(recipe)
+    to = to or engine_of(recipe)
     for flag, value in (("--recovery-steps", recovery_steps), ("--recovery-lr", recovery_lr)):
         if value is not None and to != "merged":
             raise LlmkdError(f"{flag}: only with --to merged (the recovery after merging), not --to {to}")

@@ -1,5 +1,5 @@
-"""The adapter merged into a quantised student, and its gain won back: `llmkd export --to merged` (GGUF
-students) and `benchmarks/bench_merged.py` (GGUF, bitsandbytes 4-bit and HQQ students).
+"""The adapter merged into a quantised student, and its gain won back: `llmkd export --to merged` (GGUF,
+nf4 and fp4 students) and `benchmarks/bench_merged.py` (those and HQQ students).
 
 Merging a LoRA into quantised weights means quantising them again: each layer's weight as the engine
 multiplies with it, plus the adapter's delta (peft's `get_delta_weight`), goes through the layer's own
@@ -165,6 +165,9 @@ class ScaledAbsmax(torch.nn.Module):
         return self.layer
 
 
+TRAINABLE = (ScaledBlocks, ScaledGroups, ScaledAbsmax)  # each format's layer, its scales training
+
+
 def _mergeable_types() -> tuple[type, ...]:
     """The layer types llmkd merges into: GGUF's, bitsandbytes' 4-bit, and HQQ's where hqq is installed."""
     from bitsandbytes.nn import Linear4bit
@@ -268,7 +271,7 @@ def recover(model, recipe: Recipe, tokenizer, *, steps: int = RECOVERY_STEPS, lr
     for p in model.parameters():
         p.requires_grad_(False)
     n = _replace(model, _mergeable_types(), _trainable)
-    scales = [p for m in model.modules() if isinstance(m, (ScaledBlocks, ScaledGroups, ScaledAbsmax))
+    scales = [p for m in model.modules() if isinstance(m, TRAINABLE)
               for p in m.parameters(recurse=False)]
     optimizer = torch.optim.Adam(scales, lr=lr)
     order = np.random.default_rng(recipe.train.seed).permutation(len(examples))
@@ -287,7 +290,7 @@ def recover(model, recipe: Recipe, tokenizer, *, steps: int = RECOVERY_STEPS, lr
             bar.update(1)
     model.eval()
     with torch.no_grad():
-        _replace(model, (ScaledBlocks, ScaledGroups, ScaledAbsmax), lambda m: m.settle())
+        _replace(model, TRAINABLE, lambda m: m.settle())
     return Recovery(steps=steps, lr=lr, seconds=time.perf_counter() - t0, losses=losses)
 
 
