@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def make_parser() -> argparse.ArgumentParser:
-    from llmkd.config import RECOVERY_LR, RECOVERY_STEPS
+    from llmkd.config import MERGE_CALIBRATION_TOKENS, RECOVERY_LR, RECOVERY_STEPS
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", help="a finished run folder (runs/<name>) of a GGUF, nf4/fp4 or HQQ student")
@@ -40,6 +40,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=RECOVERY_STEPS, help=f"recovery steps (default {RECOVERY_STEPS})")
     parser.add_argument("--lr", type=float, default=None,
                         help=f"recovery lr (default {RECOVERY_LR['scales']:g}; {RECOVERY_LR['absmax']:g} for nf4, fp4)")
+    parser.add_argument("--merge-tokens", type=int, default=MERGE_CALIBRATION_TOKENS,
+                        help=f"transfer-set tokens that choose the merged codes (default {MERGE_CALIBRATION_TOKENS}; 0: nearest)")
     return parser
 
 
@@ -63,7 +65,8 @@ def main(argv=None) -> int:
 
     figures = score(models.load_student(recipe.model, adapter=adapter), ["student", "distilled"])
     models.release_memory()
-    requantized, recovered, recovery = merge.merged_students(recipe, adapter, tokenizer, steps=args.steps, lr=args.lr)
+    requantized, recovered, recovery = merge.merged_students(recipe, adapter, tokenizer, steps=args.steps, lr=args.lr,
+                                                             calibration_tokens=args.merge_tokens)
     print(recovery.line())
     figures["requantized"] = score(requantized, ["merged"])["merged"]
     figures["recovered"] = score(recovered, ["merged"])["merged"]
@@ -74,7 +77,7 @@ def main(argv=None) -> int:
     print("| model | KL to the teacher | top-1 | gap closed | adapter's gain kept |")
     print("|---|---:|---:|---:|---:|")
     labels = {"student": f"base ({recipe.model.quant})", "distilled": "base + adapter (unmerged)",
-              "requantized": "merged, quantized again", "recovered": f"merged + recovered ({recovery.steps} steps, lr {recovery.lr:g})"}
+              "requantized": "merged, quantized again (" + (f"codes chosen on {args.merge_tokens:,} tokens)" if args.merge_tokens else "rounded to nearest)"), "recovered": f"merged + recovered ({recovery.steps} steps, lr {recovery.lr:g})"}
     for tag, label in labels.items():
         f = figures[tag]
         kept = "" if tag == "student" else f"{100 * closed[tag] / closed['distilled']:.0f}%"

@@ -16,7 +16,7 @@ import sys
 from typing import Callable
 
 from llmkd import launch
-from llmkd.config import RECOVERY_LR, RECOVERY_STEPS, recipe_from_cli
+from llmkd.config import MERGE_CALIBRATION_TOKENS, RECOVERY_LR, RECOVERY_STEPS, recipe_from_cli
 from llmkd.errors import LlmkdError
 
 EPILOG = "Overrides: dotted recipe keys after the recipe, e.g. train.lr=1e-4 eval.limit=50. " \
@@ -187,6 +187,9 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recovery-lr", type=float, default=None, metavar="LR",
                    help=f"--to merged: Adam's learning rate for the block scales (default {RECOVERY_LR['scales']:g}; "
                         f"{RECOVERY_LR['absmax']:g} for nf4 and fp4, whose block absmax is about 8x a block scale)")
+    p.add_argument("--merge-tokens", type=int, default=None, metavar="N",
+                   help=f"--to merged: transfer-set tokens whose layer inputs choose the merged weights' codes, GPTQ's "
+                        f"way, before recovery (default {MERGE_CALIBRATION_TOKENS}; 0 rounds to nearest)")
 
 
 def cmd_export(args) -> int:
@@ -194,7 +197,8 @@ def cmd_export(args) -> int:
 
     launch.refuse_several_processes("export", "start it as `llmkd export ...`")
     export.export(export.recipe_of(args.recipe), to=args.to, out=args.out, check=args.check,
-                  gguf_metadata=args.gguf_metadata, recovery_steps=args.recovery_steps, recovery_lr=args.recovery_lr)
+                  gguf_metadata=args.gguf_metadata, recovery_steps=args.recovery_steps, recovery_lr=args.recovery_lr,
+                  merge_tokens=args.merge_tokens)
     return 0
 
 

@@ -320,6 +320,9 @@ RECOVERY_STEPS = 64  # optimizer steps of the scales' training, at the recipe's 
 # (about max|w| / 8, ~1e-2); bitsandbytes' block absmax is max|w| itself (rates: benchmarks/results.md).
 RECOVERY_LR = {"scales": 1e-5, "absmax": 3e-4}
 ABSMAX_QUANTS = ("nf4", "fp4")  # bitsandbytes 4-bit students: their merge recovers each block's absmax
+# Transfer-set tokens whose layer inputs choose the merged weights' codes (GPTQ's error feedback on the
+# quantizer's grid); 0 rounds each merged weight to its nearest codes.
+MERGE_CALIBRATION_TOKENS = 8192
 
 
 def recovery_lr(quant: str) -> float:

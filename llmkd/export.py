@@ -20,7 +20,8 @@
     README.md, export.json           the model card and the figures of the fidelity gate
 
 `--to merged` writes one model with no adapter, at the base's size: the adapter merged, the weights
-quantised again, the format's scales recovered against the teacher (`llmkd.merge`), with README.md and
+quantised again (the codes chosen on `--merge-tokens` transfer-set tokens), the format's scales recovered
+against the teacher (`llmkd.merge`), with README.md and
 export.json holding base, adapter, merged and recovered figures. GGUF students: one model.gguf, gated in
 llama.cpp; nf4 and fp4 students: one bitsandbytes checkpoint (config.json, model.safetensors, tokenizer,
 generation_config.json), gated in transformers beside the base.
@@ -52,7 +53,8 @@ from pathlib import Path
 import torch
 
 from llmkd import atomic, fastpath, models
-from llmkd.config import ABSMAX_QUANTS, RECOVERY_STEPS, Recipe, load_recipe, recovery_lr
+from llmkd.config import ABSMAX_QUANTS, MERGE_CALIBRATION_TOKENS, RECOVERY_STEPS, Recipe, load_recipe
+from llmkd.config import recovery_lr as default_recovery_lr
 from llmkd.data import prompts, sources
 from llmkd.errors import LlmkdError
 from llmkd.model_cards import gguf_model_card, merged_model_card, model_card
@@ -250,17 +252,20 @@ def gate(to: str, llmkd_figures: dict, engine_figures: dict, stops=()) -> list[s
 
 def export(recipe: Recipe, *, to: str | None = None, out: str | Path, check: int = 32,
            gguf_metadata: str | Path | None = None, recovery_steps: int | None = None,
-           recovery_lr: float | None = None, say=print) -> Path:
+           recovery_lr: float | None = None, merge_tokens: int | None = None, say=print) -> Path:
     """Write, check and publish the export of `recipe`'s run (module docstring); returns the folder.
-    `recovery_steps`, `recovery_lr`: `--to merged`'s recovery (default config.RECOVERY_STEPS, recovery_lr)."""
+    `recovery_steps`, `recovery_lr`, `merge_tokens`: `--to merged`'s recovery and calibration (default
+    config.RECOVERY_STEPS, recovery_lr, MERGE_CALIBRATION_TOKENS)."""
     if check <= 0:
         raise LlmkdError(f"--check must be > 0, got {check}")
     to = to or engine_of(recipe)
-    for flag, value in (("--recovery-steps", recovery_steps), ("--recovery-lr", recovery_lr)):
+    for flag, value in (("--recovery-steps", recovery_steps), ("--recovery-lr", recovery_lr), ("--merge-tokens", merge_tokens)):
         if value is not None and to != "merged":
-            raise LlmkdError(f"{flag}: only with --to merged (the recovery after merging), not --to {to}")
-        if value is not None and not value > 0:
-            raise LlmkdError(f"{flag} must be > 0, got {value}")
+            raise LlmkdError(f"{flag}: only with --to merged (the merge and its recovery), not --to {to}")
+        if value is not None and not (value > 0 or (flag == "--merge-tokens" and value == 0)):
+            raise LlmkdError(f"{flag} must be > 0{' (or 0)' if flag == '--merge-tokens' else ''}, got {value}")
+    merging = {"steps": recovery_steps or RECOVERY_STEPS, "lr": recovery_lr or default_recovery_lr(recipe.model.quant),
+               "calibration_tokens": MERGE_CALIBRATION_TOKENS if merge_tokens is None else merge_tokens}
     adapter = check_exportable(recipe, to)
     metadata = metadata_source(recipe, gguf_metadata) if engine_of(recipe) == "gguf" else None
     out = Path(out)
@@ -271,9 +276,9 @@ def export(recipe: Recipe, *, to: str | None = None, out: str | Path, check: int
     if to == "gguf":
         return _export_gguf(recipe, adapter, out, rows, metadata, identity, say)
     if to == "merged" and engine_of(recipe) == "transformers":
-        return _export_merged_transformers(recipe, adapter, out, rows, identity, recovery_steps, recovery_lr, say)
+        return _export_merged_transformers(recipe, adapter, out, rows, identity, merging, say)
     if to == "merged":
-        return _export_merged(recipe, adapter, out, rows, metadata, identity, recovery_steps, recovery_lr, say)
+        return _export_merged(recipe, adapter, out, rows, metadata, identity, merging, say)
     tmp = atomic.temporary_dir(out)
     try:
         t0 = time.perf_counter()
@@ -380,25 +385,30 @@ def _in_fp32(model):
     return model
 
 
+def _merging_line(merging: dict) -> str:
+    codes = (f"codes chosen on {merging['calibration_tokens']:,} transfer-set tokens" if merging["calibration_tokens"]
+             else "codes rounded to nearest")
+    return f"{codes}; {merging['steps']} steps at lr {merging['lr']:g}"
+
+
 def _export_merged(recipe: Recipe, adapter: Path, out: Path, rows: list[dict], metadata: Path, identity: dict,
-                   steps: int | None, lr: float | None, say) -> Path:
+                   merging: dict, say) -> Path:
     """`--to merged` (GGUF students): one model.gguf, the adapter merged and the scales recovered (llmkd/merge.py),
     checked in llama.cpp against the base as `--to gguf` checks the adapter, then published."""
     from llmkd import export_gguf, merge, quantize
 
     qtype = quantize.quantizer(recipe.model).ggml_type
-    steps, lr = steps or RECOVERY_STEPS, lr or recovery_lr(recipe.model.quant)
     tmp, check_dir = atomic.temporary_dir(out), atomic.temporary_dir(out.parent / f".{out.name}.check")
     try:
         t0 = time.perf_counter()
         tokenizer = models.load_tokenizer(recipe.model)
         template = tokenizer.chat_template
         say(f"[1/3] merging the adapter into the {recipe.model.quant} blocks, quantizing again, recovering the "
-            f"block scales ({steps} steps, lr {lr:g}) -> {out}")
+            f"block scales ({_merging_line(merging)}) -> {out}")
         base = models.load_student(recipe.model)  # the engine's reference: the base as trained against
         export_gguf.write_base(base, check_dir / "base.gguf", metadata, qtype, chat_template=template)
         del base
-        requantized, recovered, recovery = merge.merged_students(recipe, adapter, tokenizer, steps=steps, lr=lr)
+        requantized, recovered, recovery = merge.merged_students(recipe, adapter, tokenizer, **merging)
         say(recovery.line())
         export_gguf.write_base(recovered, tmp / "model.gguf", metadata, qtype, chat_template=template)
         say(f"[2/3] scoring {len(rows)} held-out rows: base, adapter, merged, merged + recovered in llmkd; "
@@ -423,21 +433,20 @@ def _export_merged(recipe: Recipe, adapter: Path, out: Path, rows: list[dict], m
 
 
 def _export_merged_transformers(recipe: Recipe, adapter: Path, out: Path, rows: list[dict], identity: dict,
-                                steps: int | None, lr: float | None, say) -> Path:
+                                merging: dict, say) -> Path:
     """`--to merged` (bitsandbytes nf4 and fp4 students): one quantised checkpoint with no adapter, the
     adapter merged and each block's absmax recovered (llmkd/merge.py), gated in transformers against the
     base as `--to transformers` gates the adapter, then published."""
     from llmkd import merge
 
-    steps, lr = steps or RECOVERY_STEPS, lr or recovery_lr(recipe.model.quant)
     tmp, base_dir = atomic.temporary_dir(out), atomic.temporary_dir(out.parent / f".{out.name}.base")
     try:
         t0 = time.perf_counter()
         tokenizer = models.load_tokenizer(recipe.model)
         say(f"[1/3] merging the adapter into the {recipe.model.quant} weights, quantizing again, recovering the "
-            f"block absmax ({steps} steps, lr {lr:g}) -> {out}")
+            f"block absmax ({_merging_line(merging)}) -> {out}")
         _write_folder(base_dir, recipe, None, tokenizer)  # the engine's reference: the base as trained against
-        requantized, recovered, recovery = merge.merged_students(recipe, adapter, tokenizer, steps=steps, lr=lr)
+        requantized, recovered, recovery = merge.merged_students(recipe, adapter, tokenizer, **merging)
         say(recovery.line())
         # Written before anything runs it: bitsandbytes' CPU inference repacks the weights at the first forward.
         recovered.save_pretrained(tmp)
@@ -476,7 +485,7 @@ def _publish_merged(tmp: Path, out: Path, recipe: Recipe, identity: dict, rows: 
     record = _publish(tmp, out, recipe, identity, rows, t0, merged_model_card, files=True, llmkd=figures,
                       gap_closed=closed, adapter_gain_kept=closed["merged"] / closed["distilled"],
                       recovery={"steps": recovery.steps, "lr": recovery.lr, "seconds": round(recovery.seconds, 1),
-                                "losses": recovery.losses},
+                                "losses": recovery.losses, "merge_calibration_tokens": recovery.calibration_tokens},
                       engine=engine_figures, **more)
     say(f"[3/3] the gate passed: merged + recovered keeps {100 * record['adapter_gain_kept']:.0f}% of the adapter's "
         f"gain in llmkd (re-quantized only: {100 * closed['requantized'] / closed['distilled']:.0f}%); in {engine_name} "

@@ -29,6 +29,8 @@ BLOCK = 32  # weights per block in every type here
 TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0")
 BLOCK_BYTES = {"q4_0": 18, "q4_1": 20, "q5_0": 22, "q5_1": 24, "q8_0": 34}
 BITS = {"q4_0": 4, "q4_1": 4, "q5_0": 5, "q5_1": 5, "q8_0": 8}
+# The codes `unpack` returns, lowest and highest (q8_0's as llama.cpp's quantizer writes them: +-127).
+CODE_RANGE = {"q4_0": (-8, 7), "q4_1": (0, 15), "q5_0": (-16, 15), "q5_1": (0, 31), "q8_0": (-127, 127)}
 
 
 def ggml_type(name: str):
@@ -102,6 +104,25 @@ def with_scales(packed: torch.Tensor, qtype: str, shape: tuple[int, int], d: tor
     out[..., 0:2] = d.detach().to(torch.float16).reshape(rows, -1, 1).view(torch.uint8)
     if m is not None:
         out[..., 2:4] = m.detach().to(torch.float16).reshape(rows, -1, 1).view(torch.uint8)
+    return out.view(packed.shape)
+
+
+def with_codes(packed: torch.Tensor, qtype: str, shape: tuple[int, int], codes: torch.Tensor) -> torch.Tensor:
+    """A copy of `packed` with its blocks' codes replaced by `codes` ((rows, blocks, 32), as `unpack`
+    returns them), its scales and mins kept."""
+    rows, cols = shape
+    out = packed.clone().view(rows, cols // BLOCK, BLOCK_BYTES[qtype])
+    q = codes.reshape(rows, cols // BLOCK, BLOCK).round().to(torch.int16)
+    if qtype == "q8_0":
+        out[..., 2:] = q.to(torch.int8).view(torch.uint8)
+        return out.view(packed.shape)
+    q = (q + {"q4_0": 8, "q5_0": 16}.get(qtype, 0)).to(torch.uint8)
+    start = {"q4_0": 2, "q4_1": 4, "q5_0": 6, "q5_1": 8}[qtype]
+    out[..., start:] = (q[..., :16] & 0x0F) | ((q[..., 16:] & 0x0F) << 4)
+    if qtype in ("q5_0", "q5_1"):  # the 5th bits: weight i's in bit i of a little-endian 32-bit word
+        bits = ((q >> 4) & 1).view(rows, cols // BLOCK, 4, 8)
+        shifts = torch.arange(8, dtype=torch.uint8, device=q.device)
+        out[..., start - 4 : start] = (bits << shifts).sum(-1).to(torch.uint8)
     return out.view(packed.shape)
 
 

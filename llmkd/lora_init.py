@@ -133,7 +133,7 @@ def first_layer_inputs(model, blocks: torch.Tensor, batch: int) -> tuple[list[to
     return hidden, kwargs
 
 
-def _output(layer, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+def layer_output(layer, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
     out = layer(hidden, **kwargs)
     return out[0] if isinstance(out, tuple) else out
 
@@ -150,7 +150,7 @@ def _relative_error(outputs: list[torch.Tensor], targets: list[torch.Tensor]) ->
 
 
 @contextlib.contextmanager
-def _dropout_off(model):
+def dropout_off(model):
     """Every dropout module of `model` (peft's lora_dropout among them) in eval mode for the block, the
     rest of the model left in its mode: an eval-mode forward would make bitsandbytes repack its CPU
     4-bit weights for inference, which `initialise` refuses."""
@@ -176,7 +176,7 @@ def initialise(student, teacher, blocks: torch.Tensor, *, batch: int, steps: int
     s_layers, t_layers = decoder_layers(student), decoder_layers(teacher)
     if len(s_layers) != len(t_layers):
         raise LlmkdError(f"lora.init activations: student has {len(s_layers)} layers, teacher {len(t_layers)}")
-    with _dropout_off(student):
+    with dropout_off(student):
         report = _fit_layers(student, teacher, s_layers, t_layers, blocks, batch=batch, steps=steps, lr=lr,
                              seed=seed, progress=progress)
     report.seconds = round(time.perf_counter() - start, 2)
@@ -193,9 +193,9 @@ def _fit_layers(student, teacher, s_layers, t_layers, blocks, *, batch, steps, l
     with progress_bar(total=len(s_layers), desc="lora init", unit="layer", disable=not progress) as bar:
         for i, (s_layer, t_layer) in enumerate(zip(s_layers, t_layers)):
             with torch.no_grad():
-                t_out = [_output(t_layer, h, t_kwargs) for h in t_hidden]
+                t_out = [layer_output(t_layer, h, t_kwargs) for h in t_hidden]
                 targets = [t.to(s_hidden[0].dtype) for t in t_out]
-                before = _relative_error([_output(s_layer, h, s_kwargs) for h in s_hidden], targets)
+                before = _relative_error([layer_output(s_layer, h, s_kwargs) for h in s_hidden], targets)
             params = [p for p in s_layer.parameters() if p.requires_grad]
             as_built = [p.detach().clone() for p in params]
             if params and steps:
@@ -203,18 +203,18 @@ def _fit_layers(student, teacher, s_layers, t_layers, blocks, *, batch, steps, l
                 draw = torch.Generator().manual_seed(seed * 1_000_003 + i)
                 for _ in range(steps):
                     j = int(torch.randint(len(s_hidden), (1,), generator=draw))
-                    loss = _token_error(_output(s_layer, s_hidden[j], s_kwargs), targets[j]).mean()
+                    loss = _token_error(layer_output(s_layer, s_hidden[j], s_kwargs), targets[j]).mean()
                     loss.backward()
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
             with torch.no_grad():
-                fitted = [_output(s_layer, h, s_kwargs) for h in s_hidden]
+                fitted = [layer_output(s_layer, h, s_kwargs) for h in s_hidden]
                 after = _relative_error(fitted, targets)
                 kept = after <= before
                 if not kept:  # a diverged fit would pass its error on to every later layer
                     for p, p0 in zip(params, as_built):
                         p.copy_(p0)
-                    fitted = [_output(s_layer, h, s_kwargs) for h in s_hidden]
+                    fitted = [layer_output(s_layer, h, s_kwargs) for h in s_hidden]
             s_hidden, t_hidden = fitted, t_out
             report.layers.append(LayerFit(i, round(before, 6), round(after, 6), kept))
             bar.update(1)

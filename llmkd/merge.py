@@ -5,12 +5,15 @@ Merging a LoRA into quantised weights means quantising them again: each layer's 
 multiplies with it, plus the adapter's delta (peft's `get_delta_weight`), goes through the layer's own
 quantizer (the same GGUF block type; bitsandbytes' 4-bit type, block size and double quantisation; HQQ
 with the same bits and group size). For llmkd's students the delta is smaller than one quantisation
-step, so most of it rounds off. Recovery then trains what stays continuous in the format against the
-teacher's cached targets, the integer codes fixed (EfficientQAT's end-to-end stage): each GGUF block's
-fp16 scale d (and min m for q4_1 and q5_1), each bitsandbytes block's absmax (on its 8-bit grid where
-double-quantised), each HQQ group's scale and zero. The forward uses them as they will be stored (a
-straight-through rounding), so what trains is what ships. The result is one model with no adapter, at
-the base's exact size in bytes.
+step, so most of it rounds off when each weight goes to its nearest code. So the quantizer only sets the
+scales, and the codes on that grid are chosen as GPTQ chooses them (`gptq_codes`), from each layer's
+inputs on transfer-set tokens: a weight's rounding error is carried onto the weights not yet rounded, and
+the layer's output keeps what the adapter changed. Recovery then trains what stays continuous in the
+format against the teacher's cached targets, the integer codes fixed (EfficientQAT's end-to-end stage):
+each GGUF block's fp16 scale d (and min m for q4_1 and q5_1), each bitsandbytes block's absmax (on its
+8-bit grid where double-quantised), each HQQ group's scale and zero. The forward uses them as they will be
+stored (a straight-through rounding), so what trains is what ships. The result is one model with no
+adapter, at the base's exact size in bytes.
 """
 
 from __future__ import annotations
@@ -21,10 +24,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from llmkd import models, quantize
-from llmkd.config import RECOVERY_STEPS, Recipe, recovery_lr
+from llmkd import lora_init, models, quantize
+from llmkd.config import MERGE_CALIBRATION_TOKENS, RECOVERY_STEPS, Recipe, recovery_lr
 from llmkd.errors import LlmkdError
-from llmkd.gguf_quant import GGUFLinear, quantize_rows, unpack, with_scales
+from llmkd.gguf_quant import CODE_RANGE, GGUFLinear, quantize_rows, unpack, with_codes, with_scales
 from llmkd.progress import bar as progress_bar
 
 
@@ -53,11 +56,27 @@ class ScaledBlocks(torch.nn.Module):
         w = w.view(layer.out_features, layer.in_features).to(layer.compute_dtype)
         return torch.nn.functional.linear(x.to(layer.compute_dtype), w, layer.bias).to(x.dtype)
 
+    def grid(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(levels, scale, offset): each weight can be `levels * scale + offset`, with its block's scale and
+        offset (None: 0) as stored, each (out, in)."""
+        layer = self.layer
+        lo, hi = CODE_RANGE[layer.qtype]
+        shape = (layer.out_features, layer.in_features)
+        per_weight = lambda x: self._as_stored(x).detach().expand(self.codes.shape).reshape(shape)  # noqa: E731
+        levels = torch.arange(lo, hi + 1, dtype=torch.float32, device=self.codes.device)
+        return levels, per_weight(self.d), None if self.m is None else per_weight(self.m)
+
+    def set_codes(self, index: torch.Tensor) -> None:
+        """Each weight's code: `index` (out, in) into `grid`'s levels."""
+        lo = CODE_RANGE[self.layer.qtype][0]
+        self.codes = (index + lo).to(torch.int8).view(self.codes.shape)
+
     def settle(self) -> GGUFLinear:
-        """The layer with the trained scales written into its blocks."""
+        """The layer with the codes and the trained scales written into its blocks."""
         layer = self.layer
         shape = (layer.out_features, layer.in_features)
-        layer.weight = with_scales(layer.weight, layer.qtype, shape, self.d, self.m)
+        layer.weight = with_codes(with_scales(layer.weight, layer.qtype, shape, self.d, self.m), layer.qtype, shape,
+                                  self.codes)
         return layer
 
 
@@ -92,9 +111,26 @@ class ScaledGroups(torch.nn.Module):
     def _zero(self) -> torch.Tensor:
         return -self.offset / self.scale
 
+    def grid(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(levels, scale, offset): each weight can be `levels * scale + offset`, with its group's scale and
+        offset as stored, each (out, in)."""
+        shape, codes = self.layer.meta["shape"], self.codes
+        scale, zero = self._as_stored(self.scale).float(), self._as_stored(self._zero()).float()
+        per_weight = lambda x: x.detach().expand(codes.shape).reshape(shape)  # noqa: E731
+        levels = torch.arange(2 ** self.layer.meta["nbits"], dtype=torch.float32, device=codes.device)
+        return levels, per_weight(scale), per_weight(-zero * scale)
+
+    def set_codes(self, index: torch.Tensor) -> None:
+        """Each weight's code: `index` (out, in) into `grid`'s levels."""
+        self.codes = index.to(torch.uint8).view(self.codes.shape)
+
     def settle(self):
-        """The layer with the trained scales and zeros in its meta."""
+        """The layer with the codes packed into W_q, the trained scales and zeros in its meta."""
+        from hqq.core.quantize import Quantizer
+
         layer = self.layer
+        packed = Quantizer.pack[layer.meta["packing"]](self.codes)
+        layer.W_q.data = packed.to(layer.W_q.dtype).view(layer.W_q.shape)
         layer.meta["scale"] = self.scale.detach().to(layer.compute_dtype)
         layer.meta["zero"] = self._zero().detach().to(layer.compute_dtype)
         return layer
@@ -127,6 +163,7 @@ class ScaledAbsmax(torch.nn.Module):
         packed = layer.weight.data.view(torch.uint8).reshape(-1)
         codes = torch.empty(2 * packed.numel(), dtype=torch.uint8, device=packed.device)
         codes[::2], codes[1::2] = packed >> 4, packed & 0xF  # the first of each pair in the high nibble
+        self.register_buffer("codes", codes)
         # Each weight's code value, looked up once (fp32 holds NF4's and FP4's values exactly).
         self.register_buffer("levels", state.code.float()[codes[: state.shape.numel()].long()])
         absmax = F.dequantize_blockwise(state.absmax, state.state2) + state.offset if state.nested else state.absmax
@@ -158,9 +195,24 @@ class ScaledAbsmax(torch.nn.Module):
         bias = None if layer.bias is None else layer.bias.to(layer.compute_dtype)
         return torch.nn.functional.linear(x.to(layer.compute_dtype), w, bias).to(x.dtype)
 
+    def grid(self) -> tuple[torch.Tensor, torch.Tensor, None]:
+        """(levels, scale, None): each weight can be `levels * scale`, with its block's absmax as stored as
+        the scale, (out, in)."""
+        state = self.layer.weight.quant_state
+        scale = self._as_stored(self.absmax).detach().repeat_interleave(state.blocksize)[: self.levels.numel()]
+        return state.code.float(), scale.view(state.shape), None
+
+    def set_codes(self, index: torch.Tensor) -> None:
+        """Each weight's code: `index` (out, in) into `grid`'s levels."""
+        index = index.flatten()
+        self.codes[: index.numel()] = index.to(torch.uint8)
+        self.levels = self.layer.weight.quant_state.code.float()[index]
+
     def settle(self):
-        """The layer with the trained absmax in its quant state (as 8-bit codes where it is nested)."""
+        """The layer with the codes packed into its weight, the trained absmax in its quant state (as 8-bit
+        codes where it is nested)."""
         state, absmax = self.layer.weight.quant_state, self.absmax.detach().float()
+        self.layer.weight.data.view(torch.uint8).view(-1).copy_((self.codes[::2] << 4) | self.codes[1::2])
         state.absmax = self._absmax_codes(absmax) if state.nested else absmax
         return self.layer
 
@@ -187,18 +239,27 @@ def _trainable(layer) -> torch.nn.Module:
     return ScaledAbsmax(layer) if isinstance(layer, Linear4bit) else ScaledGroups(layer)
 
 
-def _requantized(layer, delta: torch.Tensor):
-    """`layer`'s weight plus `delta`, quantised again by the layer's own quantizer."""
+def _weight(layer) -> torch.Tensor:
+    """`layer`'s weight as its engine multiplies with it, fp32 (out, in)."""
+    import bitsandbytes as bnb
+
+    if isinstance(layer, bnb.nn.Linear4bit):
+        p = _stored_4bit(layer).weight
+        return bnb.functional.dequantize_4bit(p.data, p.quant_state).float()
+    return layer.dequantize().float()
+
+
+def _requantized(layer, merged: torch.Tensor):
+    """`layer` holding the weight `merged` (fp32, (out, in)), quantised by the layer's own quantizer."""
     import bitsandbytes as bnb
 
     if isinstance(layer, GGUFLinear):
-        layer.weight = quantize_rows(layer.dequantize() + delta.cpu(), layer.qtype).to(layer.weight.device)
+        layer.weight = quantize_rows(merged.cpu(), layer.qtype).to(layer.weight.device)
         return layer
     if isinstance(layer, bnb.nn.Linear4bit):
         p = _stored_4bit(layer).weight
-        merged = bnb.functional.dequantize_4bit(p.data, p.quant_state).float() + delta.to(p.device)
         data, state = bnb.functional.quantize_4bit(
-            merged.to(p.quant_state.dtype), blocksize=p.blocksize, compress_statistics=p.compress_statistics,
+            merged.to(p.device, p.quant_state.dtype), blocksize=p.blocksize, compress_statistics=p.compress_statistics,
             quant_type=p.quant_type, quant_storage=p.quant_storage)
         layer.weight = bnb.nn.Params4bit(data, requires_grad=False, quant_state=state, blocksize=p.blocksize,
                                          compress_statistics=p.compress_statistics, quant_type=p.quant_type,
@@ -209,11 +270,39 @@ def _requantized(layer, delta: torch.Tensor):
     dtype = layer.compute_dtype
     linear = torch.nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, dtype=dtype,
                              device=layer.W_q.device)
-    linear.weight.copy_((layer.dequantize().float() + delta.to(layer.W_q.device)).to(dtype))
+    linear.weight.copy_(merged.to(linear.weight.device, dtype))
     if layer.bias is not None:
         linear.bias.copy_(layer.bias)
     config = {**layer.quant_config, "offload_meta": layer.offload_meta}  # HQQLinear pops it from the one it keeps
     return HQQLinear(linear, quant_config=config, compute_dtype=dtype, device=layer.device, del_orig=True)
+
+
+def gptq_codes(target: torch.Tensor, hessian: torch.Tensor, levels: torch.Tensor, scale: torch.Tensor,
+               offset: torch.Tensor | None = None, *, block: int = 128, damp: float = 0.01) -> torch.Tensor:
+    """The codes of `target` (out, in) on a fixed grid, each weight `levels[code] * scale + offset` (scale and
+    offset (out, in)), as an index into `levels`. Chosen column by column as GPTQ does: a column goes to its
+    nearest levels, and its rounding error is spread over the columns not yet rounded through the inverse of
+    `hessian` (the layer inputs' X^T X), so that the layer's output on those inputs moves least. With
+    uncorrelated inputs (a diagonal hessian) this is rounding to nearest."""
+    w = target.float().clone()
+    rows, cols = w.shape
+    h = hessian.float().clone()
+    dead = h.diagonal() == 0  # inputs that never fire: their weights cannot matter
+    h[dead, dead] = 1.0
+    h.diagonal().add_(damp * h.diagonal().mean())
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    index = torch.empty(rows, cols, dtype=torch.long, device=w.device)
+    for i in range(0, cols, block):  # GPTQ's lazy batch: the columns past the block updated once per block
+        j = min(i + block, cols)
+        errors = torch.empty(rows, j - i, device=w.device)
+        for k in range(i, j):
+            values = levels * scale[:, k : k + 1] + (0 if offset is None else offset[:, k : k + 1])
+            index[:, k] = (values - w[:, k : k + 1]).abs().argmin(1)
+            error = (w[:, k] - values.gather(1, index[:, k : k + 1]).squeeze(1)) / u[k, k]
+            w[:, k:j] -= error[:, None] * u[k, k:j][None, :]
+            errors[:, k - i] = error
+        w[:, j:] -= errors @ u[i:j, j:]
+    return index
 
 
 def _replace(model, kind, make) -> int:
@@ -221,23 +310,61 @@ def _replace(model, kind, make) -> int:
     return quantize.replace_children(model, lambda m: isinstance(m, kind), lambda _, m: make(m))
 
 
-def merge_requantized(student) -> torch.nn.Module:
-    """The base model under `student` (a PeftModel over GGUF, bitsandbytes 4-bit or HQQ layers) with each adapted layer
-    replaced by the merged weight quantised again by its own quantizer (no adapter left)."""
+def merge_requantized(student, blocks: torch.Tensor | None = None, *, batch: int = 4,
+                      progress: bool = False) -> torch.nn.Module:
+    """The base model under `student` (a PeftModel over GGUF, bitsandbytes 4-bit or HQQ layers) with each adapted
+    layer replaced by the merged weight quantised again by its own quantizer (no adapter left).
+
+    Without `blocks` each merged weight is rounded to its nearest codes. With `blocks` (calibration token ids, as
+    `lora_init.calibration_blocks` cuts them) the quantizer still sets the scales, and the codes on that grid are
+    chosen by `gptq_codes`, decoder layer by decoder layer: a layer's inputs are the hidden states that the
+    layers merged before it hand on, so that it also absorbs their rounding. One layer's statistics at a time."""
     from peft.tuners.lora import LoraLayer
 
     base = student.get_base_model()
+    hessians: dict = {}
 
     def merged(lora: LoraLayer):
         layer = lora.get_base_layer()
         if not isinstance(layer, _mergeable_types()):
             raise LlmkdError(f"merging into {type(layer).__name__} layers is not supported: "
                              "GGUF, bitsandbytes 4-bit (nf4, fp4) and HQQ students only")
-        delta = sum(lora.get_delta_weight(name).float() for name in lora.active_adapters)
-        return _requantized(layer, delta)
+        weight = _weight(layer)
+        target = weight + sum(lora.get_delta_weight(name).float() for name in lora.active_adapters).to(weight.device)
+        layer = _requantized(layer, target)
+        if lora not in hessians:
+            return layer
+        wrapper = _trainable(layer)
+        wrapper.set_codes(gptq_codes(target, hessians.pop(lora), *wrapper.grid()))
+        return wrapper.settle()
+
+    def accumulate(module, args):
+        x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+        hessians[module] = x.t() @ x + hessians.get(module, 0)
 
     with torch.no_grad():
-        _replace(base, LoraLayer, merged)
+        if blocks is not None:
+            mode = student.training
+            student.train()  # bitsandbytes repacks (and rounds) a CPU 4-bit layer at its first eval-mode forward
+            with lora_init.dropout_off(student):
+                hidden, kwargs = lora_init.first_layer_inputs(student, blocks, batch)
+                layers = lora_init.decoder_layers(student)
+                with progress_bar(total=len(layers), desc="merging on calibration inputs", unit="layer",
+                                  disable=not progress) as bar:
+                    for layer in layers:
+                        handles = [m.register_forward_pre_hook(accumulate) for m in layer.modules()
+                                   if isinstance(m, LoraLayer)]
+                        try:
+                            for h in hidden:
+                                lora_init.layer_output(layer, h, kwargs)
+                        finally:
+                            for handle in handles:
+                                handle.remove()
+                        _replace(layer, LoraLayer, merged)
+                        hidden = [lora_init.layer_output(layer, h, kwargs) for h in hidden]
+                        bar.update(1)
+            student.train(mode)
+        _replace(base, LoraLayer, merged)  # every adapted layer left (all of them without calibration)
     return base
 
 
@@ -247,6 +374,7 @@ class Recovery:
     lr: float
     seconds: float
     losses: list[float] = field(default_factory=list)
+    calibration_tokens: int = 0  # those the merge chose its codes on (0: rounded to nearest)
 
     def line(self) -> str:
         first, last = np.mean(self.losses[:8]), np.mean(self.losses[-8:])
@@ -295,11 +423,19 @@ def recover(model, recipe: Recipe, tokenizer, *, steps: int = RECOVERY_STEPS, lr
 
 
 def merged_students(recipe: Recipe, adapter, tokenizer, *, steps: int = RECOVERY_STEPS, lr: float | None = None,
-                    progress: bool = True):
-    """(merged and re-quantized, merged and recovered, Recovery) of the run's student and adapter."""
+                    calibration_tokens: int = MERGE_CALIBRATION_TOKENS, progress: bool = True):
+    """(merged and re-quantized, merged and recovered, Recovery) of the run's student and adapter. The merge
+    chooses its codes on `calibration_tokens` of the transfer set (0: rounds to nearest)."""
     import copy
 
-    requantized = merge_requantized(models.load_student(recipe.model, adapter=adapter))
+    from llmkd.train import TrainingData
+
+    blocks = None  # one block a forward: a small transfer set still gives every block it holds
+    if calibration_tokens:
+        blocks = lora_init.calibration_blocks(TrainingData.open(recipe, tokenizer).examples, calibration_tokens, 1)
+    student = models.load_student(recipe.model, adapter=adapter)
+    requantized = merge_requantized(student, blocks, batch=1, progress=progress)
     recovered = copy.deepcopy(requantized)
     recovery = recover(recovered, recipe, tokenizer, steps=steps, lr=lr, progress=progress)
+    recovery.calibration_tokens = 0 if blocks is None else blocks.numel()
     return requantized, recovered, recovery

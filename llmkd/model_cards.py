@@ -90,6 +90,8 @@ def merged_model_card(recipe: Recipe, record: dict) -> str:
     q = recipe.model.quant.removeprefix("gguf-").upper() if gguf else recipe.model.quant
     r = record["recovery"]
     what = "block scales" if gguf else "block absmax"
+    n = r.get("merge_calibration_tokens", 0)
+    codes = f" (codes chosen GPTQ's way on {n:,} transfer-set tokens)" if n else ""
     rows = "\n".join(
         f"| {label} | {o[tag]['kl']:.4f} | {100 * o[tag]['top1_agreement']:.1f}% | "
         f"{'' if tag == 'student' else f'{100 * closed[tag]:.1f}%'} |"
@@ -100,7 +102,7 @@ def merged_model_card(recipe: Recipe, record: dict) -> str:
         head = f"""# {recipe.name}: {recipe.model.name}, distilled into one {q} file, for llama.cpp
 
 `model.gguf` holds no adapter and has the base's exact size: the distilled adapter was merged into the
-weights, which were quantized again to {q}, and then each block's scale was trained against the teacher"""
+weights, which were quantized again to {q}{codes}, and then each block's scale was trained against the teacher"""
         run = """## Run it
 
     llama-cli -m model.gguf
@@ -115,8 +117,8 @@ weights, which were quantized again to {q}, and then each block's scale was trai
         head = f"""# {recipe.name}: {recipe.model.name}, distilled into one {q} checkpoint, for transformers and vLLM
 
 This folder holds no adapter, and its tensors take the base's bytes ({b['merged']:,} of them): the
-distilled adapter was merged into the weights, which bitsandbytes quantized again to {q}, and then each
-block's absmax was trained against the teacher"""
+distilled adapter was merged into the weights, which bitsandbytes quantized again to {q}{codes}, and then
+each block's absmax was trained against the teacher"""
         run = """## Load it
 
 ```python

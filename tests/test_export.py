@@ -8,7 +8,7 @@ import torch
 
 from conftest import REPO, stand_in_overrides
 from llmkd import builder, export, models, train
-from llmkd.config import load_recipe
+from llmkd.config import MERGE_CALIBRATION_TOKENS, load_recipe
 from llmkd.errors import LlmkdError
 
 TINY = ["name=tiny", "transfer_set.out=", "transfer_set.start=746", "transfer_set.count=4", "transfer_set.batch_size=4",
@@ -78,6 +78,7 @@ def test_a_merged_nf4_student_loads_in_plain_transformers_at_the_base_s_size(fin
     assert not (out / "adapter").exists() and (out / "generation_config.json").is_file()
     assert record["weight_bytes"]["merged"] == record["weight_bytes"]["base"] > 0
     assert record["recovery"]["steps"] == 3 and len(record["recovery"]["losses"]) == 3
+    assert 0 < record["recovery"]["merge_calibration_tokens"] <= MERGE_CALIBRATION_TOKENS  # the tiny set's, in blocks
     for tag, ours in (("student", "student"), ("distilled", "merged")):  # the engine scores what llmkd did
         assert record["engine"][tag]["kl"] == pytest.approx(record["llmkd"][ours]["kl"], rel=1e-4, abs=1e-7)
         assert record["engine"][tag]["same_output_as_llmkd"] == 1.0

@@ -173,6 +173,8 @@ def test_export_to_gguf_is_gated_in_llama_cpp(stand_in, tmp_path):
     # --to merged: one GGUF file at the base's size, gated in llama.cpp against the base.
     with pytest.raises(LlmkdError, match="--recovery-steps: only with --to merged"):
         export.export(recipe, out=tmp_path / "x", check=2, recovery_steps=4, say=lambda _: None)
+    with pytest.raises(LlmkdError, match=r"--merge-tokens must be > 0 \(or 0\), got -1"):
+        export.export(recipe, to="merged", out=tmp_path / "x", check=2, merge_tokens=-1, say=lambda _: None)
     merged = export.export(recipe, to="merged", out=tmp_path / "merged", check=2, gguf_metadata=models.embedded_gguf(),
                            recovery_steps=4, say=lambda _: None)
     record = json.loads((merged / "export.json").read_text())
@@ -214,3 +216,24 @@ def test_new_scales_go_back_into_the_blocks(qtype):
     codes2, d2, m2 = gguf_quant.unpack(changed, qtype, (8, 64))
     assert torch.equal(codes2, codes) and torch.equal(d2, (d * 2).half().float())
     assert torch.equal(gguf_quant.dequantize(changed, qtype, (8, 64)), gguf_quant.dequantize(packed, qtype, (8, 64)) * 2)
+
+
+@pytest.mark.parametrize("qtype", gguf_quant.TYPES)
+def test_new_codes_go_back_into_the_blocks(qtype):
+    w = _weights(8, 64)
+    packed = gguf_quant.quantize_rows(w, qtype)
+    codes, d, m = gguf_quant.unpack(packed, qtype, (8, 64))
+    lo, hi = gguf_quant.CODE_RANGE[qtype]
+    assert lo <= codes.min() and codes.max() <= hi  # llama.cpp's quantizer stays in the range
+    assert torch.equal(gguf_quant.with_codes(packed, qtype, (8, 64), codes), packed)  # unchanged: the same bytes
+    new = torch.randint(lo, hi + 1, codes.shape, generator=torch.Generator().manual_seed(0)).float()
+    changed = gguf_quant.with_codes(packed, qtype, (8, 64), new)
+    codes2, d2, m2 = gguf_quant.unpack(changed, qtype, (8, 64))
+    assert torch.equal(codes2, new) and torch.equal(d2, d) and (m is None or torch.equal(m2, m))
+    # gguf's own dequantisation reads the new codes: an independent reader of the same bytes
+    from gguf import quants
+
+    expected = d * new if m is None else d * new + m
+    theirs = quants.dequantize(changed.numpy(), gguf_quant.ggml_type(qtype))
+    torch.testing.assert_close(torch.from_numpy(np.ascontiguousarray(theirs, dtype=np.float32)), expected.view(8, 64),
+                               rtol=0, atol=0)

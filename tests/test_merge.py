@@ -122,3 +122,55 @@ def _stored(layer) -> list[torch.Tensor]:
         state = layer.weight.quant_state
         return [layer.weight.data, state.absmax, *((state.state2.absmax, state.offset) if state.nested else ())]
     return [layer.W_q, layer.meta["scale"], layer.meta["zero"]]
+
+
+def test_gptq_codes_round_to_nearest_on_uncorrelated_inputs_and_move_the_output_less_on_correlated_ones():
+    g = torch.Generator().manual_seed(0)
+    rows, cols = 16, 96
+    target = torch.randn(rows, cols, generator=g)
+    levels = torch.tensor([-1.0, -0.6, -0.3, -0.1, 0.0, 0.15, 0.4, 0.7, 1.0])  # uneven, as NF4's
+    scale = (0.5 + torch.rand(rows, cols // 32, generator=g)).repeat_interleave(32, dim=1)  # one per block of 32
+    offset = 0.1 * torch.randn(rows, cols // 32, generator=g).repeat_interleave(32, dim=1)
+    values = lambda index: levels[index] * scale + offset  # noqa: E731
+    nearest = ((levels * scale[..., None] + offset[..., None]) - target[..., None]).abs().argmin(-1)
+
+    diagonal = torch.diag(torch.rand(cols, generator=g) + 0.1)
+    assert torch.equal(merge.gptq_codes(target, diagonal, levels, scale, offset, block=32), nearest)
+
+    x = torch.randn(512, 8, generator=g) @ torch.randn(8, cols, generator=g) + 0.1 * torch.randn(512, cols, generator=g)
+    codes = merge.gptq_codes(target, x.t() @ x, levels, scale, offset, block=32)
+    assert codes.min() >= 0 and codes.max() < len(levels)
+    error = lambda index: ((values(index) - target) @ x.t()).pow(2).sum()  # noqa: E731
+    assert error(codes) < 0.5 * error(nearest)
+    # the block size only orders the arithmetic
+    assert (merge.gptq_codes(target, x.t() @ x, levels, scale, offset, block=96) != codes).float().mean() < 0.01
+
+
+@pytest.mark.parametrize("quant", ["gguf-q4_0", "hqq4", "nf4", "fp4"])
+def test_a_calibrated_merge_keeps_the_quantizers_scales_and_moves_the_logits_less(stand_in, tmp_path, quant):
+    import copy
+
+    from llmkd import lora_init
+
+    cfg = ModelConfig(name=str(stand_in), quant=quant, teacher_dtype="float32", compute_dtype="float32")
+    student = _random_adapter(models.load_student(cfg), tmp_path / "adapter").train()
+    g = torch.Generator().manual_seed(0)
+    vocab = student.config.vocab_size
+    calibration, held_out = torch.randint(0, vocab, (48, 64), generator=g), torch.randint(0, vocab, (8, 64), generator=g)
+    with torch.no_grad(), lora_init.dropout_off(student):  # train mode: bitsandbytes' CPU repack kept out
+        adapted = student(input_ids=held_out).logits
+    nearest = merge.merge_requantized(copy.deepcopy(student))
+    calibrated = merge.merge_requantized(student, calibration, batch=4)
+    kind = type(nearest.model.layers[0].self_attn.q_proj)
+    pairs = [(m, calibrated.get_submodule(name)) for name, m in _layers(nearest, kind).items()]
+    assert len(pairs) == 14 and all(isinstance(c, kind) for _, c in pairs)
+    changed = 0
+    for n, c in pairs:
+        for a, b in zip(merge._trainable(n).grid()[1:], merge._trainable(c).grid()[1:]):
+            assert (a is None and b is None) or torch.equal(a, b)  # the scales are the quantizer's
+        changed += not torch.equal(_codes(n), _codes(c))
+    assert changed == len(pairs)
+    with torch.no_grad():
+        error = {name: (m.train()(input_ids=held_out).logits - adapted).pow(2).mean().item()
+                 for name, m in (("nearest", nearest), ("calibrated", calibrated))}
+    assert error["calibrated"] < 0.9 * error["nearest"], error
