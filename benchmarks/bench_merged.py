@@ -76,8 +76,10 @@ def main(argv=None) -> int:
           f"{figures['student']['tokens']} response tokens\n")
     print("| model | KL to the teacher | top-1 | gap closed | adapter's gain kept |")
     print("|---|---:|---:|---:|---:|")
+    codes = f"codes chosen on {recovery.calibration_tokens:,} tokens" if recovery.calibration_tokens else "rounded to nearest"
     labels = {"student": f"base ({recipe.model.quant})", "distilled": "base + adapter (unmerged)",
-              "requantized": "merged, quantized again (" + (f"codes chosen on {args.merge_tokens:,} tokens)" if args.merge_tokens else "rounded to nearest)"), "recovered": f"merged + recovered ({recovery.steps} steps, lr {recovery.lr:g})"}
+              "requantized": f"merged, quantized again ({codes})",
+              "recovered": f"merged + recovered ({recovery.steps} steps, lr {recovery.lr:g})"}
     for tag, label in labels.items():
         f = figures[tag]
         kept = "" if tag == "student" else f"{100 * closed[tag] / closed['distilled']:.0f}%"

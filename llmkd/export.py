@@ -21,10 +21,10 @@
 
 `--to merged` writes one model with no adapter, at the base's size: the adapter merged, the weights
 quantised again (the codes chosen on `--merge-tokens` transfer-set tokens), the format's scales recovered
-against the teacher (`llmkd.merge`), with README.md and
-export.json holding base, adapter, merged and recovered figures. GGUF students: one model.gguf, gated in
-llama.cpp; nf4 and fp4 students: one bitsandbytes checkpoint (config.json, model.safetensors, tokenizer,
-generation_config.json), gated in transformers beside the base.
+against the teacher (`llmkd.merge`), with README.md and export.json holding base, adapter, merged and
+recovered figures. GGUF students: one model.gguf, gated in llama.cpp; nf4 and fp4 students: one
+bitsandbytes checkpoint (config.json, model.safetensors, tokenizer, generation_config.json), gated in
+transformers beside the base.
 
 The fidelity gate: before anything is published, a fresh Python process loads the folder with plain
 transformers + peft (`llmkd/export_check.py`, which imports nothing of llmkd), scores held-out KL to the
@@ -259,11 +259,12 @@ def export(recipe: Recipe, *, to: str | None = None, out: str | Path, check: int
     if check <= 0:
         raise LlmkdError(f"--check must be > 0, got {check}")
     to = to or engine_of(recipe)
-    for flag, value in (("--recovery-steps", recovery_steps), ("--recovery-lr", recovery_lr), ("--merge-tokens", merge_tokens)):
+    for flag, value, zero_too in (("--recovery-steps", recovery_steps, False), ("--recovery-lr", recovery_lr, False),
+                                  ("--merge-tokens", merge_tokens, True)):  # 0 tokens: rounded to nearest
         if value is not None and to != "merged":
             raise LlmkdError(f"{flag}: only with --to merged (the merge and its recovery), not --to {to}")
-        if value is not None and not (value > 0 or (flag == "--merge-tokens" and value == 0)):
-            raise LlmkdError(f"{flag} must be > 0{' (or 0)' if flag == '--merge-tokens' else ''}, got {value}")
+        if value is not None and not (value > 0 or (zero_too and value == 0)):
+            raise LlmkdError(f"{flag} must be > 0{' (or 0)' if zero_too else ''}, got {value}")
     merging = {"steps": recovery_steps or RECOVERY_STEPS, "lr": recovery_lr or default_recovery_lr(recipe.model.quant),
                "calibration_tokens": MERGE_CALIBRATION_TOKENS if merge_tokens is None else merge_tokens}
     adapter = check_exportable(recipe, to)
