@@ -171,10 +171,11 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", nargs="*", metavar="RUN_OR_RECIPE [key=value ...]",
                    help="a finished run folder (runs/<name>) or its recipe, and dotted overrides")
     p.add_argument("--to", default=None, metavar="FORMAT",
-                   help="transformers: the bitsandbytes student + the unmerged adapter (the default for nf4, fp4, int8); "
-                        "gguf: llama.cpp's base file + LoRA file (the default for gguf-* students); merged: one model, no "
-                        "adapter, the adapter merged and the block scales recovered against the teacher (gguf-* "
-                        "students: one GGUF file; nf4, fp4: one bitsandbytes checkpoint)")
+                   help="transformers: the student in its library's serialization (bitsandbytes: nf4, fp4, int8; "
+                        "HQQ: hqq*) + the unmerged adapter (their default); gguf: llama.cpp's base file + LoRA file "
+                        "(the default for gguf-* students); merged: one model, no adapter, the adapter merged and the "
+                        "format's scales recovered against the teacher (gguf-* students: one GGUF file; nf4, fp4, hqq*: "
+                        "one checkpoint in their library's serialization)")
     p.add_argument("--out", required=True, help="the folder to publish (new, or an earlier export of the same run)")
     p.add_argument("--check", type=int, default=32,
                    help="held-out rows the fidelity gate scores in llmkd and in the engine (default 32)")
@@ -182,10 +183,10 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
                    help="--to gguf: a GGUF of the same model to copy its tokenizer from "
                         "(the embedded default brings its own; llama.cpp's convert_hf_to_gguf.py makes one)")
     p.add_argument("--recovery-steps", type=int, default=None, metavar="N",
-                   help=f"--to merged: steps of training the block scales after merging (default {RECOVERY_STEPS}; "
+                   help=f"--to merged: steps of training the scales after merging (default {RECOVERY_STEPS}; "
                         "longer keeps more of the adapter's gain, benchmarks/results.md)")
     p.add_argument("--recovery-lr", type=float, default=None, metavar="LR",
-                   help=f"--to merged: Adam's learning rate for the block scales (default {RECOVERY_LR['scales']:g}; "
+                   help=f"--to merged: Adam's learning rate for the scales (default {RECOVERY_LR['scales']:g}; "
                         f"{RECOVERY_LR['absmax']:g} for nf4 and fp4, whose block absmax is about 8x a block scale)")
     p.add_argument("--merge-tokens", type=int, default=None, metavar="N",
                    help=f"--to merged: transfer-set tokens whose layer inputs choose the merged weights' codes, GPTQ's "

@@ -3,10 +3,11 @@
     llmkd export runs/chat-example --to transformers --out exports/chat-example
     llmkd export recipes/chat-example.yaml --out exports/chat-example --check 32
 
-`--to transformers` (bitsandbytes students: nf4, fp4, int8) writes
+`--to transformers` (bitsandbytes students: nf4, fp4, int8; HQQ students) writes
 
     config.json, model.safetensors   the quantised student exactly as trained against, in bitsandbytes'
-                                     own serialization (its quantization_config inside config.json)
+                                     own serialization (its quantization_config inside config.json), or
+                                     HQQ's (`llmkd.export_hqq`: hqq's layer state dicts, which vLLM reads)
     adapter/                         the distilled LoRA adapter, unmerged (merging into 4-bit weights
                                      re-rounds them and loses most of the adapter's correction)
     tokenizer files                  with the chat template the run rendered its data with
@@ -22,12 +23,13 @@
 `--to merged` writes one model with no adapter, at the base's size: the adapter merged, the weights
 quantised again (the codes chosen on `--merge-tokens` transfer-set tokens), the format's scales recovered
 against the teacher (`llmkd.merge`), with README.md and export.json holding base, adapter, merged and
-recovered figures. GGUF students: one model.gguf, gated in llama.cpp; nf4 and fp4 students: one
-bitsandbytes checkpoint (config.json, model.safetensors, tokenizer, generation_config.json), gated in
-transformers beside the base.
+recovered figures. GGUF students: one model.gguf, gated in llama.cpp; nf4, fp4 and HQQ students: one
+checkpoint in their library's serialization (config.json, model.safetensors, tokenizer,
+generation_config.json), gated in transformers beside the base.
 
 The fidelity gate: before anything is published, a fresh Python process loads the folder with plain
-transformers + peft (`llmkd/export_check.py`, which imports nothing of llmkd), scores held-out KL to the
+transformers + peft (`llmkd/export_check.py`, which imports nothing of llmkd; HQQ's layers through hqq's
+own `load_state_dict`, as transformers 5.2x loads no HQQ config), scores held-out KL to the
 teacher and top-1 agreement on `--check` held-out rows for the base and the distilled student, and
 completes the first GENERATED_ROWS prompts with `generate` and the folder's generation config; llmkd's
 own evaluator scores the same rows and generates on the same prompts. The folder is published
@@ -36,8 +38,7 @@ For gguf the engine is llama.cpp, whose CPU kernels round activations to 8 bits 
 weight: its figures cannot equal llmkd's token for token. So the gate is two checks. Exact: an all-F32
 copy of the same weights and adapter (F32 KV cache) gives llmkd's fp32 log-probabilities of every
 response token. Statistical: on the quantised files, the adapter closes within a few points the share
-of the base's KL gap that it closes in llmkd, and lowers the KL. HQQ students are refused in one line
-(no engine here loads HQQ's serialization without pickles); `benchmarks/bench_merged.py` measures their merge.
+of the base's KL gap that it closes in llmkd, and lowers the KL.
 """
 
 from __future__ import annotations
@@ -100,6 +101,10 @@ def engine_of(recipe: Recipe) -> str:
     return "gguf" if recipe.model.quant.startswith("gguf-") else "transformers"
 
 
+def hqq_student(recipe: Recipe) -> bool:
+    return recipe.model.quant.startswith("hqq")
+
+
 def check_exportable(recipe: Recipe, to: str) -> Path:
     """The run's adapter folder, if `recipe`'s run can go to `to`; a one-line error saying why not otherwise."""
     if to not in FORMATS:
@@ -110,14 +115,9 @@ def check_exportable(recipe: Recipe, to: str) -> Path:
                          "lose the adapter's correction; train model.quant=gguf-q4_0 (or gguf-q4_1, q5_0, q5_1, q8_0)")
     if to == "transformers" and gguf_student:
         raise LlmkdError(f"model.quant {recipe.model.quant}: a GGUF student goes to llama.cpp; export --to gguf")
-    if to == "merged" and not (gguf_student or recipe.model.quant in ABSMAX_QUANTS):
-        instead = ("benchmarks/bench_merged.py measures an HQQ student's merge, which no engine here loads"
-                   if recipe.model.quant.startswith("hqq") else "export --to transformers, which keeps the adapter unmerged")
-        raise LlmkdError(f"--to merged: llmkd ships merged GGUF students (model.quant gguf-q4_0 etc.) and merged "
-                         f"{' and '.join(ABSMAX_QUANTS)} students, not {recipe.model.quant}; {instead}")
-    if recipe.model.quant.startswith("hqq"):
-        raise LlmkdError(f"model.quant {recipe.model.quant}: HQQ students do not export to transformers' "
-                         "bitsandbytes format; train model.quant=nf4 (or fp4, int8) to export --to transformers")
+    if to == "merged" and not (gguf_student or hqq_student(recipe) or recipe.model.quant in ABSMAX_QUANTS):
+        raise LlmkdError(f"--to merged: llmkd ships merged GGUF, HQQ and {' and '.join(ABSMAX_QUANTS)} students, not "
+                         f"{recipe.model.quant}; export --to transformers, which keeps the adapter unmerged")
     adapter = recipe.layout.adapter
     if not (adapter / "adapter_config.json").is_file():
         state = "an unfinished run (checkpoints, no final adapter)" if recipe.layout.checkpoints.is_dir() else "no run"
@@ -167,7 +167,7 @@ def ours(recipe: Recipe, adapter: Path, rows: list[dict], teacher=None) -> dict:
     student = models.load_student(recipe.model, adapter=adapter)
     tokenizer = models.load_tokenizer(recipe.model)
     # GGUF layers dequantized once give bitwise the numbers of their per-call forward (tests/test_gguf.py);
-    # bitsandbytes' layers keep their own kernels, which the transformers engine runs too.
+    # bitsandbytes' and HQQ's layers keep their own kernels, which the transformers engine runs too.
     with fastpath.dequantized_once(student, enabled=recipe.model.quant.startswith("gguf-")):
         figures = score_rows(recipe, teacher, student, tokenizer, rows, ["student", "distilled"])
         for tag, shown in figures.items():
@@ -285,9 +285,10 @@ def export(recipe: Recipe, *, to: str | None = None, out: str | Path, check: int
         t0 = time.perf_counter()
         say(f"[1/3] writing the {recipe.model.quant} student, its adapter and tokenizer -> {out}")
         _write_folder(tmp, recipe, adapter, tokenizer)
-        say(f"[2/3] scoring {len(rows)} held-out rows in llmkd and, in a fresh process, in transformers + peft")
+        name = _engine_name(recipe, "peft")
+        say(f"[2/3] scoring {len(rows)} held-out rows in llmkd and, in a fresh process, in {name}")
         llmkd_figures = ours(recipe, adapter, rows)
-        engine_figures = engine(tmp, recipe, rows)
+        engine_figures = engine(tmp, recipe, rows, name=name)
         _passed(gate(to, llmkd_figures, engine_figures, sources.stop_strings(recipe.data)), TOLERANCE[to])
         _publish(tmp, out, recipe, identity, rows, t0, model_card, llmkd=llmkd_figures, engine=engine_figures)
         say("[3/3] the gate passed: " + "; ".join(
@@ -435,8 +436,8 @@ def _export_merged(recipe: Recipe, adapter: Path, out: Path, rows: list[dict], m
 
 def _export_merged_transformers(recipe: Recipe, adapter: Path, out: Path, rows: list[dict], identity: dict,
                                 merging: dict, say) -> Path:
-    """`--to merged` (bitsandbytes nf4 and fp4 students): one quantised checkpoint with no adapter, the
-    adapter merged and each block's absmax recovered (llmkd/merge.py), gated in transformers against the
+    """`--to merged` (bitsandbytes nf4 and fp4 students, HQQ students): one quantised checkpoint with no adapter,
+    the adapter merged and the quantizer's scales recovered (llmkd/merge.py), gated in transformers against the
     base as `--to transformers` gates the adapter, then published."""
     from llmkd import merge
 
@@ -445,24 +446,24 @@ def _export_merged_transformers(recipe: Recipe, adapter: Path, out: Path, rows: 
         t0 = time.perf_counter()
         tokenizer = models.load_tokenizer(recipe.model)
         say(f"[1/3] merging the adapter into the {recipe.model.quant} weights, quantizing again, recovering the "
-            f"block absmax ({_merging_line(merging)}) -> {out}")
+            f"{'group scales and zeros' if hqq_student(recipe) else 'block absmax'} ({_merging_line(merging)}) -> {out}")
         _write_folder(base_dir, recipe, None, tokenizer)  # the engine's reference: the base as trained against
         requantized, recovered, recovery = merge.merged_students(recipe, adapter, tokenizer, **merging)
         say(recovery.line())
         # Written before anything runs it: bitsandbytes' CPU inference repacks the weights at the first forward.
-        recovered.save_pretrained(tmp)
+        _save_student(recovered, tmp)
         _write_tokenizer_and_decoding(tmp, recipe, tokenizer)
         say(f"[2/3] scoring {len(rows)} held-out rows: base, adapter, merged, merged + recovered in llmkd; "
-            "base and merged in a fresh process in transformers")
+            f"base and merged in a fresh process in {_engine_name(recipe)}")
         figures = _merged_figures(recipe, adapter, rows, tokenizer, requantized, recovered)
         figures["merged"]["outputs"] = greedy_outputs(recipe, recovered, tokenizer, rows)
         del requantized, recovered
         models.release_memory()
         engine_figures = engine(tmp, recipe, rows, extra=("--export", str(tmp), "--base", str(base_dir)),
-                                name="plain transformers")
+                                name=_engine_name(recipe))
         gated = {"student": figures["student"], "distilled": figures["merged"]}
         _passed(gate("transformers", gated, engine_figures, sources.stop_strings(recipe.data)), TOLERANCE["transformers"])
-        _publish_merged(tmp, out, recipe, identity, rows, t0, figures, recovery, engine_figures, "transformers", say,
+        _publish_merged(tmp, out, recipe, identity, rows, t0, figures, recovery, engine_figures, _engine_name(recipe), say,
                         weight_bytes={"base": _weight_bytes(base_dir), "merged": _weight_bytes(tmp)})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -550,7 +551,7 @@ def _write_folder(folder: Path, recipe: Recipe, adapter: Path | None, tokenizer)
     """The base exactly as llmkd quantises it for training, the adapter (unless None) in adapter/, the
     tokenizer and llmkd's decoding."""
     student = models.load_student(recipe.model)
-    student.save_pretrained(folder)
+    _save_student(student, folder)
     del student
     models.release_memory()
     if adapter is not None:
@@ -558,6 +559,22 @@ def _write_folder(folder: Path, recipe: Recipe, adapter: Path | None, tokenizer)
         for name in ("adapter_config.json", "adapter_model.safetensors"):
             shutil.copy2(adapter / name, folder / "adapter" / name)
     _write_tokenizer_and_decoding(folder, recipe, tokenizer)
+
+
+def _save_student(model, folder: Path) -> None:
+    """config.json and the weights in the quantizer's own serialization: bitsandbytes' through transformers,
+    HQQ's through hqq's state dicts (`llmkd.export_hqq`)."""
+    from llmkd import export_hqq
+
+    if export_hqq.hqq_layers(model):
+        export_hqq.write(model, folder)
+    else:
+        model.save_pretrained(folder)
+
+
+def _engine_name(recipe: Recipe, *more: str) -> str:
+    """Who loads a transformers-side folder in the gate: transformers, or hqq's layers in a transformers model."""
+    return " + ".join(["hqq + transformers" if hqq_student(recipe) else "plain transformers", *more])
 
 
 def _write_tokenizer_and_decoding(folder: Path, recipe: Recipe, tokenizer) -> None:

@@ -103,6 +103,42 @@ def llama_cpp_figures(path: str, lora: str | None, rows: list[dict], reference: 
     return figures
 
 
+def load_folder(folder: str):
+    """A model folder as a user loads it: `from_pretrained`, or, for HQQ's serialization (config.json's
+    quantization_config says quant_method "hqq"), hqq itself: the model built from its config, each quantised
+    linear an HQQLinear loaded from its state dict, every other weight loaded as saved (transformers 5.2x
+    loads no HQQ config, and hqq's `from_quantized` reads a pickle)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder)
+    quantization = getattr(config, "quantization_config", None) or {}
+    if quantization.get("quant_method") != "hqq":
+        return AutoModelForCausalLM.from_pretrained(folder, device_map={"": "cpu"})
+    from hqq.core.quantize import HQQLinear
+    from safetensors.torch import load_file
+
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=config.dtype)
+    tensors = load_file(f"{folder}/model.safetensors")
+    for name in sorted(k.removesuffix(".W_q") for k in list(tensors) if k.endswith(".W_q")):
+        prefix = f"{name}."
+        layer = HQQLinear(None, None, compute_dtype=config.dtype, device="cpu", initialize=False)
+        layer.load_state_dict({k.removeprefix(prefix): tensors.pop(k) for k in [k for k in tensors if k.startswith(prefix)]})
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer)
+    loaded = model.load_state_dict(tensors, strict=False)
+    if loaded.unexpected_keys:
+        raise ValueError(f"{folder}/model.safetensors: {len(loaded.unexpected_keys)} tensors the model has no "
+                         f"place for ({loaded.unexpected_keys[0]}, ...)")
+    state, hqq = model.state_dict(keep_vars=True), {n for n, m in model.named_modules() if isinstance(m, HQQLinear)}
+    stored = {state[k].data_ptr() for k in tensors}
+    unset = [k for k in loaded.missing_keys  # HQQ layers report their own keys; a tied weight is loaded through its twin
+             if k.rpartition(".")[0] not in hqq and not (k in state and state[k].data_ptr() in stored)]
+    if unset:
+        raise ValueError(f"{folder}/model.safetensors: no tensor for {len(unset)} weights ({unset[0]}, ...)")
+    return model
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--export", help="transformers: the exported folder")
@@ -140,14 +176,14 @@ def main(argv=None) -> int:
     if args.base:  # a merged folder (no adapter), scored beside the base's own folder
         figures = {}
         for tag, folder in (("student", args.base), ("distilled", args.export)):
-            model = AutoModelForCausalLM.from_pretrained(folder, device_map={"": "cpu"}).eval()
+            model = load_folder(folder).eval()
             figures[tag] = compare(reference, logits_at_responses(model, rows))
             figures[tag]["outputs"] = outputs(model, tokenizer, config, rows)
             del model
         with open(args.out, "w") as f:
             json.dump(figures, f)
         return 0
-    base = AutoModelForCausalLM.from_pretrained(args.export, device_map={"": "cpu"})
+    base = load_folder(args.export)
     student = PeftModel.from_pretrained(base, f"{args.export}/adapter").eval()
     distilled = compare(reference, logits_at_responses(student, rows))
     distilled["outputs"] = outputs(student, tokenizer, config, rows)

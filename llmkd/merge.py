@@ -1,5 +1,5 @@
 """The adapter merged into a quantised student, and its gain won back: `llmkd export --to merged` (GGUF,
-nf4 and fp4 students) and `benchmarks/bench_merged.py` (those and HQQ students).
+nf4, fp4 and HQQ students) and `benchmarks/bench_merged.py`.
 
 Merging a LoRA into quantised weights means quantising them again: each layer's weight as the engine
 multiplies with it, plus the adapter's delta (peft's `get_delta_weight`), goes through the layer's own

@@ -7,35 +7,71 @@ from llmkd.config import Recipe
 from llmkd.data import sources
 
 
+# How a user loads an HQQ folder (llmkd/export_hqq.py writes it; export_check.py loads it the same way).
+HQQ_LOAD = """from hqq.core.quantize import HQQLinear
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+config = AutoConfig.from_pretrained("DIR")
+del config.quantization_config  # transformers 5.2x loads no HQQ config: hqq loads the layers below
+model = AutoModelForCausalLM.from_config(config, dtype=config.dtype)
+weights = load_file("DIR/model.safetensors")
+for name in {k.removesuffix(".W_q") for k in weights if k.endswith(".W_q")}:  # each quantised linear
+    layer = HQQLinear(None, None, compute_dtype=config.dtype, device="cpu", initialize=False)
+    layer.load_state_dict({k.removeprefix(name + "."): weights.pop(k) for k in list(weights) if k.startswith(name + ".")})
+    model.set_submodule(name, layer)
+model.load_state_dict(weights, strict=False)  # the rest (a tied lm_head is loaded through the embeddings)"""
+
+
+def _hqq(recipe: Recipe) -> bool:
+    return recipe.model.quant.startswith("hqq")
+
+
+def _vllm(recipe: Recipe, lora: bool) -> str:
+    """The card's vLLM advice for a transformers-side folder (unchecked here: vLLM runs these formats on GPUs)."""
+    adapter = " --enable-lora --lora-modules distilled=DIR/adapter" if lora else ""
+    if not _hqq(recipe):
+        return f"A pre-quantized bitsandbytes checkpoint:\n\n    vllm serve DIR --quantization bitsandbytes{adapter}"
+    if recipe.model.quant == "hqq4" and recipe.model.hqq_group_size == 64:
+        return f"vLLM's HQQ loader (HQQ Marlin, GPUs):\n\n    vllm serve DIR --quantization hqq{adapter}"
+    return (f"vLLM serves HQQ at 4 bits with group size 64 only; this folder is {recipe.model.quant} with group size "
+            f"{recipe.model.hqq_group_size}: load it with hqq as above.")
+
+
 def model_card(recipe: Recipe, record: dict) -> str:
     e, o = record["engine"], record["llmkd"]
     gap = 1 - e["distilled"]["kl"] / e["student"]["kl"] if e["student"]["kl"] > 0 else float("nan")
-    return f"""# {recipe.name}: {recipe.model.name}, distilled into its {recipe.model.quant} copy
-
-The quantised student exactly as llmkd trained against it (bitsandbytes {recipe.model.quant}, serialized with
-its quantization config) and the distilled LoRA adapter in `adapter/`, unmerged: merging a LoRA into
-4-bit weights re-rounds them and loses most of its correction. Trained on {recipe.data.source}.
-
-## Load it (transformers + peft)
+    if _hqq(recipe):
+        what = f"HQQ {recipe.model.quant[3:]}-bit, group size {recipe.model.hqq_group_size}, in HQQ's own serialization"
+        load = f"## Load it (hqq + transformers + peft)\n\n```python\n{HQQ_LOAD}\nmodel = PeftModel.from_pretrained(model, \"DIR/adapter\")"
+        load = load.replace("from transformers", "from peft import PeftModel\nfrom transformers", 1)
+    else:
+        what = f"bitsandbytes {recipe.model.quant}, serialized with its quantization config"
+        load = """## Load it (transformers + peft)
 
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from peft import PeftModel
 
-model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("DIR"), "DIR/adapter")
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("DIR"), "DIR/adapter")"""
+    return f"""# {recipe.name}: {recipe.model.name}, distilled into its {recipe.model.quant} copy
+
+The quantised student exactly as llmkd trained against it ({what}) and the distilled LoRA adapter in
+`adapter/`, unmerged: merging a LoRA into quantised weights re-rounds them and loses most of its
+correction. Trained on {recipe.data.source}.
+
+{load}
 tokenizer = AutoTokenizer.from_pretrained("DIR")  # generation_config.json holds llmkd's greedy decoding
 ```
 
 ## Serve it (vLLM)
 
-A pre-quantized bitsandbytes checkpoint with the adapter as a LoRA module:
-
-    vllm serve DIR --quantization bitsandbytes --enable-lora --lora-modules distilled=DIR/adapter
+{_vllm(recipe, lora=True)}
 
 ## Measured at export
 
 On {record['rows']} held-out rows, teacher-forced, per response token against the 16-bit teacher; this folder
-loaded in a fresh process by plain transformers + peft (llmkd's own evaluator in brackets):
+loaded in a fresh process by {'hqq + transformers + peft' if _hqq(recipe) else 'plain transformers + peft'} (llmkd's own evaluator in brackets):
 
 | model | KL(teacher‖model) | top-1 agreement | greedy output as llmkd's |
 |---|---:|---:|---:|
@@ -89,7 +125,7 @@ def merged_model_card(recipe: Recipe, record: dict) -> str:
     gguf = "model.gguf" in record["files"]
     q = recipe.model.quant.removeprefix("gguf-").upper() if gguf else recipe.model.quant
     r = record["recovery"]
-    what = "block scales" if gguf else "block absmax"
+    what = "block scales" if gguf else "group scales and zeros" if _hqq(recipe) else "block absmax"
     n = r.get("merge_calibration_tokens", 0)
     codes = f" (codes chosen GPTQ's way on {n:,} transfer-set tokens)" if n else ""
     rows = "\n".join(
@@ -117,19 +153,20 @@ weights, which were quantized again to {q}{codes}, and then each block's scale w
         head = f"""# {recipe.name}: {recipe.model.name}, distilled into one {q} checkpoint, for transformers and vLLM
 
 This folder holds no adapter, and its tensors take the base's bytes ({b['merged']:,} of them): the
-distilled adapter was merged into the weights, which bitsandbytes quantized again to {q}{codes}, and then
-each block's absmax was trained against the teacher"""
-        run = """## Load it
+distilled adapter was merged into the weights, which {'hqq' if _hqq(recipe) else 'bitsandbytes'} quantized again to {q}{codes}, and then
+its {what} were trained against the teacher"""
+        load = HQQ_LOAD if _hqq(recipe) else (
+            'from transformers import AutoModelForCausalLM, AutoTokenizer\n\n'
+            'model = AutoModelForCausalLM.from_pretrained("DIR")  # bitsandbytes\' quantization config is in config.json')
+        run = f"""## Load it
 
 ```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-model = AutoModelForCausalLM.from_pretrained("DIR")  # bitsandbytes' quantization config is in config.json
-tokenizer = AutoTokenizer.from_pretrained("DIR")     # generation_config.json holds llmkd's greedy decoding
+{load}
+tokenizer = AutoTokenizer.from_pretrained("DIR")  # generation_config.json holds llmkd's greedy decoding
 ```
 
-Served by vLLM as a pre-quantized bitsandbytes checkpoint: `vllm serve DIR --quantization bitsandbytes`."""
-        engine = (f"Loaded in a fresh process by plain transformers, the base scores KL {e['student']['kl']:.4f} and this "
+{_vllm(recipe, lora=False)}"""
+        engine = (f"Loaded in a fresh process by {'hqq + transformers' if _hqq(recipe) else 'plain transformers'}, the base scores KL {e['student']['kl']:.4f} and this "
                   f"folder {e['distilled']['kl']:.4f}; its greedy outputs are llmkd's on "
                   f"{100 * e['distilled']['same_output_as_llmkd']:.0f}% of {len(e['distilled']['outputs'])} prompts.")
     return f"""{head}
