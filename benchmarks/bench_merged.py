@@ -13,9 +13,9 @@ the teacher (KL and top-1, `llmkd.export.score_rows`):
                 absmax, HQQ group scales and zeros) trained `--steps` steps against the transfer set,
                 codes fixed (`llmkd.merge`)
 
-and the share of the adapter's gain (the base's KL gap closed) that each merged model keeps. For GGUF,
-nf4 and fp4 students `llmkd export --to merged` ships the recovered model and checks it in its engine;
-this script measures the merge for any quantizer llmkd merges.
+and the share of the adapter's gain (the base's KL gap closed) that each merged model keeps.
+`llmkd export --to merged` ships the recovered model and checks it in its engine; this script measures
+the merge alone, nothing written.
 """
 
 from __future__ import annotations

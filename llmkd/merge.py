@@ -278,15 +278,21 @@ def _requantized(layer, merged: torch.Tensor):
 
 
 def gptq_codes(target: torch.Tensor, hessian: torch.Tensor, levels: torch.Tensor, scale: torch.Tensor,
-               offset: torch.Tensor | None = None, *, block: int = 128, damp: float = 0.01) -> torch.Tensor:
+               offset: torch.Tensor | None = None, *, block: int = 128, damp: float = 0.01,
+               act_order: bool = True) -> torch.Tensor:
     """The codes of `target` (out, in) on a fixed grid, each weight `levels[code] * scale + offset` (scale and
     offset (out, in)), as an index into `levels`. Chosen column by column as GPTQ does: a column goes to its
     nearest levels, and its rounding error is spread over the columns not yet rounded through the inverse of
     `hessian` (the layer inputs' X^T X), so that the layer's output on those inputs moves least. With
-    uncorrelated inputs (a diagonal hessian) this is rounding to nearest."""
-    w = target.float().clone()
+    uncorrelated inputs (a diagonal hessian) this is rounding to nearest. `act_order`: the columns of the
+    largest inputs first (GPTQ's act-order), while the most columns are left to absorb their errors."""
+    h = hessian.float()
+    order = (torch.argsort(h.diagonal(), descending=True, stable=True) if act_order
+             else torch.arange(h.shape[0], device=h.device))
+    w, h = target.float()[:, order].clone(), h[order][:, order].clone()
+    scale = scale[:, order]
+    offset = None if offset is None else offset[:, order]
     rows, cols = w.shape
-    h = hessian.float().clone()
     dead = h.diagonal() == 0  # inputs that never fire: their weights cannot matter
     h[dead, dead] = 1.0
     h.diagonal().add_(damp * h.diagonal().mean())
@@ -302,7 +308,7 @@ def gptq_codes(target: torch.Tensor, hessian: torch.Tensor, levels: torch.Tensor
             w[:, k:j] -= error[:, None] * u[k, k:j][None, :]
             errors[:, k - i] = error
         w[:, j:] -= errors @ u[i:j, j:]
-    return index
+    return index[:, torch.argsort(order)]
 
 
 def _replace(model, kind, make) -> int:

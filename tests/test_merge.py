@@ -144,6 +144,12 @@ def test_gptq_codes_round_to_nearest_on_uncorrelated_inputs_and_move_the_output_
     assert error(codes) < 0.5 * error(nearest)
     # the block size only orders the arithmetic
     assert (merge.gptq_codes(target, x.t() @ x, levels, scale, offset, block=96) != codes).float().mean() < 0.01
+    # Inputs of unequal size, as a transformer's: the largest inputs' columns first (act-order) leave the most
+    # columns to absorb their errors (measured 0.06-0.11x the natural order's error on seeds 0-4).
+    x = x * torch.exp(torch.randn(cols, generator=g))
+    natural = merge.gptq_codes(target, x.t() @ x, levels, scale, offset, block=32, act_order=False)
+    assert error(merge.gptq_codes(target, x.t() @ x, levels, scale, offset, block=32)) < 0.5 * error(natural)
+    assert torch.equal(merge.gptq_codes(target, diagonal, levels, scale, offset, act_order=False), nearest)
 
 
 @pytest.mark.parametrize("quant", ["gguf-q4_0", "hqq4", "nf4", "fp4"])
