@@ -44,7 +44,7 @@ def model_card(recipe: Recipe, record: dict) -> str:
     if _hqq(recipe):
         what = f"HQQ {recipe.model.quant[3:]}-bit, group size {recipe.model.hqq_group_size}, in HQQ's own serialization"
         load = f"## Load it (hqq + transformers + peft)\n\n```python\n{HQQ_LOAD}\nmodel = PeftModel.from_pretrained(model, \"DIR/adapter\")"
-        load = load.replace("from transformers", "from peft import PeftModel\nfrom transformers", 1)
+        load = load.replace("from safetensors", "from peft import PeftModel\nfrom safetensors", 1)
     else:
         what = f"bitsandbytes {recipe.model.quant}, serialized with its quantization config"
         load = """## Load it (transformers + peft)
@@ -56,9 +56,9 @@ from peft import PeftModel
 model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("DIR"), "DIR/adapter")"""
     return f"""# {recipe.name}: {recipe.model.name}, distilled into its {recipe.model.quant} copy
 
-The quantised student exactly as llmkd trained against it ({what}) and the distilled LoRA adapter in
-`adapter/`, unmerged: merging a LoRA into quantised weights re-rounds them and loses most of its
-correction. Trained on {recipe.data.source}.
+The quantised student exactly as llmkd trained against it, {what},
+and the distilled LoRA adapter in `adapter/`, unmerged: merging a LoRA into quantised weights re-rounds
+them and loses most of its correction. Trained on {recipe.data.source}.
 
 {load}
 tokenizer = AutoTokenizer.from_pretrained("DIR")  # generation_config.json holds llmkd's greedy decoding
@@ -150,11 +150,11 @@ weights, which were quantized again to {q}{codes}, and then each block's scale w
                   "response token's log-probability.")
     else:
         b = record["weight_bytes"]
-        head = f"""# {recipe.name}: {recipe.model.name}, distilled into one {q} checkpoint, for transformers and vLLM
+        head = f"""# {recipe.name}: {recipe.model.name}, distilled into one {q} checkpoint, for {'hqq + transformers' if _hqq(recipe) else 'transformers'} and vLLM
 
 This folder holds no adapter, and its tensors take the base's bytes ({b['merged']:,} of them): the
-distilled adapter was merged into the weights, which {'hqq' if _hqq(recipe) else 'bitsandbytes'} quantized again to {q}{codes}, and then
-its {what} were trained against the teacher"""
+distilled adapter was merged into the weights, which {'hqq' if _hqq(recipe) else 'bitsandbytes'} quantized again to
+{q}{codes}, and then its {what} were trained against the teacher"""
         load = HQQ_LOAD if _hqq(recipe) else (
             'from transformers import AutoModelForCausalLM, AutoTokenizer\n\n'
             'model = AutoModelForCausalLM.from_pretrained("DIR")  # bitsandbytes\' quantization config is in config.json')
