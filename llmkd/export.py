@@ -58,7 +58,7 @@ from llmkd.config import ABSMAX_QUANTS, MERGE_CALIBRATION_TOKENS, RECOVERY_STEPS
 from llmkd.config import recovery_lr as default_recovery_lr
 from llmkd.data import prompts, sources
 from llmkd.errors import LlmkdError
-from llmkd.model_cards import gguf_model_card, merged_model_card, model_card
+from llmkd.model_cards import engine_name, gguf_model_card, hqq_student, merged_model_card, model_card
 from llmkd.provenance import provenance
 
 FORMATS = ("transformers", "gguf", "merged")
@@ -99,10 +99,6 @@ def engine_of(recipe: Recipe) -> str:
     """The engine that serves the student's format, and whose TOLERANCE gates it: transformers or gguf
     (llama.cpp). Its own format is the student's default `--to`."""
     return "gguf" if recipe.model.quant.startswith("gguf-") else "transformers"
-
-
-def hqq_student(recipe: Recipe) -> bool:
-    return recipe.model.quant.startswith("hqq")
 
 
 def check_exportable(recipe: Recipe, to: str) -> Path:
@@ -285,7 +281,7 @@ def export(recipe: Recipe, *, to: str | None = None, out: str | Path, check: int
         t0 = time.perf_counter()
         say(f"[1/3] writing the {recipe.model.quant} student, its adapter and tokenizer -> {out}")
         _write_folder(tmp, recipe, adapter, tokenizer)
-        name = _engine_name(recipe, "peft")
+        name = engine_name(recipe, "peft")
         say(f"[2/3] scoring {len(rows)} held-out rows in llmkd and, in a fresh process, in {name}")
         llmkd_figures = ours(recipe, adapter, rows)
         engine_figures = engine(tmp, recipe, rows, name=name)
@@ -454,16 +450,16 @@ def _export_merged_transformers(recipe: Recipe, adapter: Path, out: Path, rows: 
         _save_student(recovered, tmp)
         _write_tokenizer_and_decoding(tmp, recipe, tokenizer)
         say(f"[2/3] scoring {len(rows)} held-out rows: base, adapter, merged, merged + recovered in llmkd; "
-            f"base and merged in a fresh process in {_engine_name(recipe)}")
+            f"base and merged in a fresh process in {engine_name(recipe)}")
         figures = _merged_figures(recipe, adapter, rows, tokenizer, requantized, recovered)
         figures["merged"]["outputs"] = greedy_outputs(recipe, recovered, tokenizer, rows)
         del requantized, recovered
         models.release_memory()
         engine_figures = engine(tmp, recipe, rows, extra=("--export", str(tmp), "--base", str(base_dir)),
-                                name=_engine_name(recipe))
+                                name=engine_name(recipe))
         gated = {"student": figures["student"], "distilled": figures["merged"]}
         _passed(gate("transformers", gated, engine_figures, sources.stop_strings(recipe.data)), TOLERANCE["transformers"])
-        _publish_merged(tmp, out, recipe, identity, rows, t0, figures, recovery, engine_figures, _engine_name(recipe), say,
+        _publish_merged(tmp, out, recipe, identity, rows, t0, figures, recovery, engine_figures, engine_name(recipe), say,
                         weight_bytes={"base": _weight_bytes(base_dir), "merged": _weight_bytes(tmp)})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -481,7 +477,7 @@ def _merged_figures(recipe: Recipe, adapter: Path, rows: list[dict], tokenizer, 
 
 
 def _publish_merged(tmp: Path, out: Path, recipe: Recipe, identity: dict, rows: list[dict], t0: float, figures: dict,
-                    recovery, engine_figures: dict, engine_name: str, say, **more) -> None:
+                    recovery, engine_figures: dict, engine_label: str, say, **more) -> None:
     closed = {tag: gap_closed({"student": figures["student"], "distilled": figures[tag]})
               for tag in ("distilled", "requantized", "merged")}
     record = _publish(tmp, out, recipe, identity, rows, t0, merged_model_card, files=True, llmkd=figures,
@@ -490,7 +486,7 @@ def _publish_merged(tmp: Path, out: Path, recipe: Recipe, identity: dict, rows: 
                                 "losses": recovery.losses, "merge_calibration_tokens": recovery.calibration_tokens},
                       engine=engine_figures, **more)
     say(f"[3/3] the gate passed: merged + recovered keeps {100 * record['adapter_gain_kept']:.0f}% of the adapter's "
-        f"gain in llmkd (re-quantized only: {100 * closed['requantized'] / closed['distilled']:.0f}%); in {engine_name} "
+        f"gain in llmkd (re-quantized only: {100 * closed['requantized'] / closed['distilled']:.0f}%); in {engine_label} "
         f"KL {engine_figures['student']['kl']:.4f} -> {engine_figures['distilled']['kl']:.4f}")
 
 
@@ -570,11 +566,6 @@ def _save_student(model, folder: Path) -> None:
         export_hqq.write(model, folder)
     else:
         model.save_pretrained(folder)
-
-
-def _engine_name(recipe: Recipe, *more: str) -> str:
-    """Who loads a transformers-side folder in the gate: transformers, or hqq's layers in a transformers model."""
-    return " + ".join(["hqq + transformers" if hqq_student(recipe) else "plain transformers", *more])
 
 
 def _write_tokenizer_and_decoding(folder: Path, recipe: Recipe, tokenizer) -> None:

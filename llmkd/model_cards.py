@@ -23,14 +23,20 @@ for name in {k.removesuffix(".W_q") for k in weights if k.endswith(".W_q")}:  # 
 model.load_state_dict(weights, strict=False)  # the rest (a tied lm_head is loaded through the embeddings)"""
 
 
-def _hqq(recipe: Recipe) -> bool:
+def hqq_student(recipe: Recipe) -> bool:
     return recipe.model.quant.startswith("hqq")
+
+
+def engine_name(recipe: Recipe, *more: str) -> str:
+    """Who loads a transformers-side folder in the export's gate: transformers, or hqq's layers in a
+    transformers model."""
+    return " + ".join(["hqq + transformers" if hqq_student(recipe) else "plain transformers", *more])
 
 
 def _vllm(recipe: Recipe, lora: bool) -> str:
     """The card's vLLM advice for a transformers-side folder (unchecked here: vLLM runs these formats on GPUs)."""
     adapter = " --enable-lora --lora-modules distilled=DIR/adapter" if lora else ""
-    if not _hqq(recipe):
+    if not hqq_student(recipe):
         return f"A pre-quantized bitsandbytes checkpoint:\n\n    vllm serve DIR --quantization bitsandbytes{adapter}"
     if recipe.model.quant == "hqq4" and recipe.model.hqq_group_size == 64:
         return f"vLLM's HQQ loader (HQQ Marlin, GPUs):\n\n    vllm serve DIR --quantization hqq{adapter}"
@@ -41,7 +47,7 @@ def _vllm(recipe: Recipe, lora: bool) -> str:
 def model_card(recipe: Recipe, record: dict) -> str:
     e, o = record["engine"], record["llmkd"]
     gap = 1 - e["distilled"]["kl"] / e["student"]["kl"] if e["student"]["kl"] > 0 else float("nan")
-    if _hqq(recipe):
+    if hqq_student(recipe):
         what = f"HQQ {recipe.model.quant[3:]}-bit, group size {recipe.model.hqq_group_size}, in HQQ's own serialization"
         load = f"## Load it (hqq + transformers + peft)\n\n```python\n{HQQ_LOAD}\nmodel = PeftModel.from_pretrained(model, \"DIR/adapter\")"
         load = load.replace("from safetensors", "from peft import PeftModel\nfrom safetensors", 1)
@@ -71,7 +77,7 @@ tokenizer = AutoTokenizer.from_pretrained("DIR")  # generation_config.json holds
 ## Measured at export
 
 On {record['rows']} held-out rows, teacher-forced, per response token against the 16-bit teacher; this folder
-loaded in a fresh process by {'hqq + transformers + peft' if _hqq(recipe) else 'plain transformers + peft'} (llmkd's own evaluator in brackets):
+loaded in a fresh process by {engine_name(recipe, 'peft')} (llmkd's own evaluator in brackets):
 
 | model | KL(teacher‖model) | top-1 agreement | greedy output as llmkd's |
 |---|---:|---:|---:|
@@ -125,7 +131,7 @@ def merged_model_card(recipe: Recipe, record: dict) -> str:
     gguf = "model.gguf" in record["files"]
     q = recipe.model.quant.removeprefix("gguf-").upper() if gguf else recipe.model.quant
     r = record["recovery"]
-    what = "block scales" if gguf else "group scales and zeros" if _hqq(recipe) else "block absmax"
+    what = "block scales" if gguf else "group scales and zeros" if hqq_student(recipe) else "block absmax"
     n = r.get("merge_calibration_tokens", 0)
     codes = f" (codes chosen GPTQ's way on {n:,} transfer-set tokens)" if n else ""
     rows = "\n".join(
@@ -150,12 +156,12 @@ weights, which were quantized again to {q}{codes}, and then each block's scale w
                   "response token's log-probability.")
     else:
         b = record["weight_bytes"]
-        head = f"""# {recipe.name}: {recipe.model.name}, distilled into one {q} checkpoint, for {'hqq + transformers' if _hqq(recipe) else 'transformers'} and vLLM
+        head = f"""# {recipe.name}: {recipe.model.name}, distilled into one {q} checkpoint, for {'hqq + transformers' if hqq_student(recipe) else 'transformers'} and vLLM
 
 This folder holds no adapter, and its tensors take the base's bytes ({b['merged']:,} of them): the
-distilled adapter was merged into the weights, which {'hqq' if _hqq(recipe) else 'bitsandbytes'} quantized again to
+distilled adapter was merged into the weights, which {'hqq' if hqq_student(recipe) else 'bitsandbytes'} quantized again to
 {q}{codes}, and then its {what} were trained against the teacher"""
-        load = HQQ_LOAD if _hqq(recipe) else (
+        load = HQQ_LOAD if hqq_student(recipe) else (
             'from transformers import AutoModelForCausalLM, AutoTokenizer\n\n'
             'model = AutoModelForCausalLM.from_pretrained("DIR")  # bitsandbytes\' quantization config is in config.json')
         run = f"""## Load it
@@ -166,7 +172,7 @@ tokenizer = AutoTokenizer.from_pretrained("DIR")  # generation_config.json holds
 ```
 
 {_vllm(recipe, lora=False)}"""
-        engine = (f"Loaded in a fresh process by {'hqq + transformers' if _hqq(recipe) else 'plain transformers'}, the base scores KL {e['student']['kl']:.4f} and this "
+        engine = (f"Loaded in a fresh process by {engine_name(recipe)}, the base scores KL {e['student']['kl']:.4f} and this "
                   f"folder {e['distilled']['kl']:.4f}; its greedy outputs are llmkd's on "
                   f"{100 * e['distilled']['same_output_as_llmkd']:.0f}% of {len(e['distilled']['outputs'])} prompts.")
     return f"""{head}
