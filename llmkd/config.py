@@ -329,6 +329,13 @@ def recovery_lr(quant: str) -> float:
     """`--to merged`'s default recovery learning rate for a student of `quant`."""
     return RECOVERY_LR["absmax" if quant in ABSMAX_QUANTS else "scales"]
 
+
+def recovered_parameters(quant: str) -> str:
+    """What `--to merged`'s recovery trains in a student of `quant`, in words."""
+    if quant.startswith("gguf-"):
+        return "block scales"
+    return "block absmax" if quant in ABSMAX_QUANTS else "group scales and zeros"
+
 # What a sweep point may change: how its student is quantised and trained, never what it is compared on.
 POINT_SECTIONS = ("lora.", "train.")
 POINT_MODEL_KEYS = ("model.double_quant", "model.hqq_group_size", "model.compute_dtype", "model.quant_storage")

@@ -54,7 +54,8 @@ from pathlib import Path
 import torch
 
 from llmkd import atomic, fastpath, models
-from llmkd.config import ABSMAX_QUANTS, MERGE_CALIBRATION_TOKENS, RECOVERY_STEPS, Recipe, load_recipe
+from llmkd.config import (ABSMAX_QUANTS, MERGE_CALIBRATION_TOKENS, RECOVERY_STEPS, Recipe, load_recipe,
+                          recovered_parameters)
 from llmkd.config import recovery_lr as default_recovery_lr
 from llmkd.data import prompts, sources
 from llmkd.errors import LlmkdError
@@ -162,9 +163,7 @@ def ours(recipe: Recipe, adapter: Path, rows: list[dict], teacher=None) -> dict:
     teacher = teacher if teacher is not None else models.load_teacher(recipe.model)
     student = models.load_student(recipe.model, adapter=adapter)
     tokenizer = models.load_tokenizer(recipe.model)
-    # GGUF layers dequantized once give bitwise the numbers of their per-call forward (tests/test_gguf.py);
-    # bitsandbytes' and HQQ's layers keep their own kernels, which the transformers engine runs too.
-    with fastpath.dequantized_once(student, enabled=recipe.model.quant.startswith("gguf-")):
+    with _dequantized_once(recipe, student):
         figures = score_rows(recipe, teacher, student, tokenizer, rows, ["student", "distilled"])
         for tag, shown in figures.items():
             with adapter_off(student, tag):
@@ -172,6 +171,13 @@ def ours(recipe: Recipe, adapter: Path, rows: list[dict], teacher=None) -> dict:
     del teacher, student
     models.release_memory()
     return figures
+
+
+def _dequantized_once(recipe: Recipe, model):
+    """GGUF's and HQQ's layers dequantized once for the block: bitwise the numbers of their per-call forward
+    (tests/test_gguf.py, tests/test_quantize.py). bitsandbytes' layers keep their own kernels, which the
+    transformers engine runs too."""
+    return fastpath.dequantized_once(model, enabled=recipe.model.quant.startswith(("gguf-", "hqq")))
 
 
 def greedy_outputs(recipe: Recipe, model, tokenizer, rows: list[dict]) -> list[str]:
@@ -402,7 +408,7 @@ def _export_merged(recipe: Recipe, adapter: Path, out: Path, rows: list[dict], m
         tokenizer = models.load_tokenizer(recipe.model)
         template = tokenizer.chat_template
         say(f"[1/3] merging the adapter into the {recipe.model.quant} blocks, quantizing again, recovering the "
-            f"block scales ({_merging_line(merging)}) -> {out}")
+            f"{recovered_parameters(recipe.model.quant)} ({_merging_line(merging)}) -> {out}")
         base = models.load_student(recipe.model)  # the engine's reference: the base as trained against
         export_gguf.write_base(base, check_dir / "base.gguf", metadata, qtype, chat_template=template)
         del base
@@ -442,7 +448,7 @@ def _export_merged_transformers(recipe: Recipe, adapter: Path, out: Path, rows: 
         t0 = time.perf_counter()
         tokenizer = models.load_tokenizer(recipe.model)
         say(f"[1/3] merging the adapter into the {recipe.model.quant} weights, quantizing again, recovering the "
-            f"{'group scales and zeros' if hqq_student(recipe) else 'block absmax'} ({_merging_line(merging)}) -> {out}")
+            f"{recovered_parameters(recipe.model.quant)} ({_merging_line(merging)}) -> {out}")
         _write_folder(base_dir, recipe, None, tokenizer)  # the engine's reference: the base as trained against
         requantized, recovered, recovery = merge.merged_students(recipe, adapter, tokenizer, **merging)
         say(recovery.line())
@@ -452,7 +458,8 @@ def _export_merged_transformers(recipe: Recipe, adapter: Path, out: Path, rows: 
         say(f"[2/3] scoring {len(rows)} held-out rows: base, adapter, merged, merged + recovered in llmkd; "
             f"base and merged in a fresh process in {engine_name(recipe)}")
         figures = _merged_figures(recipe, adapter, rows, tokenizer, requantized, recovered)
-        figures["merged"]["outputs"] = greedy_outputs(recipe, recovered, tokenizer, rows)
+        with _dequantized_once(recipe, recovered):
+            figures["merged"]["outputs"] = greedy_outputs(recipe, recovered, tokenizer, rows)
         del requantized, recovered
         models.release_memory()
         engine_figures = engine(tmp, recipe, rows, extra=("--export", str(tmp), "--base", str(base_dir)),
@@ -471,8 +478,9 @@ def _merged_figures(recipe: Recipe, adapter: Path, rows: list[dict], tokenizer, 
     """llmkd's figures of the four models: base and distilled (`ours`), merged and quantized again, recovered."""
     teacher = models.load_teacher(recipe.model)
     figures = ours(recipe, adapter, rows, teacher)
-    figures["requantized"] = score_rows(recipe, teacher, requantized, tokenizer, rows, ["merged"])["merged"]
-    figures["merged"] = score_rows(recipe, teacher, recovered, tokenizer, rows, ["merged"])["merged"]
+    for tag, model in (("requantized", requantized), ("merged", recovered)):
+        with _dequantized_once(recipe, model):
+            figures[tag] = score_rows(recipe, teacher, model, tokenizer, rows, ["merged"])["merged"]
     return figures
 
 
@@ -560,9 +568,9 @@ def _write_folder(folder: Path, recipe: Recipe, adapter: Path | None, tokenizer)
 def _save_student(model, folder: Path) -> None:
     """config.json and the weights in the quantizer's own serialization: bitsandbytes' through transformers,
     HQQ's through hqq's state dicts (`llmkd.export_hqq`)."""
-    from llmkd import export_hqq
+    from llmkd import export_hqq, quantize
 
-    if export_hqq.hqq_layers(model):
+    if quantize.hqq_layers(model):
         export_hqq.write(model, folder)
     else:
         model.save_pretrained(folder)

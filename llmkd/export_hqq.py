@@ -19,9 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-
-def hqq_layers(model) -> dict[str, torch.nn.Module]:
-    return {name: m for name, m in model.named_modules() if type(m).__name__ == "HQQLinear"}
+from llmkd.quantize import hqq_layers
 
 
 def quantization_config(model) -> dict:

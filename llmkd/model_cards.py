@@ -3,7 +3,7 @@ it, and the fidelity gate's figures from its export.json record (`llmkd/export.p
 
 from __future__ import annotations
 
-from llmkd.config import Recipe
+from llmkd.config import Recipe, recovered_parameters
 from llmkd.data import sources
 
 
@@ -131,7 +131,7 @@ def merged_model_card(recipe: Recipe, record: dict) -> str:
     gguf = "model.gguf" in record["files"]
     q = recipe.model.quant.removeprefix("gguf-").upper() if gguf else recipe.model.quant
     r = record["recovery"]
-    what = "block scales" if gguf else "group scales and zeros" if hqq_student(recipe) else "block absmax"
+    what = recovered_parameters(recipe.model.quant)
     n = r.get("merge_calibration_tokens", 0)
     codes = f" (codes chosen GPTQ's way on {n:,} transfer-set tokens)" if n else ""
     rows = "\n".join(

@@ -183,6 +183,11 @@ def weight_bytes(model) -> dict:
             "quantized_layers": len(quantized)}
 
 
+def hqq_layers(model) -> dict[str, torch.nn.Module]:
+    """`model`'s HQQ layers by name, found by class name: hqq is an optional extra, imported only by who uses it."""
+    return {name: m for name, m in model.named_modules() if type(m).__name__ == "HQQLinear"}
+
+
 def quantization_report(model) -> dict:
     """The quantisation that actually runs in `model`, read from its layers (not the recipe), with
     the bytes it holds.
@@ -210,7 +215,7 @@ def quantization_report(model) -> dict:
     eight = [m for m in model.modules() if isinstance(m, Linear8bitLt)]
     if eight:
         report.update({"linear8bit_layers": len(eight), "quant_type": ["int8"]})
-    metas = [m.meta for m in model.modules() if type(m).__name__ == "HQQLinear"]
+    metas = [m.meta for m in hqq_layers(model).values()]
     if metas:
         bits = sorted({int(m["nbits"]) for m in metas})
         report.update({

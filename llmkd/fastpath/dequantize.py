@@ -16,7 +16,7 @@ from typing import Iterator
 
 import torch
 
-from llmkd import sharding
+from llmkd import quantize, sharding
 from llmkd.gguf_quant import GGUFLinear
 
 MAX_BYTES = 4 << 30  # a CPU-sized model; beyond this the copy costs more memory than it saves time
@@ -52,7 +52,7 @@ def dequantized_once(model, *, enabled: bool = True) -> Iterator[dict]:
 
     sharded = sharding.is_sharded(model)  # each rank holds shards, gathered for every forward
     all_4bit = [m for m in model.modules() if isinstance(m, Linear4bit)]
-    hqq = [m for m in model.modules() if type(m).__name__ == "HQQLinear" and m.W_q.device.type == "cpu"]
+    hqq = [m for m in quantize.hqq_layers(model).values() if m.W_q.device.type == "cpu"]
     gguf = [] if sharded else [m for m in model.modules() if isinstance(m, GGUFLinear) and m.weight.device.type == "cpu"]
     layers = [] if sharded else [m for m in all_4bit if _dequantizes_per_call(m, model.training)]
     size = sum(m.weight.quant_state.shape.numel() * m.compute_dtype.itemsize for m in layers)
