@@ -1,7 +1,7 @@
 """The adapter merged into its quantised student: what merging keeps, and what recovery wins back.
 
     python benchmarks/bench_merged.py runs/smollm2-gguf-q4_0           # a finished GGUF, nf4/fp4 or HQQ run
-    python benchmarks/bench_merged.py runs/smollm2-hqq4 --check 32 --steps 64 --lr 1e-5
+    python benchmarks/bench_merged.py runs/smollm2-hqq4 --check 32 --steps 64 --lr 1e-5 3e-5
 
 Four models on the run's first `--check` held-out fidelity rows, scored by llmkd's evaluator against
 the teacher (KL and top-1, `llmkd.export.score_rows`):
@@ -11,7 +11,7 @@ the teacher (KL and top-1, `llmkd.export.score_rows`):
   requantized   the adapter merged into the weights, quantised again by the same quantizer
   recovered     requantized, then its continuous parameters (GGUF block scales, bitsandbytes block
                 absmax, HQQ group scales and zeros) trained `--steps` steps against the transfer set,
-                codes fixed (`llmkd.merge`)
+                codes fixed (`llmkd.merge`); one row for each `--lr`, each from the same merge
 
 and the share of the adapter's gain (the base's KL gap closed) that each merged model keeps.
 `llmkd export --to merged` ships the recovered model and checks it in its engine; this script measures
@@ -21,6 +21,7 @@ the merge alone, nothing written.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 import time
@@ -38,8 +39,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("run", help="a finished run folder (runs/<name>) of a GGUF, nf4/fp4 or HQQ student")
     parser.add_argument("--check", type=int, default=32, help="held-out rows scored (default 32)")
     parser.add_argument("--steps", type=int, default=RECOVERY_STEPS, help=f"recovery steps (default {RECOVERY_STEPS})")
-    parser.add_argument("--lr", type=float, default=None,
-                        help=f"recovery lr (default {RECOVERY_LR['scales']:g}; {RECOVERY_LR['absmax']:g} for nf4, fp4)")
+    parser.add_argument("--lr", type=float, nargs="+", default=[None],
+                        help=f"recovery lr, one or more: each recovers a copy of the same merge (default "
+                             f"{RECOVERY_LR['scales']:g}; {RECOVERY_LR['absmax']:g} for nf4, fp4)")
     parser.add_argument("--merge-tokens", type=int, default=MERGE_CALIBRATION_TOKENS,
                         help=f"transfer-set tokens that choose the merged codes (default {MERGE_CALIBRATION_TOKENS}; 0: nearest)")
     return parser
@@ -65,11 +67,18 @@ def main(argv=None) -> int:
 
     figures = score(models.load_student(recipe.model, adapter=adapter), ["student", "distilled"])
     models.release_memory()
-    requantized, recovered, recovery = merge.merged_students(recipe, adapter, tokenizer, steps=args.steps, lr=args.lr,
-                                                             calibration_tokens=args.merge_tokens)
-    print(recovery.line())
+    requantized, recovered, recovery = merge.merged_students(recipe, adapter, tokenizer, steps=args.steps,
+                                                             lr=args.lr[0], calibration_tokens=args.merge_tokens)
+    recoveries = {"recovered": recovery}
+    for i, lr in enumerate(args.lr[1:], 1):  # the same merge, recovered again at another rate
+        more = copy.deepcopy(requantized)
+        recoveries[f"recovered {i}"] = merge.recover(more, recipe, tokenizer, steps=args.steps, lr=lr)
+        figures[f"recovered {i}"] = score(more, ["merged"])["merged"]
+        del more
     figures["requantized"] = score(requantized, ["merged"])["merged"]
     figures["recovered"] = score(recovered, ["merged"])["merged"]
+    for r in recoveries.values():
+        print(r.line())
 
     closed = {tag: export.gap_closed({"student": figures["student"], "distilled": f}) for tag, f in figures.items()}
     print(f"\n## merged: {recipe.name} ({recipe.model.quant}), {len(rows)} held-out rows, "
@@ -79,13 +88,14 @@ def main(argv=None) -> int:
     codes = f"codes chosen on {recovery.calibration_tokens:,} tokens" if recovery.calibration_tokens else "rounded to nearest"
     labels = {"student": f"base ({recipe.model.quant})", "distilled": "base + adapter (unmerged)",
               "requantized": f"merged, quantized again ({codes})",
-              "recovered": f"merged + recovered ({recovery.steps} steps, lr {recovery.lr:g})"}
+              **{tag: f"merged + recovered ({r.steps} steps, lr {r.lr:g}, {r.seconds:.0f} s)"
+                 for tag, r in recoveries.items()}}
     for tag, label in labels.items():
         f = figures[tag]
         kept = "" if tag == "student" else f"{100 * closed[tag] / closed['distilled']:.0f}%"
         print(f"| {label} | {f['kl']:.4f} | {100 * f['top1_agreement']:.1f}% | "
               f"{'' if tag == 'student' else f'{100 * closed[tag]:.1f}%'} | {kept} |")
-    print(f"\nrecovery {recovery.seconds:.0f} s; whole script {time.perf_counter() - t0:.0f} s")
+    print(f"\nwhole script {time.perf_counter() - t0:.0f} s")
     return 0
 
 
