@@ -336,6 +336,7 @@ def recovered_parameters(quant: str) -> str:
         return "block scales"
     return "block absmax" if quant in ABSMAX_QUANTS else "group scales and zeros"
 
+
 # What a sweep point may change: how its student is quantised and trained, never what it is compared on.
 POINT_SECTIONS = ("lora.", "train.")
 POINT_MODEL_KEYS = ("model.double_quant", "model.hqq_group_size", "model.compute_dtype", "model.quant_storage")
